@@ -1,0 +1,69 @@
+"""Long-lived clients, created once per process and reused by every invocation.
+
+Handlers are stateless: all state is in Redis (and S3); these are connections,
+not state. They are thread-safe: the gateway runs sync handlers in a thread pool,
+as waitress does on OpenFaaS.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import threading
+
+import redis
+
+from metertwin.mqtt import TwinMqtt
+from metertwin.settings import get_settings
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def get_redis() -> redis.Redis:
+    """The zone's Redis, with timeouts on connect and on every command."""
+    s = get_settings()
+    return redis.Redis.from_url(
+        s.redis_url,
+        decode_responses=True,
+        socket_timeout=s.redis_timeout_s,
+        socket_connect_timeout=s.redis_timeout_s,
+        health_check_interval=30,
+        retry_on_timeout=False,
+    )
+
+
+_mqtt: TwinMqtt | None = None
+
+
+def get_mqtt() -> TwinMqtt:
+    """The process's MQTT session to the zone's broker (connected on first use)."""
+    global _mqtt
+    with _lock:
+        if _mqtt is None:
+            s = get_settings()
+            client = TwinMqtt(
+                host=s.mqtt_host,
+                port=s.mqtt_port,
+                username=s.mqtt_username,
+                password=s.mqtt_password.get_secret_value(),
+                connect_timeout_s=s.mqtt_connect_timeout_s,
+            )
+            client.connect()
+            _mqtt = client
+        return _mqtt
+
+
+def close_all() -> None:
+    """Close every client this module created (process shutdown, tests)."""
+    global _mqtt
+    with _lock:
+        if _mqtt is not None:
+            _mqtt.close()
+            _mqtt = None
+    if get_redis.cache_info().currsize:
+        get_redis().close()
+        get_redis.cache_clear()
+
+
+atexit.register(close_all)
