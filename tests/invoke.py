@@ -1,0 +1,67 @@
+"""Call a function handler directly, as the python3-http template would, for unit tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from starlette.datastructures import Headers, QueryParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Event:
+    body: bytes = b""
+    headers: Headers = field(default_factory=Headers)
+    method: str = "GET"
+    query: QueryParams = field(default_factory=QueryParams)
+    path: str = "/"
+
+
+@dataclass
+class Context:
+    hostname: str = "test"
+
+
+def load_handler(function_dir: str) -> ModuleType:
+    """Import ``functions/<function_dir>/handler.py`` under a unique module name."""
+    path = ROOT / "functions" / function_dir / "handler.py"
+    name = f"_test_handler_{function_dir.replace('-', '_')}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def call(
+    handler: ModuleType,
+    method: str,
+    path: str,
+    *,
+    body: Any = None,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    query: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """Invoke ``handler.handle`` and return (status, decoded body)."""
+    raw = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else b"")
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    event = Event(raw, Headers(hdrs), method, QueryParams(query or {}), path)
+    resp = handler.handle(event, Context())
+    status = resp.get("statusCode", 200)
+    out = resp.get("body", "")
+    if isinstance(out, str) and resp.get("headers", {}).get("Content-Type", "").startswith("application/json"):
+        out = json.loads(out)
+    return status, out
