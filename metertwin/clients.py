@@ -10,7 +10,9 @@ from __future__ import annotations
 import atexit
 import functools
 import threading
+from typing import Any, TypeAlias
 
+import httpx
 import redis
 
 from metertwin.mqtt import TwinMqtt
@@ -18,9 +20,13 @@ from metertwin.settings import get_settings
 
 _lock = threading.Lock()
 
+#: A Redis client with ``decode_responses=True``. redis-py's annotations type every
+#: reply as ``bytes | str`` whatever that flag says, so ours is typed loosely, once, here.
+StrRedis: TypeAlias = Any
+
 
 @functools.cache
-def get_redis() -> redis.Redis:
+def get_redis() -> StrRedis:
     """The zone's Redis, with timeouts on connect and on every command."""
     s = get_settings()
     return redis.Redis.from_url(
@@ -31,6 +37,12 @@ def get_redis() -> redis.Redis:
         health_check_interval=30,
         retry_on_timeout=False,
     )
+
+
+@functools.cache
+def get_http() -> httpx.Client:
+    """Outbound HTTP (webhooks, peer functions), pooled, with a timeout on every phase."""
+    return httpx.Client(timeout=httpx.Timeout(get_settings().publish_timeout_s), follow_redirects=False)
 
 
 _mqtt: TwinMqtt | None = None
@@ -61,6 +73,9 @@ def close_all() -> None:
         if _mqtt is not None:
             _mqtt.close()
             _mqtt = None
+    if get_http.cache_info().currsize:
+        get_http().close()
+        get_http.cache_clear()
     if get_redis.cache_info().currsize:
         get_redis().close()
         get_redis.cache_clear()

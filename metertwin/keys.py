@@ -33,6 +33,10 @@ def pending_commands(meter_id: str) -> str:
     return f"{PREFIX}:cmdq:{{{meter_id}}}"
 
 
+#: Set of meter ids that have open commands: what the sweeper visits.
+METERS_WITH_OPEN_COMMANDS = f"{PREFIX}:cmdq:meters"
+
+
 #: Sorted set of a meter's recent command ids, scored by creation time (epoch s).
 def command_log(meter_id: str) -> str:
     return f"{PREFIX}:cmdlog:{{{meter_id}}}"
@@ -85,3 +89,98 @@ def invocation_counts(zone: str) -> str:
 def schedule_lock(zone: str, function: str) -> str:
     """Lock so that one gateway worker fires a cron tick, not each of them."""
     return f"{PREFIX}:gw:{zone}:cron:{function}"
+
+
+# --- p2p market ----------------------------------------------------------------------------
+# One hash tag per market, so a market's keys share a Redis Cluster slot.
+def p2p_market(market_id: str) -> str:
+    """Hash: a market's spec (JSON), status, result (JSON), timestamps."""
+    return f"{PREFIX}:p2p:{{{market_id}}}:market"
+
+
+def p2p_participants(market_id: str) -> str:
+    """Hash: meter id -> participant profile (JSON) of one market."""
+    return f"{PREFIX}:p2p:{{{market_id}}}:participants"
+
+
+def p2p_rounds(market_id: str) -> str:
+    """List: one JSON record per negotiation round, in order."""
+    return f"{PREFIX}:p2p:{{{market_id}}}:rounds"
+
+
+def p2p_trades(market_id: str) -> str:
+    """Hash: meter id -> final trade and settlement (JSON) of one market."""
+    return f"{PREFIX}:p2p:{{{market_id}}}:trades"
+
+
+def p2p_meter_trades(meter_id: str) -> str:
+    """Sorted set: ids of the markets a meter traded in, scored by slot start (epoch s)."""
+    return f"{PREFIX}:p2p:mtrades:{{{meter_id}}}"
+
+
+#: Sorted set of every market id in this zone, scored by slot start (epoch s).
+P2P_MARKETS = f"{PREFIX}:p2p:markets"
+#: Round records are for watching a market converge; trades and settlements are kept.
+P2P_ROUNDS_RETENTION_S = 7 * 24 * 3600
+#: A market may have at most this many participants (one round must fit a round timeout).
+P2P_MAX_PARTICIPANTS = 5_000
+
+
+# --- mdms -------------------------------------------------------------------------------
+# The MDMS hot tier (fog Redis). Per-meter keys share the hash tag {meter_id} so that the
+# ingest, edit and trim Lua scripts may touch them together. Interval data have no TTL on
+# purpose: they leave Redis only through the archive protocol (verified copy in S3 first),
+# bounded by MDMS_HOT_RETENTION_S and MDMS_HOT_MEMORY_BUDGET_BYTES (metertwin/mdms_settings.py).
+def mdms_intervals(meter_id: str) -> str:
+    """Sorted set: the meter's hot interval rows, scored by timestamp (epoch ms); see metertwin/intervals.py."""
+    return f"{PREFIX}:mdms:iv:{{{meter_id}}}"
+
+
+def mdms_sequences(meter_id: str) -> str:
+    """Sorted set: accepted sequence numbers -> timestamp (epoch ms), trimmed to the VEE horizon."""
+    return f"{PREFIX}:mdms:seq:{{{meter_id}}}"
+
+
+def mdms_latest(meter_id: str) -> str:
+    """Hash: the latest accepted registers (ts_ms, seq, import_kwh, export_kwh, power_w, voltage_v)."""
+    return f"{PREFIX}:mdms:latest:{{{meter_id}}}"
+
+
+def mdms_counters(meter_id: str) -> str:
+    """Hash: per-meter counters (accepted, duplicates, rejected, estimated, edited, queried)."""
+    return f"{PREFIX}:mdms:count:{{{meter_id}}}"
+
+
+def mdms_heat(meter_id: str) -> str:
+    """Hash: tiering heat per UTC day ``r:<yyyymmdd>`` reads, ``l:`` last read (epoch s), ``h:`` hot until."""
+    return f"{PREFIX}:mdms:heat:{{{meter_id}}}"
+
+
+def mdms_cold_days(meter_id: str) -> str:
+    """Sorted set: UTC days (``yyyymmdd``, scored by day start epoch s) with a committed cold copy."""
+    return f"{PREFIX}:mdms:cold:{{{meter_id}}}"
+
+
+def mdms_audit(meter_id: str) -> str:
+    """Stream: the meter's edit audit trail (who, when, old, new, reason). Never trimmed."""
+    return f"{PREFIX}:mdms:audit:{{{meter_id}}}"
+
+
+#: Set of meter ids with hot interval data: what the archive visits.
+MDMS_HOT_METERS = f"{PREFIX}:mdms:hot"
+#: Set of every meter id the MDMS has accepted a reading of.
+MDMS_METERS = f"{PREFIX}:mdms:meters"
+#: Stream: rejected readings with the reason (the dead-letter store), capped at MDMS_DEAD_LETTER_MAX.
+MDMS_DEAD_LETTERS = f"{PREFIX}:mdms:dlq"
+
+
+def mdms_cold_partition(zone: str, day: str, bucket: int) -> str:
+    """String: cache of the committed cold object key of one partition (the S3 manifest is the truth)."""
+    return f"{PREFIX}:mdms:part:{zone}:{day}:{bucket:04d}"
+
+
+#: Lock so that one archive run works at a time (seconds it may hold it).
+MDMS_ARCHIVE_LOCK = f"{PREFIX}:mdms:archive:lock"
+MDMS_ARCHIVE_LOCK_TTL_S = 900
+#: Hash: summary of the last archive run (for operators).
+MDMS_ARCHIVE_LAST_RUN = f"{PREFIX}:mdms:archive:last"

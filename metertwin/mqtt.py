@@ -49,6 +49,9 @@ class TwinMqtt:
         self._connected = threading.Event()
         self._pending: dict[bytes, Future[dict[str, Any]]] = {}
         self._pending_lock = threading.Lock()
+        self._listeners: dict[str, int] = {}
+        self._listen_lock = threading.Lock()
+        self._closing = False
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.requester, protocol=mqtt.MQTTv5
         )
@@ -75,6 +78,7 @@ class TwinMqtt:
             )
 
     def close(self) -> None:
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
         with self._pending_lock:
@@ -87,12 +91,38 @@ class TwinMqtt:
             log.error("MQTT connection refused: %s", rc)
             return
         client.subscribe(topics.all_responses(self.requester), qos=1)
+        for topic, qos in self._listeners.items():
+            client.subscribe(topic, qos=qos)
         self._connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         self._connected.clear()
-        if rc.value != 0:
+        if rc.value != 0 and not self._closing:
             log.warning("MQTT disconnected (%s); paho reconnects", rc)
+
+    def listen(self, topic: str, callback: Any, *, qos: int = 1, timeout_s: float = 2.0) -> None:
+        """Subscribe ``callback(client, userdata, message)`` to ``topic``; restored on reconnect."""
+        with self._listen_lock:
+            self._client.message_callback_add(topic, callback)
+            if topic in self._listeners:
+                return
+            self._subscribe_confirmed(topic, qos, timeout_s)
+            self._listeners[topic] = qos
+
+    def _subscribe_confirmed(self, topic: str, qos: int, timeout_s: float) -> None:
+        done = threading.Event()
+        granted: list[Any] = []
+
+        def on_subscribe(_c: Any, _u: Any, _mid: int, codes: list[ReasonCode], _p: Any) -> None:
+            granted.extend(codes)
+            done.set()
+
+        self._client.on_subscribe = on_subscribe
+        result, _mid = self._client.subscribe(topic, qos=qos)
+        if result != mqtt.MQTT_ERR_SUCCESS or not done.wait(timeout_s):
+            raise BackendUnavailable(f"MQTT subscription to {topic!r} not confirmed within {timeout_s} s")
+        if granted and granted[0].is_failure:
+            raise BackendUnavailable(f"MQTT broker refused subscription to {topic!r}: {granted[0]}")
 
     # -- publish ------------------------------------------------------------------------
     def publish(

@@ -1,0 +1,167 @@
+"""Forward capability: messages between the meter and its home EMS pass through the twin.
+
+The twin does not interpret the payload; it routes it and records delivery.
+Routes (after ``/function/<zone>-forward``):
+
+* ``PUT /meters/{meter_id}/ems/route`` ``{"kind": "mqtt"|"webhook", "target"}`` — where
+  meter->EMS messages go: an MQTT topic (default ``ems/<id>/inbox``) or an http(s) URL.
+* ``GET /meters/{meter_id}/ems/route``
+* ``POST /meters/{meter_id}/ems/messages`` ``{"id"?, "payload"}`` — EMS -> meter.
+* ``GET /meters/{meter_id}/ems/messages?limit=`` — both directions, with delivery status.
+* ``POST /`` from the MQTT connector (``X-Topic: meters/<id>/up/ems``) — meter -> EMS.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# On OpenFaaS, configuration.copy puts metertwin/ beside this file.
+if (Path(__file__).parent / "metertwin").is_dir():
+    sys.path.insert(0, str(Path(__file__).parent))
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+import httpx
+import redis
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from metertwin import keys, topics
+from metertwin.clients import get_http, get_mqtt, get_redis
+from metertwin.errors import BackendUnavailable, InvalidInput, NotFound
+from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
+from metertwin.messages import EmsMessage
+from metertwin.settings import get_settings
+from metertwin.twin import TwinStore
+
+router = Router()
+HOME = {"consumer", "ems", "utility"}
+MAX_MESSAGE_BYTES = 65_536
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["mqtt", "webhook"]
+    target: str | None = Field(default=None, max_length=512)
+
+    @model_validator(mode="after")
+    def _check_target(self) -> Route:
+        if self.kind == "webhook":
+            if not self.target or not self.target.startswith(("http://", "https://")):
+                raise ValueError(f"webhook target {self.target!r} must be an http(s) URL")
+        elif self.target is not None:
+            if any(c in self.target for c in "+#") or self.target.startswith((topics.ROOT + "/", "$")):
+                raise ValueError(
+                    f"MQTT target {self.target!r} must be a plain topic outside {topics.ROOT}/ and $-topics"
+                )
+        return self
+
+
+class ToMeter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(default=None, min_length=1, max_length=64)
+    payload: dict[str, Any]
+
+
+def _require_twin(meter_id: str) -> None:
+    TwinStore(get_redis()).get(meter_id)
+
+
+def _log(meter_id: str, direction: str, message_id: str, status: str, reason: str = "") -> dict[str, Any]:
+    entry = {"direction": direction, "id": message_id, "status": status, "reason": reason, "ts": repr(time.time())}
+    try:
+        get_redis().xadd(keys.forward_log(meter_id), entry, maxlen=keys.FORWARD_LOG_MAXLEN, approximate=True)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis unavailable recording forward of {message_id!r}: {exc}") from exc
+    return {**entry, "ts": float(entry["ts"])}
+
+
+@router.put("/meters/{meter_id}/ems/route", scopes=HOME)
+def set_route(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _require_twin(meter_id)
+    route = req.json(Route)
+    target = route.target or topics.ems_inbox(meter_id)
+    get_redis().hset(keys.ems_route(meter_id), mapping={"kind": route.kind, "target": target})
+    return json_response({"meter_id": meter_id, "kind": route.kind, "target": target})
+
+
+@router.get("/meters/{meter_id}/ems/route", scopes=HOME)
+def get_route(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _require_twin(meter_id)
+    route = get_redis().hgetall(keys.ems_route(meter_id))
+    if not route:
+        raise NotFound(f"meter {meter_id!r} has no EMS route; PUT one to /meters/{meter_id}/ems/route")
+    return json_response({"meter_id": meter_id, **route})
+
+
+@router.post("/meters/{meter_id}/ems/messages", scopes=HOME)
+def to_meter(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _require_twin(meter_id)
+    body = parse_json(req.event.body, ToMeter, max_bytes=MAX_MESSAGE_BYTES)
+    message = EmsMessage(id=body.id or uuid.uuid4().hex[:16], payload=body.payload, ts=time.time())
+    try:
+        get_mqtt().publish(topics.ems_down(meter_id), message.model_dump(), timeout_s=get_settings().publish_timeout_s)
+    except BackendUnavailable as exc:
+        entry = _log(meter_id, "ems->meter", message.id, "failed", exc.message)
+        return json_response({"message": entry}, 503)
+    return json_response({"message": _log(meter_id, "ems->meter", message.id, "delivered")}, 202)
+
+
+@router.get("/meters/{meter_id}/ems/messages", scopes=HOME)
+def history(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _require_twin(meter_id)
+    limit = int(query_float(req.query, "limit", 50, lo=1, hi=keys.FORWARD_LOG_MAXLEN))
+    rows = get_redis().xrevrange(keys.forward_log(meter_id), count=limit)
+    return json_response({"meter_id": meter_id, "messages": [{**f, "ts": float(f["ts"])} for _id, f in rows]})
+
+
+@router.post("/", scopes={"service"})
+def from_meter(req: Request) -> Response:
+    topic = req.header("X-Topic") or ""
+    try:
+        meter_id = topics.meter_id_of(topic)
+    except ValueError as exc:
+        raise InvalidInput(f"X-Topic: {exc}", field="X-Topic") from None
+    if topic != topics.ems_up(meter_id):
+        raise InvalidInput(f"topic {topic!r} is not an EMS topic", field="X-Topic")
+    message = parse_json(req.event.body, EmsMessage, max_bytes=MAX_MESSAGE_BYTES)
+    _require_twin(meter_id)
+    route = get_redis().hgetall(keys.ems_route(meter_id))
+    if not route:
+        entry = _log(meter_id, "meter->ems", message.id, "undeliverable", "no EMS route configured")
+        return json_response({"message": entry})
+    entry = _deliver(meter_id, message, route)
+    return json_response({"message": entry})
+
+
+def _deliver(meter_id: str, message: EmsMessage, route: dict[str, str]) -> dict[str, Any]:
+    data = message.model_dump()
+    if route["kind"] == "mqtt":
+        try:
+            get_mqtt().publish(route["target"], data, timeout_s=get_settings().publish_timeout_s)
+        except BackendUnavailable as exc:
+            return _log(meter_id, "meter->ems", message.id, "failed", exc.message)
+        return _log(meter_id, "meter->ems", message.id, "delivered")
+    try:
+        resp = get_http().post(
+            route["target"], content=json.dumps(data), headers={"Content-Type": "application/json",
+                                                                "X-Meter-Id": meter_id}
+        )
+    except httpx.HTTPError as exc:
+        return _log(meter_id, "meter->ems", message.id, "failed", f"webhook {route['target']}: {exc!r}")
+    if resp.status_code >= 300:
+        return _log(meter_id, "meter->ems", message.id, "failed", f"webhook answered {resp.status_code}")
+    return _log(meter_id, "meter->ems", message.id, "delivered")
+
+
+def handle(event: Event, context: Context) -> Response:
+    return router.dispatch(event, context)

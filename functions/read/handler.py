@@ -1,0 +1,113 @@
+"""Read capability: the twin answers for its meter, from cache when fresh, else asks the meter.
+
+Routes (after ``/function/<zone>-read``):
+
+* ``GET /meters/{meter_id}/reading?max_age=<s>&live=<bool>&timeout=<s>`` — the last
+  measurement if it is at most ``max_age`` seconds old (``source: cache``); otherwise,
+  or with ``live=true``, a request to the meter over MQTT v5 (``source: meter``).
+  If the meter does not answer in ``timeout`` seconds: 504, with the last cached
+  value marked ``stale``.
+* ``GET /meters/{meter_id}/twin`` — the whole twin document (reported, desired,
+  delta, metadata); the ``ETag`` header carries its version for ``If-Match``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# On OpenFaaS, configuration.copy puts metertwin/ beside this file.
+if (Path(__file__).parent / "metertwin").is_dir():
+    sys.path.insert(0, str(Path(__file__).parent))
+
+import time
+from typing import Any
+
+from metertwin import topics
+from metertwin.clients import get_mqtt, get_redis
+from metertwin.errors import InvalidInput, MeterTimeout
+from metertwin.http import Context, Event, Request, Response, Router, json_response, query_bool, query_float, validate
+from metertwin.messages import ReadResponse
+from metertwin.settings import get_settings
+from metertwin.twin import Twin, TwinStore
+
+router = Router()
+READERS = {"utility", "mdms", "billing", "ems", "consumer"}
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/meters/{meter_id}/reading": {
+        "get": {
+            "summary": "Read a meter through its twin (cache when fresh, else the meter over MQTT)",
+            "parameters": [
+                {"name": "meter_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "max_age", "in": "query", "schema": {"type": "number", "minimum": 0}},
+                {"name": "live", "in": "query", "schema": {"type": "boolean"}},
+                {"name": "timeout", "in": "query", "schema": {"type": "number", "minimum": 0.05, "maximum": 30}},
+            ],
+            "responses": {"200": {"description": "reading, with source cache|meter and age_s"},
+                          "504": {"description": "meter did not answer; carries the stale cached value"}},
+        }
+    },
+    "/meters/{meter_id}/twin": {"get": {"summary": "The twin document (shadow) with its version as ETag"}},
+}
+
+
+def _store() -> TwinStore:
+    return TwinStore(get_redis())
+
+
+def _served(req: Request, twin_version: int, reading: dict[str, Any], source: str) -> Response:
+    age = max(0.0, time.time() - float(reading["ts"]))
+    return json_response(
+        {
+            "meter_id": req.params["meter_id"],
+            "reading": reading,
+            "age_s": round(age, 3),
+            "source": source,
+            "twin_version": twin_version,
+            "elapsed_ms": req.elapsed_ms(),
+        },
+        headers={"X-Twin-Source": source},
+    )
+
+
+@router.get("/meters/{meter_id}/reading", scopes=READERS)
+def read(req: Request) -> Response:
+    settings = get_settings()
+    max_age = query_float(req.query, "max_age", settings.default_read_max_age_s, lo=0, hi=365 * 86400)
+    timeout = query_float(req.query, "timeout", settings.meter_read_timeout_s, lo=0.05, hi=30)
+    live = query_bool(req.query, "live")
+    meter_id = req.params["meter_id"]
+    store = _store()
+    twin = store.get(meter_id)
+    if not live and twin.measurement is not None and (twin.age_s() or 0.0) <= max_age:
+        return _served(req, twin.version, twin.measurement, "cache")
+    try:
+        answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=timeout)
+    except MeterTimeout as exc:
+        return _timed_out(req, twin, exc, timeout)
+    try:
+        reading = validate(answer, ReadResponse).model_dump()
+    except InvalidInput as exc:
+        raise InvalidInput(f"meter {meter_id!r} answered with an invalid reading: {exc.message}") from None
+    _, version = store.report_measurement(meter_id, reading, seq=None)
+    return _served(req, version, reading, "meter")
+
+
+def _timed_out(req: Request, twin: Twin, exc: MeterTimeout, timeout: float) -> Response:
+    body = exc.to_dict()
+    body["details"] = {"meter_id": twin.meter_id, "timeout_s": timeout}
+    if twin.measurement is not None:
+        body["stale"] = {"reading": twin.measurement, "age_s": round(twin.age_s() or 0.0, 3), "stale": True}
+    body["elapsed_ms"] = req.elapsed_ms()
+    return json_response(body, 504, headers={"X-Twin-Source": "none"})
+
+
+@router.get("/meters/{meter_id}/twin", scopes=READERS)
+def twin_document(req: Request) -> Response:
+    twin = _store().get(req.params["meter_id"])
+    return json_response(twin.to_dict(), headers={"ETag": f'"{twin.version}"'})
+
+
+def handle(event: Event, context: Context) -> Response:
+    return router.dispatch(event, context)

@@ -1,0 +1,191 @@
+"""Twin registry: provision and remove twins, singly and in bulk, with their meters' MQTT accounts.
+
+Routes (after ``/function/<zone>-registry``):
+
+* ``POST /meters`` — provision one twin; returns the meter's MQTT credentials once.
+* ``POST /meters/bulk`` — provision up to ``max_bulk_meters`` twins.
+* ``GET /meters?cursor=&count=`` — list provisioned meter ids.
+* ``GET /meters/{meter_id}`` — the registry record (zone, profile, created).
+* ``DELETE /meters/{meter_id}`` — remove the twin and the meter's account.
+* ``POST /meters/bulk-delete`` — remove many.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# On OpenFaaS, configuration.copy puts metertwin/ beside this file.
+if (Path(__file__).parent / "metertwin").is_dir():
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from metertwin import keys, topics
+from metertwin.clients import get_redis
+from metertwin.dynsec import get_dynsec, new_password
+from metertwin.errors import BackendUnavailable, Conflict, InvalidInput
+from metertwin.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response, query_float
+from metertwin.settings import get_settings
+from metertwin.twin import TwinStore
+
+router = Router()
+OPERATORS = {"admin", "utility"}
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["household", "prosumer", "commercial"] = "household"
+    pv_kwp: float = Field(default=0.0, ge=0, le=1000, allow_inf_nan=False)
+    battery_kwh: float = Field(default=0.0, ge=0, le=1000, allow_inf_nan=False)
+    tariff_id: str | None = Field(default=None, max_length=64)
+    link: Literal["lan", "wifi", "nbiot", "plc", "cellular"] = "wifi"
+
+
+class NewMeter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    meter_id: str
+    profile: Profile = Field(default_factory=Profile)
+
+    @field_validator("meter_id")
+    @classmethod
+    def _meter_id(cls, value: str) -> str:
+        if not METER_ID_RE.match(value):
+            raise ValueError("must be 1-64 letters, digits or _.:- starting with a letter or digit")
+        return value
+
+
+class BulkNew(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    meters: list[NewMeter] = Field(min_length=1)
+
+
+class BulkDelete(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    meter_ids: list[str] = Field(min_length=1)
+
+
+def _store() -> TwinStore:
+    return TwinStore(get_redis())
+
+
+def _credentials(meter_id: str, password: str) -> dict[str, Any]:
+    s = get_settings()
+    return {
+        "meter_id": meter_id,
+        "password": password,
+        "mqtt": {"host": s.mqtt_host, "port": s.mqtt_port, "username": meter_id, "client_id": meter_id},
+        "topics": {
+            "publish": f"{topics.meter_root(meter_id)}/up/#",
+            "subscribe": f"{topics.meter_root(meter_id)}/down/#",
+        },
+    }
+
+
+def _provision(meters: list[NewMeter]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Create twins, then accounts; a twin whose account fails is rolled back."""
+    limit = get_settings().max_bulk_meters
+    if len(meters) > limit:
+        raise InvalidInput(f"{len(meters)} meters exceed the bulk limit of {limit}", field="meters")
+    seen: set[str] = set()
+    for m in meters:
+        if m.meter_id in seen:
+            raise InvalidInput(f"meter id {m.meter_id!r} appears twice in the request", field="meters")
+        seen.add(m.meter_id)
+    store, zone = _store(), get_settings().zone
+    created: list[NewMeter] = []
+    conflicts: list[dict[str, str]] = []
+    for m in meters:
+        if store.create(m.meter_id, zone, m.profile.model_dump(exclude_defaults=True)):
+            created.append(m)
+        else:
+            conflicts.append({"meter_id": m.meter_id, "error": f"meter {m.meter_id!r} already has a twin"})
+    passwords = {m.meter_id: new_password() for m in created}
+    try:
+        errors = get_dynsec().create_meters(passwords) if passwords else {}
+    except BackendUnavailable:
+        for meter_id in passwords:
+            store.delete(meter_id)
+        raise
+    out = []
+    for meter_id, password in passwords.items():
+        if errors.get(meter_id):
+            store.delete(meter_id)
+            conflicts.append({"meter_id": meter_id, "error": f"MQTT account not created: {errors[meter_id]}"})
+        else:
+            out.append(_credentials(meter_id, password))
+    return out, conflicts
+
+
+@router.post("/meters", scopes=OPERATORS)
+def provision_one(req: Request) -> Response:
+    body = req.json(NewMeter)
+    created, conflicts = _provision([body])
+    if conflicts:
+        raise Conflict(conflicts[0]["error"], meter_id=body.meter_id)
+    return json_response({**created[0], "zone": get_settings().zone}, 201)
+
+
+@router.post("/meters/bulk", scopes={"admin"})
+def provision_bulk(req: Request) -> Response:
+    body = req.json(BulkNew)
+    created, conflicts = _provision(body.meters)
+    return json_response(
+        {"zone": get_settings().zone, "created": len(created), "meters": created, "conflicts": conflicts},
+        201 if created else 409,
+    )
+
+
+@router.get("/meters", scopes=OPERATORS)
+def list_meters(req: Request) -> Response:
+    cursor = int(query_float(req.query, "cursor", 0, lo=0, hi=2**63))
+    count = int(query_float(req.query, "count", 100, lo=1, hi=1000))
+    try:
+        next_cursor, ids = get_redis().sscan(keys.TWIN_INDEX, cursor=cursor, count=count)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+    return json_response({"meters": sorted(ids), "next_cursor": next_cursor or None})
+
+
+@router.get("/meters/{meter_id}", scopes=OPERATORS)
+def get_meter(req: Request) -> Response:
+    twin = _store().get(req.params["meter_id"])
+    return json_response(
+        {"meter_id": twin.meter_id, "zone": twin.zone, "profile": twin.profile, "created_at": twin.created_at}
+    )
+
+
+def _remove(meter_ids: list[str]) -> list[str]:
+    store = _store()
+    removed = [m for m in meter_ids if store.delete(m)]
+    get_dynsec().delete_meters(meter_ids)
+    return removed
+
+
+@router.delete("/meters/{meter_id}", scopes={"admin"})
+def remove_one(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _store().get(meter_id)  # 404 for an unknown meter
+    _remove([meter_id])
+    return json_response({"meter_id": meter_id, "removed": True})
+
+
+@router.post("/meters/bulk-delete", scopes={"admin"})
+def remove_bulk(req: Request) -> Response:
+    body = req.json(BulkDelete)
+    for meter_id in body.meter_ids:
+        if not METER_ID_RE.match(meter_id):
+            raise InvalidInput(f"meter id {meter_id!r} is not valid", field="meter_ids")
+    removed = _remove(body.meter_ids)
+    return json_response({"removed": removed, "not_found": sorted(set(body.meter_ids) - set(removed))})
+
+
+def handle(event: Event, context: Context) -> Response:
+    return router.dispatch(event, context)
