@@ -53,11 +53,10 @@ class Route(BaseModel):
         if self.kind == "webhook":
             if not self.target or not self.target.startswith(("http://", "https://")):
                 raise ValueError(f"webhook target {self.target!r} must be an http(s) URL")
-        elif self.target is not None:
-            if any(c in self.target for c in "+#") or self.target.startswith((topics.ROOT + "/", "$")):
-                raise ValueError(
-                    f"MQTT target {self.target!r} must be a plain topic outside {topics.ROOT}/ and $-topics"
-                )
+        elif self.target is not None and (
+            any(c in self.target for c in "+#") or self.target.startswith((topics.ROOT + "/", "$"))
+        ):
+            raise ValueError(f"MQTT target {self.target!r} must be a plain topic outside {topics.ROOT}/ and $-topics")
         return self
 
 
