@@ -28,14 +28,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m gateway.demo $(ARGS)
+	$(BIN)/python -m embedded.demo $(ARGS)
 
 test: setup
 	$(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy metertwin gateway storage meter_sim loadtest functions
+	$(BIN)/mypy metertwin gateway storage meter_sim loadtest embedded functions/*/handler.py
 
 bench: setup
 	$(BIN)/python -m loadtest.bench $(ARGS)
