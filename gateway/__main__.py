@@ -1,0 +1,68 @@
+"""``python -m gateway --stack stack.yml --zone edge --port 8080``: serve one zone's functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+
+import uvicorn
+
+from gateway.app import GatewayOptions, create_app
+from gateway.server import uvicorn_config
+from metertwin.errors import MeterTwinError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = GatewayOptions()
+    p = argparse.ArgumentParser(prog="python -m gateway", description="Local OpenFaaS-compatible gateway of one zone.")
+    p.add_argument("--stack", required=True, help="path of stack.yml")
+    p.add_argument("--zone", required=True, help="serve functions named <zone>-*; 'all' serves every function")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--secrets-dir", help="folder of secret files (becomes SECRETS_DIR; /var/openfaas/secrets)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each with its own pool)")
+    p.add_argument("--threads", type=int, default=defaults.max_threads, help="handler threads per worker")
+    p.add_argument("--instance", help="stable worker name for the async queue and MQTT session "
+                   "(default <host>-<zone>-<port>; with --workers > 1 the pid is appended)")
+    p.add_argument("--claim-idle", type=float, default=defaults.claim_idle_s,
+                   help="take over async calls left pending by another worker this many seconds")
+    p.add_argument("--no-background", action="store_true",
+                   help="serve HTTP only: no async worker, MQTT or cron connectors")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background}
+    instance = args.instance or f"{socket.gethostname()}-{args.zone}-{args.port}"
+    try:
+        if args.workers > 1:
+            # Each worker process builds its own app through the factory; names must differ per worker.
+            os.environ["GATEWAY_STACK"] = args.stack
+            os.environ["GATEWAY_ZONE"] = args.zone
+            os.environ["GATEWAY_SECRETS_DIR"] = args.secrets_dir or ""
+            os.environ["GATEWAY_OPTIONS"] = json.dumps(options)
+            os.environ["GATEWAY_INSTANCE_PREFIX"] = instance
+            create_app(args.stack, args.zone, secrets_dir=args.secrets_dir, **options)  # fail fast on errors
+            uvicorn.run(
+                "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                loop="uvloop", http="httptools", access_log=False, log_level=args.log_level,
+                timeout_graceful_shutdown=10,
+            )
+            return 0
+        app = create_app(args.stack, args.zone, secrets_dir=args.secrets_dir, instance=instance, **options)
+    except MeterTwinError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

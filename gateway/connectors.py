@@ -1,0 +1,315 @@
+"""Event connectors, as OpenFaaS's mqtt-connector and cron-connector do it, inside the gateway.
+
+MQTT (annotation ``topic``, comma-separated filters): one MQTT v5 session per gateway
+worker subscribes to ``$share/gw-<zone>/<filter>`` (the zone's workers split the load)
+with a subscription identifier per filter, so a message is routed to exactly the
+functions whose filter it matched. Each message invokes the function with the payload as
+body, ``POST /``, headers ``X-Topic``, ``Content-Type: application/json`` and the
+gateway's service bearer token. Delivery is at-least-once: messages are QoS1 and
+acknowledged (``manual_ack``) only after the handler returned; the session is persistent
+(stable client id, session expiry) so unacknowledged messages are redelivered when a
+crashed worker comes back; the broker sends at most ``concurrency`` unacknowledged
+messages at a time (MQTT v5 Receive Maximum), which bounds the work in flight.
+
+Cron (annotation ``schedule``): 5-field cron, or 6 fields with seconds last
+(``*/1 * * * * *``; a local extension that the real cron-connector does not accept).
+At each tick every worker tries a compare-and-set on ``keys.schedule_lock(zone, fn)``
+holding the last fired tick; the one that wins calls ``POST /`` with
+``X-Connector: cron-connector``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from croniter import croniter
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as _Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from redis.asyncio import Redis
+from starlette.datastructures import Headers
+
+from gateway.functions import Event, Result
+from gateway.stack import FunctionSpec, StackError
+from metertwin import auth, keys
+from metertwin.errors import MeterTwinError
+
+log = logging.getLogger("gateway.connectors")
+
+Invoke = Callable[[str, Event], Awaitable[Result]]
+
+
+def _props(packet_type: int) -> Any:
+    return _Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+class ServiceToken:
+    """The gateway's ``service`` bearer token, minted at startup and re-minted before it expires."""
+
+    def __init__(self, zone: str, ttl_s: int = 3600) -> None:
+        self.subject = f"gateway-{zone}"
+        self.ttl_s = ttl_s
+        self._value: bytes | None = None
+        self._renew_at = 0.0
+        self._warned = False
+
+    def header(self) -> bytes | None:
+        """``Bearer <token>`` as bytes, or None when no signing key is configured."""
+        now = time.time()
+        if self._value is None or now >= self._renew_at:
+            try:
+                token = auth.issue_token(self.subject, {"service"}, ttl_s=self.ttl_s)
+            except MeterTwinError as exc:
+                if not self._warned:
+                    log.warning("connectors invoke without a bearer token: %s", exc)
+                    self._warned = True
+                return None
+            self._value = f"Bearer {token}".encode()
+            self._renew_at = now + self.ttl_s * 0.75
+        return self._value
+
+
+def validate_schedule(spec: FunctionSpec) -> str:
+    expr = spec.schedule or ""
+    if len(expr.split()) not in (5, 6) or not croniter.is_valid(expr):
+        raise StackError(
+            f"functions.{spec.name}.annotations.schedule: {expr!r} is not a cron expression "
+            "(5 fields, or 6 with seconds last)"
+        )
+    return expr
+
+
+# Compare-and-set of the last fired tick: any worker, however late, fires a tick at most once.
+_CLAIM_TICK = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if last >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
+class CronConnector:
+    def __init__(self, zone: str, specs: Iterable[FunctionSpec], invoke: Invoke, token: ServiceToken,
+                 redis: Redis) -> None:
+        self.zone = zone
+        self.schedules = {spec.name: validate_schedule(spec) for spec in specs if spec.schedule}
+        self.invoke = invoke
+        self.token = token
+        self.redis = redis
+        self.fired: dict[str, int] = dict.fromkeys(self.schedules, 0)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._claim = redis.register_script(_CLAIM_TICK)
+
+    async def run(self) -> None:
+        if not self.schedules:
+            return
+        await asyncio.gather(*(self._run_one(name, expr) for name, expr in self.schedules.items()))
+
+    async def _run_one(self, name: str, expr: str) -> None:
+        last = time.time()
+        while True:
+            base = datetime.fromtimestamp(max(time.time(), last), UTC)
+            tick = float(croniter(expr, base).get_next(float))
+            following = float(croniter(expr, datetime.fromtimestamp(tick, UTC)).get_next(float))
+            await asyncio.sleep(max(0.0, tick - time.time()))
+            last = tick
+            try:
+                won = await self._claim(keys=[keys.schedule_lock(self.zone, name)],
+                                        args=[int(tick * 1000), max(2, int(2 * (following - tick)) + 60)])
+            except Exception as exc:  # Redis down: skip this tick rather than fire it twice
+                log.warning("cron %s: cannot take the tick lock: %s", name, exc)
+                continue
+            if won:
+                task = asyncio.create_task(self._fire(name))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _fire(self, name: str) -> None:
+        raw = [(b"x-connector", b"cron-connector"), (b"content-type", b"application/json")]
+        token = self.token.header()
+        if token:
+            raw.append((b"authorization", token))
+        result = await self.invoke(name, Event(b"", Headers(raw=raw), "POST", b"", "/"))
+        self.fired[name] += 1
+        if result.status >= 400:
+            log.warning("cron call of %s answered %d: %s", name, result.status, result.body[:200])
+
+    async def stop(self, timeout_s: float) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+
+class MqttConnector:
+    """Invoke functions for MQTT messages on their ``topic`` annotation (see module docstring)."""
+
+    def __init__(
+        self,
+        zone: str,
+        specs: Iterable[FunctionSpec],
+        invoke: Invoke,
+        token: ServiceToken,
+        *,
+        host: str,
+        port: int,
+        username: str | None,
+        password: str | None,
+        client_id: str,
+        concurrency: int = 16,
+        session_expiry_s: int = 300,
+    ) -> None:
+        self.zone = zone
+        self.invoke = invoke
+        self.token = token
+        self.host, self.port = host, port
+        self.concurrency = concurrency
+        self.session_expiry_s = session_expiry_s
+        self.filters: list[str] = []
+        self.routes: dict[str, list[str]] = {}
+        for spec in specs:
+            for topic in spec.topics:
+                if topic not in self.routes:
+                    self.filters.append(topic)
+                    self.routes[topic] = []
+                self.routes[topic].append(spec.name)
+        self.delivered = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem = asyncio.Semaphore(concurrency)
+        self._subscribed: set[int] = set()
+        self._sub_mids: dict[int, int] = {}
+        self._ready = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tasks: set[concurrent.futures.Future[None]] = set()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        if username:
+            self.client.username_pw_set(username, password or None)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=15)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.filters)
+
+    def ready(self) -> bool:
+        """True once every filter is subscribed on the current connection."""
+        return self._ready.is_set()
+
+    def shared(self, topic: str) -> str:
+        return f"$share/gw-{self.zone}/{topic}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self._loop = asyncio.get_running_loop()
+        props = _props(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = self.concurrency
+        # connect_async + loop_forever(retry_first_connection=True): the network thread keeps
+        # (re)connecting with backoff until stop(), including when the broker is down at startup.
+        self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
+        self._thread = threading.Thread(target=self._network_loop, name=f"mqtt-{self.zone}", daemon=True)
+        self._thread.start()
+
+    def _network_loop(self) -> None:
+        while not self._stopping:
+            try:
+                self.client.loop_forever(retry_first_connection=True)
+            except Exception as exc:  # never let the connector thread die
+                log.warning("MQTT loop for zone %s failed: %s; restarting", self.zone, exc)
+                time.sleep(1.0)
+            else:
+                return
+
+    async def stop(self, timeout_s: float) -> None:
+        """Leave the shared group and end the session (so the broker sends nothing to it), then drain."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            if self.client.is_connected():
+                self.client.unsubscribe([self.shared(t) for t in self.filters])
+        props = _props(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        if self._tasks:
+            await asyncio.to_thread(concurrent.futures.wait, set(self._tasks), timeout_s)
+        with contextlib.suppress(Exception):
+            self.client.disconnect(properties=props)
+        await asyncio.to_thread(self._thread.join, timeout_s)
+        self._thread = None
+
+    # -- paho callbacks (network thread) -----------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT broker %s:%d refused the gateway: %s", self.host, self.port, reason)
+            return
+        self._subscribed.clear()
+        self._sub_mids.clear()
+        for index, topic in enumerate(self.filters, start=1):
+            props = _props(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = index
+            _, mid = client.subscribe(self.shared(topic), options=SubscribeOptions(qos=1), properties=props)
+            if mid is not None:
+                self._sub_mids[mid] = index
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        index = self._sub_mids.pop(mid, None)
+        if index is None:
+            return
+        if any(r.is_failure for r in reasons):
+            log.warning("subscribing to %s was refused: %s", self.shared(self.filters[index - 1]), reasons)
+            return
+        self._subscribed.add(index)
+        if len(self._subscribed) == len(self.filters):
+            self._ready.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._ready.clear()
+        if not self._stopping:
+            log.warning("MQTT connection of zone %s lost (%s); reconnecting", self.zone, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
+        if ids:
+            names = [n for i in ids if 0 < i <= len(self.filters) for n in self.routes[self.filters[i - 1]]]
+        else:  # a broker without subscription identifiers: match the filters ourselves
+            names = [n for t in self.filters if mqtt.topic_matches_sub(t, msg.topic) for n in self.routes[t]]
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._deliver(msg, list(dict.fromkeys(names))), self._loop)
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
+
+    # -- event loop ----------------------------------------------------------------------------
+    async def _deliver(self, msg: mqtt.MQTTMessage, names: list[str]) -> None:
+        async with self._sem:
+            raw = [(b"x-topic", msg.topic.encode()), (b"content-type", b"application/json")]
+            token = self.token.header()
+            if token:
+                raw.append((b"authorization", token))
+            try:
+                for name in names:
+                    result = await self.invoke(name, Event(msg.payload, Headers(raw=raw), "POST", b"", "/"))
+                    if result.status >= 400:
+                        log.warning("%s on %s answered %d: %s", name, msg.topic, result.status, result.body[:200])
+            except Exception:
+                # Not acknowledged: the broker redelivers it on the next connection of this session.
+                log.exception("delivering %s to %s failed; leaving it unacknowledged", msg.topic, names)
+                return
+            self.delivered += 1
+            if msg.qos > 0:
+                self.client.ack(msg.mid, msg.qos)
