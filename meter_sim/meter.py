@@ -213,6 +213,7 @@ class SimMeter:
         self._ems_timer: asyncio.TimerHandle | None = None
         self._offline_timer: asyncio.TimerHandle | None = None
         self._next_report_at = 0.0
+        self._last_report_at = 0.0  # loop time of the last periodic report (or of the start)
 
         topic_handlers: dict[str, Callable[[aiomqtt.Message], None]] = {
             topics.commands(meter_id): self._on_command,
@@ -294,6 +295,7 @@ class SimMeter:
         self._online.set()
         self._leave = loop.create_future()
         self.measure()  # fixes the register origin
+        self._last_report_at = loop.time()
         # Spread the fleet's reports over the interval; the phase is part of the seeded draw.
         self._next_report_at = loop.time() + self.rng.uniform(0.0, self.reporting_interval_s)
         self._report_timer = loop.call_at(self._next_report_at, self._report_tick)
@@ -511,6 +513,7 @@ class SimMeter:
     def _report_tick(self) -> None:
         loop = self._require_loop()
         self.report_now()
+        self._last_report_at = loop.time()
         # Fixed cadence from the schedule, not from when the callback ran: no drift.
         self._next_report_at = max(self._next_report_at + self.reporting_interval_s, loop.time())
         self._report_timer = loop.call_at(self._next_report_at, self._report_tick)
@@ -527,8 +530,7 @@ class SimMeter:
         loop = self._require_loop()
         if self._report_timer is not None:
             self._report_timer.cancel()
-        last = self._next_report_at - self.reporting_interval_s
-        self._next_report_at = max(loop.time(), last + self.reporting_interval_s)
+        self._next_report_at = max(loop.time(), self._last_report_at + self.reporting_interval_s)
         self._report_timer = loop.call_at(self._next_report_at, self._report_tick)
 
     # ---------------------------------------------------------------- EMS up
