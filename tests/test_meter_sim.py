@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -385,3 +387,33 @@ def test_credentials_file_round_trip(tmp_path) -> None:
     path.write_text('{"meters": [{"meter_id": "m-1"}]}')
     with pytest.raises(ValueError, match=r"meters\[0\]"):
         accounts.load_credentials(path)
+
+
+def test_cli_runs_a_fleet_for_a_duration(mosquitto: Mosquitto, twin: Twin, tmp_path) -> None:
+    creds = provision(mosquitto, 3)
+    creds_path, summary = tmp_path / "creds.json", tmp_path / "summary.json"
+    accounts.save_credentials(creds_path, creds)
+    done = subprocess.run(
+        [sys.executable, "-m", "meter_sim", "run", "--broker", f"{mosquitto.host}:{mosquitto.port}",
+         "--credentials", str(creds_path), "--meters", "2", "--interval", "1", "--link", "wifi",
+         "--duration", "2.5", "--progress-interval", "1", "--summary-json", str(summary)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "connected 2/2" in done.stdout
+    final = json.loads(summary.read_text())
+    assert final["meters"] == 2
+    assert final["readings_sent"] >= 2
+    first, _second, third = creds
+    assert twin.readings(first)
+    assert twin.on(topics.status(first))[-1].payload == b"offline"
+    assert not twin.on(topics.status(third))
+
+
+def test_cli_rejects_a_bad_credentials_file(tmp_path) -> None:
+    bad = tmp_path / "creds.json"
+    bad.write_text("[]")
+    done = subprocess.run([sys.executable, "-m", "meter_sim", "run", "--credentials", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "no 'meters' list" in done.stderr
