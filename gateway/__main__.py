@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default <host>-<zone>-<port>; with --workers > 1 the pid is appended)")
     p.add_argument("--claim-idle", type=float, default=defaults.claim_idle_s,
                    help="take over async calls left pending by another worker this many seconds")
+    p.add_argument("--async-concurrency", type=int, default=defaults.async_concurrency,
+                   help="async calls run at once per worker")
     p.add_argument("--no-background", action="store_true",
                    help="serve HTTP only: no async worker, MQTT or cron connectors")
     p.add_argument("--log-level", default="info")
@@ -39,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background}
+    options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background,
+               "async_concurrency": args.async_concurrency}
     instance = args.instance or f"{socket.gethostname()}-{args.zone}-{args.port}"
     try:
         if args.workers > 1:

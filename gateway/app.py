@@ -384,6 +384,19 @@ class GatewayApp:
         """True when every MQTT subscription is in place (or there is none)."""
         return self.mqtt is None or not self.mqtt.enabled or self.mqtt.ready()
 
+    def connector_status(self) -> dict[str, Any]:
+        """What the connectors are doing (``/system/info``; lets a test or the demo wait for MQTT)."""
+        if self.mqtt is None or not self.mqtt.enabled:
+            mqtt_state = "off"
+        else:
+            mqtt_state = "subscribed" if self.mqtt.ready() else "connecting"
+        return {
+            "mqtt": mqtt_state,
+            "topics": list(self.mqtt.filters) if self.mqtt is not None else [],
+            "schedules": dict(self.cron.schedules) if self.cron is not None else {},
+            "async": self.queue.stats() if self.queue is not None else {},
+        }
+
     # -- /system data -------------------------------------------------------------------------------
     async def invocation_counts(self) -> dict[str, int]:
         if self.redis is None:
@@ -481,6 +494,8 @@ def build_api(gw: GatewayApp) -> FastAPI:
             "version": {"release": VERSION, "sha": "", "commit_message": ""},
             "arch": platform.machine(),
             "zone": gw.zone,
+            "instance": gw.instance,
+            "connectors": gw.connector_status(),
         }
 
     async def enqueue(name: str, path: str, request: Request) -> Response:

@@ -1,0 +1,131 @@
+"""Connectors: MQTT topic annotation (at-least-once) and schedule annotation (one fire per tick per zone)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+import redis
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.server import GatewayProcess
+from metertwin import auth
+from storage.embedded import Mosquitto
+from tests.fixtures.gateway_support import (
+    CALLS_KEY,
+    PASSWORD,
+    STACK,
+    await_until,
+    gateway_client,
+    wait_until,
+    write_basic_auth,
+)
+
+
+def calls(redis_url: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in redis.Redis.from_url(redis_url).lrange(CALLS_KEY, 0, -1)]
+
+
+def publish(broker: Mosquitto, topic: str, payload: bytes) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set(broker.service_user, broker.service_password)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout=5)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.fixture
+def topics(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Unique topic filters for this test (the broker is shared by the session)."""
+    prefix = f"mt-test/{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("TEST_TOPIC_A", f"{prefix}/a/+")
+    monkeypatch.setenv("TEST_TOPIC_B", f"{prefix}/b/#")
+    return prefix
+
+
+async def test_topic_message_invokes_the_function(
+    env: dict[str, str], redis_url: str, mosquitto: Mosquitto, topics: str
+) -> None:
+    write_basic_auth(env)
+    async with gateway_client("mqtt") as (app, _):
+        assert app.mqtt is not None
+
+        async def subscribed() -> bool:
+            return app.connectors_ready()
+
+        await await_until(subscribed, 10, "MQTT subscriptions")
+        publish(mosquitto, f"{topics}/a/m-1", b'{"reading": 1}')
+        publish(mosquitto, f"{topics}/b/x/y", b'{"reading": 2}')
+        publish(mosquitto, f"{topics}/c/m-1", b'{"reading": 3}')  # no function listens here
+
+        async def both() -> list[dict[str, Any]]:
+            done = [c for c in calls(redis_url) if c["phase"] == "done"]
+            return done if len(done) >= 2 else []
+
+        got = sorted(await await_until(both, 10, "two invocations"), key=lambda c: c["topic"])
+        assert [c["topic"] for c in got] == [f"{topics}/a/m-1", f"{topics}/b/x/y"]
+        assert [c["body"] for c in got] == ['{"reading": 1}', '{"reading": 2}']
+        assert all(c["method"] == "POST" and c["path"] == "/" for c in got)
+        principal = auth.authenticate(got[0]["auth"])  # the gateway's own service token
+        assert principal.subject == "gateway-mqtt"
+        assert "service" in principal.scopes
+
+        async def acked() -> bool:
+            return app.mqtt is not None and app.mqtt.delivered == 2
+
+        await await_until(acked, 5, "messages acknowledged")
+        assert len(calls(redis_url)) == 2
+
+
+@pytest.mark.slow
+def test_unacknowledged_message_is_redelivered_after_a_crash(
+    env: dict[str, str], redis_url: str, mosquitto: Mosquitto, topics: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway acks only after the handler returned: killed mid-handler, the message comes again."""
+    secrets = write_basic_auth(env)
+    monkeypatch.setenv("ECHO_SLOW_S", "30")
+    args = ["--instance", f"gw-mqtt-{topics[-8:]}", "--log-level", "warning"]
+    first = GatewayProcess(STACK, "mqtt", secrets_dir=secrets, args=args)
+    try:
+        wait_until(lambda: httpx.get(f"{first.url}/system/info", auth=("admin", PASSWORD), timeout=5)
+                   .json()["connectors"]["mqtt"] == "subscribed", 15, "MQTT subscriptions")
+        publish(mosquitto, f"{topics}/a/m-slow", b'{"slow": true}')
+        wait_until(lambda: any(c["phase"] == "started" for c in calls(redis_url)), 15, "handler started")
+    finally:
+        first.kill()  # mid-handler: the message was never acknowledged
+    assert not any(c["phase"] == "done" for c in calls(redis_url))
+    monkeypatch.setenv("ECHO_SLOW_S", "0")
+    with GatewayProcess(STACK, "mqtt", secrets_dir=secrets, args=args):
+        wait_until(lambda: any(c["phase"] == "done" for c in calls(redis_url)), 20, "redelivered message handled")
+
+
+async def test_schedule_fires_once_per_tick_across_workers(env: dict[str, str], redis_url: str) -> None:
+    write_basic_auth(env)
+    async with gateway_client("cron") as (one, _), gateway_client("cron") as (two, _):
+        assert one.cron is not None
+        assert two.cron is not None
+        started = time.time()
+
+        async def three_ticks() -> bool:
+            return len(calls(redis_url)) >= 3
+
+        await await_until(three_ticks, 10, "three cron ticks")
+        elapsed = time.time() - started
+        fired = one.cron.fired["cron-tick"] + two.cron.fired["cron-tick"]
+    records = calls(redis_url)
+    assert all(c["connector"] == "cron-connector" and c["method"] == "POST" and c["path"] == "/" for c in records)
+    assert auth.authenticate(records[0]["auth"]).subject == "gateway-cron"
+    assert fired == len(records)
+    # Two workers, one call per tick: never more calls than ticks that passed.
+    assert len(records) <= int(elapsed) + 2
