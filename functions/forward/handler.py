@@ -35,7 +35,7 @@ from metertwin.errors import BackendUnavailable, InvalidInput, NotFound
 from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
 from metertwin.messages import EmsMessage
 from metertwin.settings import get_settings
-from metertwin.twin import TwinStore
+from metertwin.twin import twin_store
 
 router = Router()
 HOME = {"consumer", "ems", "utility"}
@@ -68,7 +68,7 @@ class ToMeter(BaseModel):
 
 
 def _require_twin(meter_id: str) -> None:
-    TwinStore(get_redis()).get(meter_id)
+    twin_store(get_redis()).get(meter_id)
 
 
 def _log(meter_id: str, direction: str, message_id: str, status: str, reason: str = "") -> dict[str, Any]:

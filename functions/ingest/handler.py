@@ -27,7 +27,7 @@ from metertwin.clients import get_redis
 from metertwin.errors import InvalidInput
 from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json
 from metertwin.messages import Reading
-from metertwin.twin import TwinStore
+from metertwin.twin import twin_store
 
 router = Router()
 MAX_READING_BYTES = 4096
@@ -43,7 +43,7 @@ def on_message(req: Request) -> Response:
     if topic == topics.readings(meter_id):
         reading = parse_json(req.event.body, Reading, max_bytes=MAX_READING_BYTES)
         measurement = reading.model_dump(exclude={"seq"})
-        applied, version = TwinStore(get_redis()).report_measurement(meter_id, measurement, reading.seq)
+        applied, version = twin_store(get_redis()).report_measurement(meter_id, measurement, reading.seq)
         return json_response(
             {"meter_id": meter_id, "seq": reading.seq, "result": "applied" if applied else "duplicate",
              "version": version}
@@ -52,7 +52,7 @@ def on_message(req: Request) -> Response:
         state = req.event.body.decode(errors="replace").strip().strip('"')
         if state not in ("online", "offline"):
             raise InvalidInput(f"status {state[:40]!r} is not 'online' or 'offline'", field="body")
-        version = TwinStore(get_redis()).report(meter_id, {"online": state == "online"}, ts=time.time())
+        version = twin_store(get_redis()).report(meter_id, {"online": state == "online"}, ts=time.time())
         return json_response({"meter_id": meter_id, "online": state == "online", "version": version})
     raise InvalidInput(f"topic {topic!r} is not a reading or status topic", field="X-Topic")
 

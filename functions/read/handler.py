@@ -29,7 +29,7 @@ from metertwin.errors import InvalidInput, MeterTimeout
 from metertwin.http import Context, Event, Request, Response, Router, json_response, query_bool, query_float, validate
 from metertwin.messages import ReadResponse
 from metertwin.settings import get_settings
-from metertwin.twin import Twin, TwinStore
+from metertwin.twin import TwinStore, twin_store
 
 router = Router()
 READERS = {"utility", "mdms", "billing", "ems", "consumer"}
@@ -53,7 +53,7 @@ OPENAPI_PATHS: dict[str, Any] = {
 
 
 def _store() -> TwinStore:
-    return TwinStore(get_redis())
+    return twin_store(get_redis())
 
 
 def _served(req: Request, twin_version: int, reading: dict[str, Any], source: str) -> Response:
@@ -79,13 +79,14 @@ def read(req: Request) -> Response:
     live = query_bool(req.query, "live")
     meter_id = req.params["meter_id"]
     store = _store()
-    twin = store.get(meter_id)
-    if not live and twin.measurement is not None and (twin.age_s() or 0.0) <= max_age:
-        return _served(req, twin.version, twin.measurement, "cache")
+    version, cached = store.reading(meter_id)
+    age = time.time() - float(cached["ts"]) if cached else None
+    if not live and cached is not None and age is not None and age <= max_age:
+        return _served(req, version, cached, "cache")
     try:
         answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=timeout)
     except MeterTimeout as exc:
-        return _timed_out(req, twin, exc, timeout)
+        return _timed_out(req, meter_id, cached, exc, timeout)
     try:
         reading = validate(answer, ReadResponse).model_dump()
     except InvalidInput as exc:
@@ -94,11 +95,14 @@ def read(req: Request) -> Response:
     return _served(req, version, reading, "meter")
 
 
-def _timed_out(req: Request, twin: Twin, exc: MeterTimeout, timeout: float) -> Response:
+def _timed_out(
+    req: Request, meter_id: str, cached: dict[str, Any] | None, exc: MeterTimeout, timeout: float
+) -> Response:
     body = exc.to_dict()
-    body["details"] = {"meter_id": twin.meter_id, "timeout_s": timeout}
-    if twin.measurement is not None:
-        body["stale"] = {"reading": twin.measurement, "age_s": round(twin.age_s() or 0.0, 3), "stale": True}
+    body["details"] = {"meter_id": meter_id, "timeout_s": timeout}
+    if cached is not None:
+        age = max(0.0, time.time() - float(cached["ts"]))
+        body["stale"] = {"reading": cached, "age_s": round(age, 3), "stale": True}
     body["elapsed_ms"] = req.elapsed_ms()
     return json_response(body, 504, headers={"X-Twin-Source": "none"})
 

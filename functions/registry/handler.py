@@ -30,7 +30,7 @@ from metertwin.dynsec import get_dynsec, new_password
 from metertwin.errors import BackendUnavailable, Conflict, InvalidInput
 from metertwin.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response, query_float
 from metertwin.settings import get_settings
-from metertwin.twin import TwinStore
+from metertwin.twin import TwinStore, twin_store
 
 router = Router()
 OPERATORS = {"admin", "utility"}
@@ -73,7 +73,7 @@ class BulkDelete(BaseModel):
 
 
 def _store() -> TwinStore:
-    return TwinStore(get_redis())
+    return twin_store(get_redis())
 
 
 def _credentials(meter_id: str, password: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from metertwin.commands import MAX_EXPIRY_S, PARAMS_BY_KIND, DesiredFields, get_
 from metertwin.errors import InvalidInput, UnknownMeter
 from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
 from metertwin.messages import CommandAck
-from metertwin.twin import TwinStore
+from metertwin.twin import twin_store
 
 router = Router()
 WRITERS = {"utility", "mdms"}
@@ -64,7 +64,7 @@ def send_command(req: Request) -> Response:
 @router.get("/meters/{meter_id}/commands", scopes=VIEWERS)
 def list_commands(req: Request) -> Response:
     meter_id = req.params["meter_id"]
-    if not TwinStore(get_redis()).exists(meter_id):
+    if not twin_store(get_redis()).exists(meter_id):
         raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
     limit = int(query_float(req.query, "limit", 50, lo=1, hi=keys.COMMAND_LOG_MAX))
     return json_response({"meter_id": meter_id, "commands": get_commands().recent(meter_id, limit)})
@@ -91,7 +91,7 @@ def set_desired(req: Request) -> Response:
     fields = req.json(DesiredFields).model_dump(exclude_unset=True)
     if not fields:
         raise InvalidInput(f"desired state names no setting; known: {sorted(DesiredFields.model_fields)}")
-    store = TwinStore(get_redis())
+    store = twin_store(get_redis())
     version = store.set_desired(meter_id, fields, if_match=_if_match(req))
     command = get_commands().submit(meter_id, "desired", {"fields": fields}, actor=_actor(req))
     return json_response(
@@ -121,7 +121,7 @@ def _on_ack(req: Request, topic: str) -> Response:
     ack = parse_json(req.event.body, CommandAck)
     status = get_commands().on_ack(meter_id, ack)
     if status == "acknowledged" and ack.reported:
-        TwinStore(get_redis()).report(meter_id, ack.reported, ts=ack.ts)
+        twin_store(get_redis()).report(meter_id, ack.reported, ts=ack.ts)
     return json_response({"meter_id": meter_id, "command_id": ack.id, "status": status or "ignored"})
 
 
