@@ -160,6 +160,28 @@ class AmiUser(_Base):
         return None
 
 
+class P2PUser(_Base):
+    """Seed 000 Scenario 2 (t2): run one pre-opened market (N rounds between the twins) per request."""
+
+    wait_time = constant(0.0)
+
+    @task
+    def negotiate(self) -> None:
+        _spend()
+        markets: list[str] = CFG["markets"]
+        index = _p2p_next()
+        if index >= len(markets):
+            raise StopUser()
+        self.client.post(f"{CFG['market_url']}/markets/{markets[index]}/run", headers=self.mt_headers, name="t2")
+
+
+_p2p_counter = itertools.count()
+
+
+def _p2p_next() -> int:
+    return next(_p2p_counter)
+
+
 class AmiSteps(LoadTestShape):
     """Steps of ``steps[i] = {label, users, duration_s}``; stops after the last one."""
 
