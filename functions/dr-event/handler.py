@@ -1,0 +1,136 @@
+"""Demand response behind a twin: the stateless decision and event-state function (OpenADR 2.0b).
+
+The VEN bridge (``dr_bridge``) polls the utility's VTN for every twin and posts each
+delivery here; this function decides, stores the event on the twin and schedules its
+execution (see :mod:`metertwin.dr`). Routes (after ``/function/<zone>-dr-event``):
+
+* ``POST /events`` (service) — one ``oadrDistributeEvent`` of one twin, normalised
+  (:class:`metertwin.dr.Delivery`); answers per event ``optIn``/``optOut`` with the OpenADR
+  response code (200, 452, 454, 460, 462, 469) and cancels (implied) missing events.
+* ``POST /due`` (service) — run due start/step/end actions and ack checks. The bridge
+  calls it on its own timer (sub-second precision); ``POST /`` from the cron connector
+  does the same as a once-a-minute backstop.
+* ``POST /telemetry`` (service) ``{"meter_ids": [...]}`` — power and status per twin for
+  TELEMETRY_USAGE / TELEMETRY_STATUS reports.
+* ``GET /meters/{meter_id}/events[/{event_id}]`` (utility, consumer, ems) — the twin's events.
+* ``GET|PUT /meters/{meter_id}/dr-preferences`` — the consumer's preferences
+  (PUT: consumer, ems; GET: also utility).
+* ``GET /events`` and ``GET /events/{event_id}`` (utility) — the operator's view: every
+  twin's answer to an event and the load shed against each twin's baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# On OpenFaaS, configuration.copy puts metertwin/ beside this file.
+if (Path(__file__).parent / "metertwin").is_dir():
+    sys.path.insert(0, str(Path(__file__).parent))
+
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from metertwin import dr
+from metertwin.clients import get_redis
+from metertwin.errors import InvalidInput, UnknownMeter
+from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
+from metertwin.twin import TwinStore
+
+router = Router()
+VIEWERS = {"utility", "consumer", "ems"}
+CONSUMERS = {"consumer", "ems"}
+OPERATORS = {"utility"}
+
+
+class TelemetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    meter_ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+def _store() -> dr.DrStore:
+    return dr.DrStore(get_redis())
+
+
+def _require_twin(meter_id: str) -> None:
+    if not TwinStore(get_redis()).exists(meter_id):
+        raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+
+
+@router.post("/events", scopes={"service"})
+def deliver(req: Request) -> Response:
+    delivery = dr.validate_delivery(parse_json(req.event.body, _AnyObject).model_dump())
+    return json_response(dr.handle_delivery(_store(), delivery))
+
+
+class _AnyObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+@router.post("/due", scopes={"service"})
+def due(req: Request) -> Response:
+    store = _store()
+    counts = dr.execute_due(store)
+    nxt = store.next_due()
+    return json_response({**counts, "next_due_in_s": None if nxt is None else round(max(0.0, nxt - time.time()), 3)})
+
+
+@router.post("/", scopes={"service"})
+def connector(req: Request) -> Response:
+    if req.header("X-Connector") != "cron-connector":
+        raise InvalidInput("POST / is for the cron connector (X-Connector: cron-connector); the bridge uses POST /due")
+    return json_response(dr.execute_due(_store()))
+
+
+@router.post("/telemetry", scopes={"service"})
+def telemetry(req: Request) -> Response:
+    body = req.json(TelemetryRequest)
+    return json_response({"meters": dr.telemetry(_store(), body.meter_ids)})
+
+
+@router.get("/meters/{meter_id}/events", scopes=VIEWERS)
+def list_events(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _require_twin(meter_id)
+    now = time.time()
+    events = sorted((dr.public(r, now) for r in _store().events(meter_id).values()), key=lambda r: -r["start"])
+    return json_response({"meter_id": meter_id, "events": events, "load_control": _store().load_control(meter_id)})
+
+
+@router.get("/meters/{meter_id}/events/{event_id}", scopes=VIEWERS)
+def get_event(req: Request) -> Response:
+    record = _store().event(req.params["meter_id"], req.params["event_id"])
+    return json_response({"meter_id": req.params["meter_id"], "event": dr.public(record)})
+
+
+@router.get("/meters/{meter_id}/dr-preferences", scopes=VIEWERS)
+def get_preferences(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _require_twin(meter_id)
+    return json_response({"meter_id": meter_id, "preferences": _store().preferences(meter_id).model_dump()})
+
+
+@router.put("/meters/{meter_id}/dr-preferences", scopes=CONSUMERS)
+def put_preferences(req: Request) -> Response:
+    meter_id = req.params["meter_id"]
+    _require_twin(meter_id)
+    prefs = req.json(dr.Preferences)
+    _store().set_preferences(meter_id, prefs)
+    return json_response({"meter_id": meter_id, "preferences": prefs.model_dump()})
+
+
+@router.get("/events", scopes=OPERATORS)
+def list_zone_events(req: Request) -> Response:
+    limit = int(query_float(req.query, "limit", 50, lo=1, hi=1000))
+    return json_response({"events": dr.recent_events(_store(), limit)})
+
+
+@router.get("/events/{event_id}", scopes=OPERATORS)
+def event_summary(req: Request) -> Response:
+    return json_response(dr.event_summary(_store(), req.params["event_id"]))
+
+
+def handle(event: Event, context: Context) -> Response:
+    return router.dispatch(event, context)
