@@ -12,7 +12,7 @@ import functools
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Where OpenFaaS mounts function secrets; override with ``SECRETS_DIR`` locally.
@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr = Field(
         default=SecretStr("testing"), validation_alias=_secret("s3_secret_access_key")
     )
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _empty_endpoint_is_aws(cls, value: str | None) -> str | None:
+        # stack.yml writes ${S3_ENDPOINT_URL:-}: empty means AWS's own endpoint.
+        return value or None
 
 
 @functools.cache
