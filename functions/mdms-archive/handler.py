@@ -1,0 +1,64 @@
+"""MDMS archive (cloud): moves rarely read hot interval data to the cold tier, cron triggered.
+
+The cron connector (stack.yml annotation ``schedule``) invokes ``POST /`` with
+``X-Connector: cron-connector``. Operators may also run it (``POST /run``) or ask what it
+would do (``GET /plan``). The policy and the write-verify-index-trim protocol are in
+``metertwin/tiering.py``; see docs/mdms.md. Runs in the cloud zone, reaching the fog
+zone's Redis through ``HOT_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# On OpenFaaS, configuration.copy puts metertwin/ beside this file.
+if (Path(__file__).parent / "metertwin").is_dir():
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from typing import cast
+
+from metertwin import auth, keys, tiering
+from metertwin.errors import Unauthorized
+from metertwin.hot_store import get_hot_redis
+from metertwin.http import Context, Event, Request, Response, Router, json_response
+
+router = Router()
+CRON_CONNECTOR = "cron-connector"
+
+
+def _run() -> Response:
+    report = tiering.archive()
+    status = 503 if report["status"] == "failed" else 200
+    return json_response(report, status)
+
+
+@router.post("/", scopes=None)
+def on_schedule(req: Request) -> Response:
+    """A cron tick. Callers other than the cron connector must bring an mdms/admin/service token."""
+    if req.header("Authorization"):
+        auth.authorize(auth.authenticate(req.header("Authorization")), frozenset({"mdms"}))
+    elif (req.header("X-Connector") or "") != CRON_CONNECTOR:
+        raise Unauthorized("POST / is for the cron connector (X-Connector: cron-connector) or a bearer token")
+    return _run()
+
+
+@router.post("/run", scopes={"mdms"})
+def run(req: Request) -> Response:
+    return _run()
+
+
+@router.get("/plan", scopes={"mdms", "utility"})
+def plan(req: Request) -> Response:
+    """Dry run: the decision and its reason for every hot meter-day, and the last run."""
+    decisions = tiering.plan()
+    last = cast(dict[str, str], get_hot_redis().hgetall(keys.MDMS_ARCHIVE_LAST_RUN))
+    summary: dict[str, int] = {}
+    for d in decisions:
+        summary[f"{d.action}:{d.reason}"] = summary.get(f"{d.action}:{d.reason}", 0) + 1
+    return json_response({"policy": tiering.policy(), "summary": summary,
+                          "decisions": [d.to_dict() for d in decisions[:5000]], "last_run": last or None})
+
+
+def handle(event: Event, context: Context) -> Response:
+    return router.dispatch(event, context)

@@ -1,0 +1,168 @@
+"""MDMS ingest (fog): meter readings through VEE into the hot tier; edits; dead letters.
+
+Triggered two ways:
+
+* the MQTT connector (stack.yml annotation ``topic: meters/+/up/reading``) invokes
+  ``POST /`` with the message as body, ``X-Topic: meters/<id>/up/reading`` and a service
+  token. A QoS1 redelivery answers ``duplicate`` and is counted once;
+* head-end systems upload batches: ``POST /readings/batch``.
+
+Rejected readings go to the dead-letter store with the rule and reason
+(``GET /dead-letters``, ``POST /dead-letters/{id}/replay``). Operators correct
+intervals with ``POST /meters/{meter_id}/edits`` (audit trail: ``GET .../edits``).
+See docs/mdms.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# On OpenFaaS, configuration.copy puts metertwin/ beside this file.
+if (Path(__file__).parent / "metertwin").is_dir():
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from metertwin import dead_letters, topics, vee
+from metertwin.errors import InvalidInput, PayloadTooLarge
+from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, validate_meter_id
+from metertwin.mdms_settings import get_mdms_settings
+
+router = Router()
+
+
+@router.post("/", scopes={"service"})
+def on_message(req: Request) -> Response:
+    """One reading from MQTT (``X-Topic`` names the meter)."""
+    topic = req.header("X-Topic") or ""
+    try:
+        meter_id = topics.meter_id_of(topic)
+    except ValueError:
+        raise InvalidInput(f"X-Topic {topic!r} is not meters/<meter_id>/up/reading", field="X-Topic") from None
+    if topic != topics.readings(meter_id):
+        raise InvalidInput(f"X-Topic {topic!r} is not a readings topic (meters/<id>/up/reading)", field="X-Topic")
+    validate_meter_id(meter_id)
+    verdict = vee.ingest([vee.Candidate(meter_id, req.event.body, "mqtt", topic)])[0]
+    if verdict.status == "rejected":
+        error: InvalidInput = (
+            PayloadTooLarge(verdict.reason or "", **verdict.to_dict()) if verdict.rule == "oversized"
+            else vee.ReadingRejected(f"reading of {meter_id} rejected ({verdict.rule}): {verdict.reason}",
+                                     **verdict.to_dict())
+        )
+        raise error
+    return json_response(verdict.to_dict())
+
+
+@router.post("/readings/batch", scopes={"mdms", "utility"})
+def batch(req: Request) -> Response:
+    """A head-end batch; each reading is judged on its own (bad ones are dead-lettered)."""
+    s = get_mdms_settings()
+    body = parse_json(req.event.body, vee.Batch, max_bytes=s.max_batch_bytes)
+    verdicts = vee.ingest_batch(body)
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    for v in verdicts:
+        counts[v.status] += 1
+    estimated = sum(v.estimated for v in verdicts)
+    problems = [v.to_dict() for v in verdicts if v.status != "accepted"][:1000]
+    return json_response({"received": len(verdicts), **counts, "estimated": estimated, "not_accepted": problems})
+
+
+@router.post("/meters/{meter_id}/edits", scopes={"mdms"})
+def edit(req: Request) -> Response:
+    """A manual correction of the registers at one timestamp, with its reason (audited)."""
+    body = req.json(vee.EditRequest)
+    assert req.principal is not None
+    result = vee.edit(req.params["meter_id"], body, who=req.principal.subject)
+    return json_response(result, 201)
+
+
+@router.get("/meters/{meter_id}/edits", scopes={"mdms", "utility", "billing"})
+def audit(req: Request) -> Response:
+    limit = _limit(req, 100, 1000)
+    return json_response({"meter_id": req.params["meter_id"], "edits": vee.audit_trail(req.params["meter_id"],
+                                                                                      limit=limit)})
+
+
+@router.get("/dead-letters", scopes={"mdms"})
+def list_dead_letters(req: Request) -> Response:
+    meter = req.query.get("meter_id") or None
+    if meter is not None:
+        validate_meter_id(meter)
+    entries, cursor = dead_letters.list_entries(
+        meter_id=meter, rule=req.query.get("rule") or None, limit=_limit(req, 100, 1000),
+        before=req.query.get("cursor") or None,
+    )
+    return json_response({"dead_letters": [e.to_dict() for e in entries], "next_cursor": cursor,
+                          "total": dead_letters.count()})
+
+
+class ReplayOne(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: A corrected reading to ingest instead of the stored payload.
+    reading: dict[str, Any] | None = None
+    meter_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class ReplayMany(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = Field(default=None, max_length=1000)
+    meter_id: str | None = Field(default=None, min_length=1, max_length=64)
+    rule: str | None = None
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+@router.post("/dead-letters/{entry_id}/replay", scopes={"mdms"})
+def replay_one(req: Request) -> Response:
+    body = req.json(ReplayOne) if req.event.body.strip() else ReplayOne()
+    if body.meter_id:
+        validate_meter_id(body.meter_id)
+    verdict = vee.replay_dead_letter(req.params["entry_id"], payload=body.reading, meter_id=body.meter_id)
+    return json_response({"id": req.params["entry_id"], **verdict.to_dict()})
+
+
+@router.post("/dead-letters/replay", scopes={"mdms"})
+def replay_many(req: Request) -> Response:
+    """Replay by ids, or every dead letter of a meter and/or rule (oldest first)."""
+    body = req.json(ReplayMany)
+    if not body.ids and not body.meter_id and not body.rule:
+        raise InvalidInput("name ids, meter_id or rule to replay (replaying everything is not offered)", field="ids")
+    if body.meter_id:
+        validate_meter_id(body.meter_id)
+    ids = [dead_letters.check_id(i) for i in body.ids] if body.ids else [
+        e.id for e in dead_letters.list_entries(meter_id=body.meter_id, rule=body.rule, limit=body.limit)[0]
+    ][::-1]
+    results = []
+    for entry_id in ids:
+        verdict = vee.replay_dead_letter(entry_id)
+        results.append({"id": entry_id, **verdict.to_dict()})
+    counts = {s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")}
+    return json_response({"replayed": len(results), **counts, "results": results})
+
+
+@router.delete("/dead-letters/{entry_id}", scopes={"mdms"})
+def discard(req: Request) -> Response:
+    entry = dead_letters.get(req.params["entry_id"])
+    dead_letters.delete(entry.id)
+    return json_response({"discarded": entry.to_dict()})
+
+
+def _limit(req: Request, default: int, hi: int) -> int:
+    raw = req.query.get("limit")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"limit={raw!r} is not an integer", field="limit") from None
+    if not 1 <= value <= hi:
+        raise InvalidInput(f"limit={raw!r} is outside [1, {hi}]", field="limit")
+    return value
+
+
+def handle(event: Event, context: Context) -> Response:
+    return router.dispatch(event, context)

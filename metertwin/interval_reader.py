@@ -1,0 +1,89 @@
+"""Reading interval rows of a meter over a time range, hot and cold merged, with the tier of each row.
+
+Cold rows come from the committed Parquet object of each cold meter-day in the range
+(``keys.mdms_cold_days``); hot rows from the meter's sorted set. At equal timestamps the
+hot row wins: it is the newer (an edit, or a late read not yet archived). Every read is
+noted in the meter-day's heat (``keys.mdms_heat``); a cold day read often enough is
+copied back to hot (rehydrated) for ``MDMS_REHYDRATE_TTL_S``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import cast
+
+from metertwin import cold_store, hot_store, keys
+from metertwin.intervals import DAY_MS, Row, Tier, day_of, day_start_ms, days_between
+from metertwin.mdms_settings import get_mdms_settings
+
+
+def cold_days(meter_id: str, from_ms: int, to_ms: int) -> set[str]:
+    """Cold days of the meter touching ``[from_ms, to_ms]``."""
+    lo = day_start_ms(day_of(from_ms)) // 1000
+    found = hot_store.get_hot_redis().zrangebyscore(keys.mdms_cold_days(meter_id), lo, to_ms // 1000)
+    return set(cast(list[str], found))
+
+
+def iter_days(meter_id: str, from_ms: int, to_ms: int, *, note: bool = True) -> Iterator[list[tuple[Row, Tier]]]:
+    """Yield the merged rows of each UTC day in ``[from_ms, to_ms]``, day by day (lazy: a paginated
+    reader stops fetching cold objects once it has a page)."""
+    hot = hot_store.rows(meter_id, from_ms, to_ms)
+    cold = cold_days(meter_id, from_ms, to_ms)
+    now = time.time()
+    by_day: dict[str, list[tuple[str, Row]]] = {}
+    for member, row in hot:
+        by_day.setdefault(day_of(row.ts_ms), []).append((member, row))
+    for day in days_between(from_ms, to_ms):
+        hot_rows = by_day.get(day, [])
+        merged: dict[int, tuple[Row, Tier]] = {}
+        if day in cold:
+            lo, hi = max(from_ms, day_start_ms(day)), min(to_ms, day_start_ms(day) + DAY_MS - 1)
+            day_rows = cold_store.read_meter_day(meter_id, day)
+            for r in day_rows:
+                if lo <= r.ts_ms <= hi:
+                    merged[r.ts_ms] = (r, "cold")
+            if note:
+                _note_cold_read(meter_id, day, day_rows, now)
+        elif note and hot_rows:
+            _note_read(meter_id, day, now)
+        for _member, r in hot_rows:
+            merged[r.ts_ms] = (r, "hot")
+        if merged:
+            yield [merged[t] for t in sorted(merged)]
+
+
+def read_rows(meter_id: str, from_ms: int, to_ms: int, *, note: bool = True) -> list[tuple[Row, Tier]]:
+    """All merged rows in ``[from_ms, to_ms]``, in time order."""
+    out: list[tuple[Row, Tier]] = []
+    for day_rows in iter_days(meter_id, from_ms, to_ms, note=note):
+        out.extend(day_rows)
+    return out
+
+
+def _note_read(meter_id: str, day: str, now: float) -> int:
+    """Count a read of a meter-day within the read window; returns the count."""
+    s = get_mdms_settings()
+    r = hot_store.get_hot_redis()
+    key = keys.mdms_heat(meter_id)
+    last = r.hget(key, f"l:{day}")
+    pipe = r.pipeline(transaction=False)
+    if last is None or float(cast(str, last)) < now - s.tier_read_window_s:
+        pipe.hset(key, f"r:{day}", 1)
+    else:
+        pipe.hincrby(key, f"r:{day}", 1)
+    pipe.hset(key, f"l:{day}", repr(now))
+    pipe.hincrby(keys.mdms_counters(meter_id), "queried", 1)
+    pipe.hget(key, f"r:{day}")
+    return int(pipe.execute()[-1] or 0)
+
+
+def _note_cold_read(meter_id: str, day: str, day_rows: list[Row], now: float) -> None:
+    s = get_mdms_settings()
+    reads = _note_read(meter_id, day, now)
+    if reads < s.rehydrate_reads or s.rehydrate_ttl_s <= 0:
+        return
+    # Read again while cold: bring the whole day back hot for a while.
+    # The rehydrate script skips timestamps that have a hot row (those are newer).
+    hot_store.rehydrate(meter_id, [r.encode() for r in day_rows])
+    hot_store.get_hot_redis().hset(keys.mdms_heat(meter_id), f"h:{day}", repr(now + s.rehydrate_ttl_s))
