@@ -46,6 +46,21 @@ return {1, ARGV[2]}
 StrRedis: TypeAlias = Any
 
 
+# KEYS: market, rounds; ARGV: now, stale after (s)
+# open -> running; or a run left 'running' longer than any run can take (its process died):
+# start over, forgetting that run's rounds. Returns {1, previous status} or {0|-1, status}.
+_BEGIN_RUN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {-1, ''} end
+local stale = status == 'running' and
+  tonumber(ARGV[1]) - tonumber(redis.call('HGET', KEYS[1], 'updated_at')) > tonumber(ARGV[2])
+if status ~= 'open' and not stale then return {0, status} end
+redis.call('HSET', KEYS[1], 'status', 'running', 'updated_at', ARGV[1])
+redis.call('DEL', KEYS[2])
+return {1, status}
+"""
+
+
 def _dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
@@ -57,6 +72,7 @@ class MarketStore:
         self.redis = client
         self._put = client.register_script(_PUT_PARTICIPANT)
         self._move = client.register_script(_MOVE)
+        self._begin = client.register_script(_BEGIN_RUN)
 
     # -- markets --------------------------------------------------------------------
     def create(self, market_id: str, spec: dict[str, Any], *, created_by: str) -> dict[str, Any]:
@@ -122,6 +138,25 @@ class MarketStore:
             raise Conflict(
                 f"market {market_id!r} is {status!r}, not {frm!r}", market_id=market_id, status=status
             )
+
+    def begin_run(self, market_id: str, *, stale_after_s: float) -> str:
+        """Move to ``running``; returns the previous status (``open``, or ``running`` for a dead run).
+
+        :class:`Conflict` if the market is running (and not stale), cleared or failed.
+        """
+        try:
+            done, status = self._begin(
+                keys=[keys.p2p_market(market_id), keys.p2p_rounds(market_id)],
+                args=[repr(time.time()), stale_after_s],
+            )
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+        if done == -1:
+            raise NotFound(f"market {market_id!r} not found", market_id=market_id)
+        if done == 0:
+            raise Conflict(f"market {market_id!r} is {status!r}; only an 'open' market can run",
+                           market_id=market_id, status=status)
+        return str(status)
 
     # -- participants -----------------------------------------------------------------
     def put_participant(self, market_id: str, meter_id: str, profile: dict[str, Any]) -> bool:

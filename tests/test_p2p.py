@@ -395,3 +395,19 @@ def test_bid_function_validates_and_answers(env: dict[str, str], rds: redis.Redi
     assert status == 400
     assert "price" in out["message"]
     assert call(BID, "POST", "/bid", body=body, token=issue_token("op", {"utility"}))[0] == 403
+
+
+def test_a_run_that_died_can_be_restarted(utility: str, rds: redis.Redis) -> None:
+    meters = _ids(2)
+    market_id = _market_with(utility, rds, meters, deliver=False)
+    # a coordinator that died mid-run left the market 'running' with some rounds
+    rds.hset(keys.p2p_market(market_id), mapping={"status": "running", "updated_at": repr(time.time())})
+    rds.rpush(keys.p2p_rounds(market_id), json.dumps({"round": 1}))
+    status, out = call(MKT, "POST", f"/markets/{market_id}/run", token=utility)
+    assert status == 409
+    assert "'running'" in out["message"]
+    rds.hset(keys.p2p_market(market_id), "updated_at", repr(time.time() - 3600))
+    status, res = call(MKT, "POST", f"/markets/{market_id}/run", token=utility)
+    assert status == 200, res
+    rounds = call(MKT, "GET", f"/markets/{market_id}/rounds", token=utility)[1]["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, res["rounds"] + 1))

@@ -70,6 +70,8 @@ VIEWERS = {"utility", "billing"}
 OWN_VIEWERS = {"utility", "billing", "consumer"}
 MARKET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 MAX_EXPIRY_S = 7 * 24 * 3600
+#: An answer beyond what any participant may declare (forecast + battery) is no answer.
+MAX_ANSWER_KWH = 30_000.0
 
 
 # --- request bodies -------------------------------------------------------------------------
@@ -200,7 +202,8 @@ class GatewayChannel:
         # Anything but a finite number for a twin we asked is no answer.
         return {
             k: float(v) for k, v in answers.items()
-            if k in self._known and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if k in self._known and isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v) and abs(v) <= MAX_ANSWER_KWH
         }
 
     def deliver(self, slot_start: float, trades: list[tuple[str, float, float]], expiry_s: int) -> dict[str, Any]:
@@ -419,8 +422,11 @@ def build_channels(market_id: str, spec: Mapping[str, Any], profiles: Mapping[st
         channels.append(LocalChannel(market_id, local))
     gateways = zone_gateways()
     for zone, profs in sorted(remote.items()):
-        channels.append(GatewayChannel(market_id, zone, gateways.get(zone, "http://unconfigured.invalid"),
-                                       profs, spec["slot_minutes"]))
+        if zone in gateways:
+            channels.append(GatewayChannel(market_id, zone, gateways[zone], profs, spec["slot_minutes"]))
+        else:
+            # Its gateway was configured at registration and is gone now: those twins never answer.
+            log.error("market %s: no gateway for zone %r; its %d twins count as zero", market_id, zone, len(profs))
     capacity = math.fsum(b.capacity_kwh() for b in local) + math.fsum(
         (p.get("forecast_load_kwh") or 0.0) + (p.get("forecast_pv_kwh") or 0.0)
         for profs in remote.values() for p in profs
@@ -433,7 +439,9 @@ def run_market(market_id: str) -> dict[str, Any]:
     store = get_store()
     spec = store.get(market_id)["spec"]
     params = _params(spec)
-    store.move(market_id, "open", "running")
+    # A run is bounded by its rounds' timeouts; one 'running' for much longer died with its process.
+    stale_after_s = spec["max_rounds"] * spec["round_timeout_ms"] / 1000.0 + 300.0
+    store.begin_run(market_id, stale_after_s=stale_after_s)
     started = time.perf_counter()
     try:
         profiles = store.participants(market_id)
