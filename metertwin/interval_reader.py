@@ -25,17 +25,22 @@ def cold_days(meter_id: str, from_ms: int, to_ms: int) -> set[str]:
     return set(cast(list[str], found))
 
 
-def iter_days(meter_id: str, from_ms: int, to_ms: int, *, note: bool = True) -> Iterator[list[tuple[Row, Tier]]]:
+def iter_days(
+    meter_id: str, from_ms: int, to_ms: int, *, note: bool = True, resumed: bool = False
+) -> Iterator[list[tuple[Row, Tier]]]:
     """Yield the merged rows of each UTC day in ``[from_ms, to_ms]``, day by day (lazy: a paginated
-    reader stops fetching cold objects once it has a page)."""
+    reader stops fetching cold objects once it has a page). ``resumed``: the first day continues a
+    page already counted as a read of it, so it is not counted again."""
     hot = hot_store.rows(meter_id, from_ms, to_ms)
     cold = cold_days(meter_id, from_ms, to_ms)
     now = time.time()
     by_day: dict[str, list[tuple[str, Row]]] = {}
     for member, row in hot:
         by_day.setdefault(day_of(row.ts_ms), []).append((member, row))
+    quiet = day_of(from_ms) if resumed else None
     for day in days_between(from_ms, to_ms):
         hot_rows = by_day.get(day, [])
+        count = note and day != quiet
         merged: dict[int, tuple[Row, Tier]] = {}
         if day in cold:
             lo, hi = max(from_ms, day_start_ms(day)), min(to_ms, day_start_ms(day) + DAY_MS - 1)
@@ -43,9 +48,9 @@ def iter_days(meter_id: str, from_ms: int, to_ms: int, *, note: bool = True) -> 
             for r in day_rows:
                 if lo <= r.ts_ms <= hi:
                     merged[r.ts_ms] = (r, "cold")
-            if note:
+            if count:
                 _note_cold_read(meter_id, day, day_rows, now)
-        elif note and hot_rows:
+        elif count and hot_rows:
             _note_read(meter_id, day, now)
         for _member, r in hot_rows:
             merged[r.ts_ms] = (r, "hot")

@@ -129,10 +129,11 @@ def interval_page(
 ) -> tuple[list[tuple[str, Row, Tier]], str | None]:
     """One page of rows of ``meters`` (in the order given, each in time order) in ``[lo, hi]``."""
     index, after = decode_cursor(cursor, meters, lo, hi) if cursor else (0, lo - 1)
+    resumed = cursor is not None
     out: list[tuple[str, Row, Tier]] = []
     while index < len(meters):
         meter = meters[index]
-        for day_rows in interval_reader.iter_days(meter, after + 1, hi):
+        for day_rows in interval_reader.iter_days(meter, after + 1, hi, resumed=resumed):
             for row, tier in day_rows:
                 out.append((meter, row, tier))
                 if len(out) == limit:
@@ -140,6 +141,7 @@ def interval_page(
                     return out, encode_cursor(meters, lo, hi, index, row.ts_ms) if more else None
         index += 1
         after = lo - 1
+        resumed = False
     return out, None
 
 

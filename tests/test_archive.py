@@ -62,7 +62,7 @@ def _objects(prefix: str = "") -> list[str]:
 
 def test_rarely_read_days_go_cold_and_queries_return_exactly_what_went_in(meter_id: str) -> None:
     old = _load(meter_id, 5)
-    recent = _load(meter_id, 0, n=8, seq0=1000, imp0=500.0)
+    recent = _load(meter_id, 1, n=8, seq0=1000, imp0=500.0)
     lo, hi = day_start(5), time.time()
     before = query_rows(meter_id, lo, hi)
     assert len(before) == 96 + 8
@@ -109,7 +109,7 @@ def test_crash_at_each_archive_step_loses_and_duplicates_nothing(
     assert tiering.archive()["status"] == "ok"
     late = day_series(meter_id, day_start(8) + 4 * INTERVAL_S, 4, seq0=6000, imp0=11.0)
     assert upload(late, meter_id)["accepted"] == 4
-    _load(meter_id, 0, n=2, seq0=9000, imp0=900.0)
+    _load(meter_id, 1, n=2, seq0=9000, imp0=900.0)
     hot_before = _hot_count(meter_id)
 
     class Crash(Exception):
