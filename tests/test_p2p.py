@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -35,10 +35,10 @@ def utility(env: dict[str, str]) -> str:
 
 
 def _twin(r: redis.Redis, meter_id: str, power_w: float | None = None) -> None:
-    doc: dict[str, Any] = {"v": 1, "z": "edge", "r": "{}", "d": "{}"}
+    doc: dict[str, str | int] = {"v": 1, "z": "edge", "r": "{}", "d": "{}"}
     if power_w is not None:
         doc["m"] = json.dumps({"ts": time.time(), "import_kwh": 1.0, "power_w": power_w})
-    r.hset(keys.twin(meter_id), mapping=doc)
+    r.hset(keys.twin(meter_id), mapping=cast(Any, doc))  # redis-py stubs: Mapping keys are invariant
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def _ids(n: int) -> list[str]:
     return [f"m-{tag}-{i}" for i in range(n)]
 
 
-PROFILES = [
+PROFILES: list[dict[str, Any]] = [
     {"forecast_load_kwh": 2.0, "max_buy_price": 0.26, "price_ramp": 0.02},
     {"forecast_load_kwh": 1.5, "max_buy_price": 0.21},
     {"forecast_pv_kwh": 3.0, "min_sell_price": 0.12, "price_ramp": 0.03},
@@ -74,7 +74,7 @@ def _open(token: str, **extra: Any) -> str:
 def _market_with(token: str, rds: redis.Redis, meters: list[str], zones: dict[str, str] | None = None,
                  **extra: Any) -> str:
     market_id = _open(token, **extra)
-    parts = []
+    parts: list[dict[str, Any]] = []
     for m, prof in zip(meters, PROFILES * (len(meters) // len(PROFILES) + 1), strict=False):
         _twin(rds, m)
         parts.append({"meter_id": m, **prof, **({"zone": zones[m]} if zones and m in zones else {})})

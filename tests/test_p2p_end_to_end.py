@@ -51,7 +51,7 @@ def test_twins_negotiate_and_only_the_trade_reaches_each_meter(stack: EmbeddedSt
             return resp.status_code == 200 and "power_w" in str(resp.json())
 
         for m in ids:
-            wait_for(lambda m=m: has_power(m))
+            wait_for(lambda m=m: has_power(m))  # type: ignore[misc]
         market_id = mkt("POST", "/markets", json={"slot_start": time.time() + 900, "feed_in_tariff": 0.08,
                                                   "retail_tariff": 0.30})["id"]
         seller, buyers = ids[0], ids[1:]
