@@ -411,3 +411,29 @@ def test_a_run_that_died_can_be_restarted(utility: str, rds: redis.Redis) -> Non
     assert status == 200, res
     rounds = call(MKT, "GET", f"/markets/{market_id}/rounds", token=utility)[1]["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, res["rounds"] + 1))
+
+
+def test_remote_twin_forecast_is_fixed_at_registration(
+    utility: str, rds: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with_data, without = _ids(2)
+    _twin(rds, with_data, power_w=-2000.0)
+    _twin(rds, without)
+    fog = _BidServer("fog")
+    try:
+        monkeypatch.setenv("P2P_ZONE_GATEWAYS", f"fog={fog.url}")
+        market_id = _open(utility, deliver=False)
+        path = f"/markets/{market_id}/participants"
+        status, out = call(MKT, "PUT", f"{path}/{with_data}", body={"zone": "fog"}, token=utility)
+        assert status == 201, out
+        assert (out["participant"]["forecast_load_kwh"], out["participant"]["forecast_pv_kwh"]) == (0.0, 0.5)
+        status, out = call(MKT, "PUT", f"{path}/{without}", body={"zone": "fog"}, token=utility)
+        assert status == 400
+        assert without in out["message"]
+        assert "'fog'" in out["message"]
+    finally:
+        fog.close()
+    # the zone's gateway is gone: registering needs it, and says which zone failed
+    status, out = call(MKT, "PUT", f"{path}/{with_data}", body={"zone": "fog"}, token=utility)
+    assert status == 503
+    assert "'fog'" in out["message"]

@@ -5,6 +5,8 @@ Routes (after ``/function/<zone>-p2p-bid``), for the market coordinator (``servi
 * ``POST /bid`` ``{"market_id", "round", "price", "slot_minutes", "participants": [profile, ...]}`` —
   each twin's answer at ``price``: ``{"answers": {meter_id: kWh}}`` (``+`` buy, ``-`` sell).
   A profile without a forecast gets one from its twin in this zone's Redis.
+* ``POST /forecast`` ``{"slot_minutes", "meter_ids": [...]}`` — each twin's forecast for the slot from
+  its data in this zone (the coordinator fixes it at registration, so every round uses the same one).
 * ``POST /outcome`` ``{"market_id", "slot_start", "expiry_s", "trades": [{"meter_id", "kwh", "price"}]}`` —
   each twin sends only its final trade to its meter through the write capability.
 
@@ -30,7 +32,7 @@ from metertwin import market
 from metertwin.clients import get_redis
 from metertwin.errors import InvalidInput
 from metertwin.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response
-from metertwin.market_store import deliver_trades, resolve_bidder
+from metertwin.market_store import deliver_trades, resolve_bidder, twin_forecast_kwh
 
 router = Router()
 COORDINATOR = {"service"}
@@ -42,6 +44,13 @@ class Profile(market.ParticipantIn):
     meter_id: str = Field(min_length=1, max_length=64)
     max_buy_price: market.Price
     min_sell_price: market.Price
+
+
+class ForecastRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    slot_minutes: int = Field(default=15, ge=1, le=1440)
+    meter_ids: list[str] = Field(min_length=1, max_length=10_000)
 
 
 class BidRequest(BaseModel):
@@ -83,6 +92,19 @@ def bid_route(req: Request) -> Response:
         bidders.append(resolve_bidder(get_redis(), p, p.meter_id, body.slot_minutes, params))
     answers = {b.meter_id: market.bid(b, body.price) for b in bidders}
     return json_response({"market_id": body.market_id, "round": body.round, "answers": answers})
+
+
+@router.post("/forecast", scopes=COORDINATOR)
+def forecast_route(req: Request) -> Response:
+    """Each twin's persistence forecast ``[load_kwh, pv_kwh]`` for a slot from its data here (``null``: none)."""
+    body = req.json(ForecastRequest)
+    out: dict[str, list[float] | None] = {}
+    for meter_id in body.meter_ids:
+        if not METER_ID_RE.match(meter_id):
+            raise InvalidInput(f"meter_ids: meter id {meter_id!r} is not valid", field="meter_ids")
+        fc = twin_forecast_kwh(get_redis(), meter_id, body.slot_minutes)
+        out[meter_id] = list(fc) if fc is not None else None
+    return json_response({"forecasts": out})
 
 
 @router.post("/outcome", scopes=COORDINATOR)

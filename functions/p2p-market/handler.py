@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from metertwin import auth, market
 from metertwin.clients import get_redis
-from metertwin.errors import InvalidInput, MeterTwinError
+from metertwin.errors import BackendUnavailable, InvalidInput, MeterTwinError
 from metertwin.http import (
     METER_ID_RE,
     Context,
@@ -164,9 +164,17 @@ def _http() -> httpx.Client:
     return httpx.Client(timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=64))
 
 
-@functools.cache
+_token: tuple[str, float] = ("", 0.0)
+
+
 def _service_token() -> str:
-    return auth.issue_token("p2p-market", {"service"}, ttl_s=24 * 3600)
+    """A ``service`` token for peer zones' p2p-bid, renewed well before it expires."""
+    global _token
+    token, renew_at = _token
+    if time.time() >= renew_at:
+        token = auth.issue_token("p2p-market", {"service"}, ttl_s=3600)
+        _token = (token, time.time() + 1800)
+    return token
 
 
 class GatewayChannel:
@@ -298,7 +306,33 @@ def _register(spec: Mapping[str, Any], meter_id: str, p: market.ParticipantIn) -
             f"zone {zone!r} of meter {meter_id!r} is neither this zone ({here!r}) nor one of the "
             f"zones with a gateway {sorted(zone_gateways())}", field="zone",
         )
+    elif p.forecast_load_kwh is None and p.forecast_pv_kwh is None:
+        # The twin's data lives in its own zone: ask that zone's p2p-bid once, now.
+        fc = _remote_forecast(zone, zone_gateways()[zone], meter_id, spec["slot_minutes"])
+        if fc is None:
+            raise InvalidInput(
+                f"meter {meter_id!r} has no forecast: give forecast_load_kwh/forecast_pv_kwh or let its twin "
+                f"in zone {zone!r} report power_w", field="forecast_load_kwh", meter_id=meter_id,
+            )
+        profile.update(forecast_load_kwh=fc[0], forecast_pv_kwh=fc[1])
     return profile
+
+
+def _remote_forecast(zone: str, base_url: str, meter_id: str, slot_minutes: int) -> tuple[float, float] | None:
+    url = f"{base_url.rstrip('/')}/function/{zone}-p2p-bid/forecast"
+    try:
+        resp = _http().post(url, json={"slot_minutes": slot_minutes, "meter_ids": [meter_id]},
+                            headers={"Authorization": f"Bearer {_service_token()}"}, timeout=5.0)
+        resp.raise_for_status()
+        value = resp.json()["forecasts"][meter_id]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise BackendUnavailable(f"zone {zone!r} did not give the forecast of meter {meter_id!r}: {exc}") from None
+    if value is None:
+        return None
+    load, pv = (float(v) for v in value)
+    if not (math.isfinite(load) and math.isfinite(pv) and load >= 0 and pv >= 0):
+        raise BackendUnavailable(f"zone {zone!r} gave an invalid forecast {value!r} for meter {meter_id!r}")
+    return load, pv
 
 
 @router.put("/markets/{market_id}/participants/{meter_id}", scopes={"utility", "consumer"})
