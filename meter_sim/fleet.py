@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
-from meter_sim.meter import FleetConfig, MeterStats, SimMeter
+from meter_sim.meter import FleetConfig, MeterStats, SimMeter, speed_up_paho
 from meter_sim.profile import LinkProfile
 
 T = TypeVar("T")
@@ -128,6 +128,7 @@ class MeterFleet:
     async def start(self) -> None:
         """Start every meter; connections ramp up ``connect_concurrency`` at a time (not awaited)."""
         raise_nofile_limit()
+        speed_up_paho()
         self._gate = asyncio.Semaphore(self.connect_concurrency)
         for meter in self.meters.values():
             meter._gate = self._gate
