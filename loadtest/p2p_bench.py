@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             time_runs(api, TWO, args.rounds, 3)
             print(f"twins: {args.repeats} x {args.rounds}-round negotiations through the gateway ...", flush=True)
             lib_wall, lib_server = time_runs(api, TWO, args.rounds, args.repeats)
+            series = {n: statistics.median(time_runs(api, TWO, n, args.repeats)[0]) for n in (1, 10, 25, 50)}
+            series[args.rounds] = statistics.median(lib_wall)
             fog = [{**p, "zone": "fog"} for p in TWO]
             time_runs(api, fog, args.rounds, 2)
             http_wall, _ = time_runs(api, fog, args.rounds, max(5, args.repeats // 2))
@@ -381,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     print(line.format(*("-" * w for w in widths)))
     for r in rows:
         print(line.format(*r))
+    print()
+    print("time vs iterations (seed Fig. 9): twins measured through the gateway; meters = median round x n")
+    print(f"{'iterations':>10}  {'twins':>10}  {'WiFi meters':>12}  {'NB-IoT meters':>14}")
+    for n, t in sorted(series.items()):
+        wifi, nb = (statistics.median(meter_rounds[k]) * n for k in ("wifi", "nbiot"))
+        print(f"{n:>10}  {_ms(t):>10}  {_ms(wifi):>12}  {_ms(nb):>14}")
     ratios = {name: statistics.median(meter_rounds[name]) * 100 / twin_med for name in ("wifi", "nbiot")}
     print()
     print(f"twins vs meters in the loop (100 rounds): {ratios['wifi']:,.0f}x faster than WiFi meters, "
@@ -397,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                          "server_median": statistics.median(lib_server)},
         twins_http_bids_s=statistics.median(http_wall), twins_memory_s=statistics.median(mem),
         meters_per_round_s={k: statistics.median(v) for k, v in meter_rounds.items()},
-        ratio=ratios, rounds_to_converge=conv, markets_per_s={"memory": mem_mps, "gateway": gw_mps},
+        ratio=ratios, rounds_to_converge=conv, twins_by_iterations_s=series,
+        markets_per_s={"memory": mem_mps, "gateway": gw_mps},
     )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
