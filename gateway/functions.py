@@ -14,13 +14,14 @@ import dataclasses
 import datetime as dt
 import decimal
 import importlib.util
+import inspect
 import json
 import logging
 import os
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from types import ModuleType
@@ -85,6 +86,8 @@ class LoadedFunction:
     handle: Callable[[Any, Any], Any]
     openapi_paths: dict[str, Any]
     openapi_components: dict[str, Any]
+    #: Optional ``async def handle_async(event, context)`` (a local-gateway extension, see docs/gateway.md).
+    handle_async: Callable[[Any, Any], Awaitable[Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -132,7 +135,10 @@ def load_function(spec: FunctionSpec) -> LoadedFunction:
     components = getattr(module, "OPENAPI_COMPONENTS", None) or {}
     if not isinstance(paths, dict) or not isinstance(components, dict):
         raise StackError(f"function {spec.name}: OPENAPI_PATHS / OPENAPI_COMPONENTS must be dicts")
-    return LoadedFunction(spec, module, handle, paths, components)
+    handle_async = getattr(module, "handle_async", None)
+    if handle_async is not None and not inspect.iscoroutinefunction(handle_async):
+        raise StackError(f"function {spec.name}: handle_async in {path} must be an async def")
+    return LoadedFunction(spec, module, handle, paths, components, handle_async)
 
 
 def load_functions(specs: Iterable[FunctionSpec]) -> dict[str, LoadedFunction]:
@@ -202,12 +208,20 @@ def error_result(status: int, code: str, message: str) -> Result:
     return Result(status, [(b"content-type", APPLICATION_JSON)], body, error=message)
 
 
+def convert_answer(fn: LoadedFunction, event: Event, answer: Any) -> Result:
+    """:func:`convert`, with a malformed answer reported as a JSON 500 like a raising handler."""
+    try:
+        return convert(answer)
+    except Exception as exc:
+        log.exception("function %s answered %s %s with a malformed value", fn.name, event.method, event.path)
+        return error_result(500, "function_error", f"function {fn.name} answered badly: {type(exc).__name__}: {exc}")
+
+
 def call_handler(fn: LoadedFunction, event: Event, context: Context) -> Result:
     """Run ``fn.handle`` and convert its answer; a raising handler becomes a JSON 500."""
     try:
-        return convert(fn.handle(event, context))
+        answer = fn.handle(event, context)
     except Exception as exc:
         log.exception("function %s raised on %s %s", fn.name, event.method, event.path)
-        return error_result(
-            500, "function_error", f"function {fn.name} raised {type(exc).__name__}: {exc}"
-        )
+        return error_result(500, "function_error", f"function {fn.name} raised {type(exc).__name__}: {exc}")
+    return convert_answer(fn, event, answer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter as Tally
 from collections.abc import Iterable
 from typing import Any
@@ -75,12 +76,22 @@ class GatewayMetrics:
             raise
 
     async def flush_forever(self, redis: Redis, interval_s: float = 1.0) -> None:
+        failing_since: float | None = None
+        last_warning = 0.0
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.flush(redis)
-            except Exception as exc:  # Redis down: keep counting, retry next second
-                log.warning("flushing invocation counts failed: %s", exc)
+            except Exception as exc:  # Redis down: keep counting, retry next interval, warn once a minute
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - last_warning >= 60:
+                    log.warning("flushing invocation counts to Redis fails (for %.0f s): %s", now - failing_since, exc)
+                    last_warning = now
+            else:
+                if failing_since is not None:
+                    log.info("invocation counts flushed again after %.0f s", time.monotonic() - failing_since)
+                failing_since = None
 
     async def counts(self, redis: Redis) -> dict[str, int]:
         """Zone-wide counts: Redis plus what this worker has not flushed yet."""

@@ -265,3 +265,33 @@ async def test_openapi_documents_gateway_and_function_paths(gw: tuple[GatewayApp
     assert "Echo" in doc["components"]["schemas"]
     assert "HTTPBasic" in json.dumps(doc["components"]["securitySchemes"])
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_async_lane_and_fallback_to_the_thread_pool(
+    gw: tuple[GatewayApp, httpx.AsyncClient], redis_url: str
+) -> None:
+    app, client = gw
+    assert app.functions["edge-echo"].handle_async is not None
+    redis.Redis.from_url(redis_url).hset("mt:test:gateway-hash", mapping={"a": "1"})
+    sync = await client.get("/function/edge-echo/redis")  # handle_async answers NotImplemented
+    served_async = await client.get("/function/edge-echo/redis-async")
+    assert sync.status_code == served_async.status_code == 200
+    assert sync.json() == served_async.json() == {"hash": {"a": "1"}}
+    assert (await client.get("/function/edge-echo/text-async")).text == "plain text"
+
+
+async def test_handler_pool_delivers_results_and_errors() -> None:
+    import asyncio
+
+    from gateway.pool import HandlerPool
+
+    pool = HandlerPool(3)
+    try:
+        results = await asyncio.gather(*(pool.submit(pow, i, 2) for i in range(200)))
+        assert results == [i * i for i in range(200)]
+        with pytest.raises(ZeroDivisionError):
+            await pool.submit(divmod, 1, 0)
+    finally:
+        pool.shutdown(wait=True)
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit(int)
