@@ -32,6 +32,7 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
+import contextlib
 import functools
 import logging
 import math
@@ -492,11 +493,11 @@ def run_market(market_id: str) -> dict[str, Any]:
         allocations = market.clear(neg.price, final)
         result, trade_records = _outcome(market_id, spec, params, neg, allocations, negotiation_ms)
         store.finish(market_id, result, trade_records, spec["slot_start"])
-    except MeterTwinError as exc:
-        store.move(market_id, "running", "failed", field="error", value=exc.message)
-        raise
     except Exception as exc:
-        store.move(market_id, "running", "failed", field="error", value=f"{type(exc).__name__}: {exc}")
+        why = exc.message if isinstance(exc, MeterTwinError) else f"{type(exc).__name__}: {exc}"
+        # Best effort: the original error is the one to report (Redis may be what failed).
+        with contextlib.suppress(MeterTwinError):
+            store.move(market_id, "running", "failed", field="error", value=why)
         raise
     if spec.get("deliver", True):
         result["delivery"] = _deliver(store, market_id, spec, channels, allocations)
