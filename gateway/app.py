@@ -58,7 +58,7 @@ from gateway.functions import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HandlerPool
-from gateway.stack import FunctionSpec, load_stack
+from gateway.stack import FunctionSpec, StackError, load_stack
 from metertwin import clients
 from metertwin.settings import Settings, get_settings, reset_settings
 
@@ -79,6 +79,10 @@ _UNAUTHORIZED_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
     (b"content-length", str(len(_UNAUTHORIZED_BODY)).encode()),
 ]
+
+
+#: Apps started in this process and not yet shut down (their environments must agree).
+_RUNNING: set[GatewayApp] = set()
 
 
 def new_call_id() -> bytes:
@@ -136,7 +140,9 @@ class GatewayApp:
                 validate_schedule(spec)
         # One process, one environment: apply the zone's (conflict-free) union before any
         # handler is imported, and forget settings/clients built from the old environment.
-        os.environ.update(merged_environment(self.specs))
+        self.environment = merged_environment(self.specs)
+        self._check_environment()
+        os.environ.update(self.environment)
         reset_settings()
         clients.close_all()
         self.settings: Settings = get_settings()
@@ -160,6 +166,15 @@ class GatewayApp:
         if self._basic_password is None:
             log.warning("secret gateway-basic-auth-password is empty: every /system route answers 401")
         self.api = build_api(self)
+
+    def _check_environment(self) -> None:
+        for other in _RUNNING:
+            clash = sorted(k for k, v in self.environment.items() if other.environment.get(k, v) != v)
+            if clash:
+                raise StackError(
+                    f"gateway {self.zone} and gateway {other.zone} run in one process but set {clash} differently; "
+                    "the environment is process-wide: run zones in separate processes (gateway.server.GatewayProcess)"
+                )
 
     # -- ASGI -----------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -330,6 +345,8 @@ class GatewayApp:
         """Open Redis, start the count flush, the async worker and the connectors."""
         if self._started:
             return
+        self._check_environment()
+        _RUNNING.add(self)
         self._started = True
         self.redis = self._new_redis(self.settings.redis_timeout_s)
         self._spawn(self.metrics.flush_forever(self.redis, self.options.flush_interval_s), "flush")
@@ -396,6 +413,7 @@ class GatewayApp:
         self._redis_clients.clear()
         clients.close_all()
         self._started = False
+        _RUNNING.discard(self)
         log.info("gateway %s (%s) stopped: in-flight calls drained, clients closed", self.zone, self.instance)
 
     @contextlib.asynccontextmanager

@@ -117,3 +117,16 @@ def test_cli_exits_2_with_the_error(tmp_path: Path, capsys: pytest.CaptureFixtur
                                  "    annotations: {schedule: 'every minute'}\n")
     assert main(["--stack", str(path), "--zone", "edge", "--port", "1"]) == 2
     assert "functions.edge-a.annotations.schedule: 'every minute' is not a cron expression" in capsys.readouterr().err
+
+
+async def test_two_zones_with_different_environments_cannot_share_a_process(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    from tests.fixtures.gateway_support import gateway_client
+
+    path = write_stack(tmp_path, "  edge-a:\n    lang: python3-http\n    handler: ./fn\n    environment: {K: one}\n"
+                                 "  fog-b:\n    lang: python3-http\n    handler: ./fn\n    environment: {K: two}\n")
+    async with gateway_client("edge", stack=path, background=False):
+        with pytest.raises(StackError, match=r"gateway fog and gateway edge run in one process but set \['K'\]"):
+            async with gateway_client("fog", stack=path, background=False):
+                pass
