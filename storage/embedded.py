@@ -150,6 +150,9 @@ class Mosquitto(_Process):
                 f"max_queued_messages {max_queued_messages}",
                 "max_inflight_messages 1000",
                 "persistence false",
+                # Request/response over MQTT is latency-bound: without this, Nagle's algorithm
+                # and delayed ACKs add ~40 ms to a live read.
+                "set_tcp_nodelay true",
                 "",
             ])
         )
