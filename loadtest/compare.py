@@ -46,7 +46,7 @@ import httpx
 import yaml
 
 from loadtest.topology import Topology, load_topology
-from storage.embedded import Mosquitto, RedisServer, ServiceError, free_port
+from storage.embedded import Mosquitto, MotoS3, RedisServer, ServiceError, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADTEST = Path(__file__).resolve().parent
@@ -56,7 +56,7 @@ LOCUST = str(Path(sys.executable).with_name("locust"))
 CAPABILITY_OF: dict[str, str] = {
     "read": "read", "registry": "read", "write": "write", "forward": "write", "ingest": "ingest",
     "p2p-market": "p2p", "p2p-bid": "p2p", "mdms-query": "mdms-query", "mdms": "mdms-query",
-    "probe": "read",
+    "mdms-ingest": "mdms-query", "mdms-archive": "cold-store", "dr-event": "write", "probe": "read",
 }
 #: Default zone of a function whose capability is unknown, by its original prefix.
 ZONE_CAPABILITY: dict[str, str] = {"edge": "read", "fog": "mdms-query", "cloud": "cold-store"}
@@ -72,7 +72,7 @@ class RunConfig:
     """How big and long the run is; ``quick()`` for tests and smoke runs."""
 
     quick: bool = False
-    scenarios: tuple[str, ...] = ("probe", "twin", "p2p", "ondemand", "ami")
+    scenarios: tuple[str, ...] = ("probe", "twin", "p2p", "ondemand", "ami", "node")
     users: int = 10
     requests_per_case: int = 400
     case_time_s: float = 30.0
@@ -87,18 +87,36 @@ class RunConfig:
     p2p_iterations: int = 100
     p2p_negotiations: int = 10
     meter_timeout_s: float = 5.0
+    node_users: int = 16
+    node_requests: int = 6000
+    node_time_s: float = 15.0
     max_run_s: float = 3600.0
 
     @classmethod
     def quick_run(cls, scenarios: tuple[str, ...] | None = None) -> RunConfig:
         return cls(
-            quick=True, scenarios=scenarios or cls.scenarios, users=4, requests_per_case=40, case_time_s=8.0,
+            quick=True, scenarios=scenarios or cls.scenarios, users=4, requests_per_case=30, case_time_s=6.0,
             meters=4, households=40, ami_steps=(8000, 14000, 20000), ami_scale=0.02, step_s=4.0,
-            p2p_iterations=10, p2p_negotiations=3, meter_timeout_s=4.0, max_run_s=600.0,
+            p2p_iterations=10, p2p_negotiations=2, meter_timeout_s=4.0, node_users=8, node_requests=600,
+            node_time_s=5.0, max_run_s=600.0,
         )
 
 
 # --------------------------------------------------------------------------- wiring
+_handed_out: set[int] = set()
+
+
+def unique_port() -> int:
+    """A free loopback port not handed out before by this process (ports are bound later, in other
+    processes, so two calls to ``free_port`` alone could return the same one)."""
+    for _ in range(1000):
+        port = free_port()
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise CompareError("no unused loopback port found")
+
+
 @dataclass
 class Wiring:
     """Proxy routes for one topology: every path becomes a chain of hops, one listening port each."""
@@ -118,7 +136,7 @@ class Wiring:
         hops = list(itertools.pairwise(path))
         for src, dst in reversed(hops):
             link = self.topo.link(src, dst)
-            listen = free_port()
+            listen = unique_port()
             self.routes.append({
                 "name": f"{service}:{'>'.join(path)}:{src}->{dst}", "link": link.name, "src": src, "dst": dst,
                 "listen_port": listen, "target_host": "127.0.0.1", "target_port": port,
@@ -222,10 +240,12 @@ def start_arch(topo: Topology, cfg: RunConfig, workdir: Path) -> Iterator[Arch]:
 
         p = topo.placement
         functions = _stack_functions()
+        # The cold tier (S3) only when an MDMS function takes part.
+        s3 = stack.enter_context(MotoS3()) if any(b.startswith("mdms") for b in functions) else None
         by_zone: dict[str, list[str]] = {}
         for base, fn in functions.items():
             by_zone.setdefault(_zone_of_function(topo, base, fn["origin"]), []).append(base)
-        gw_ports = {zone: free_port() for zone in by_zone}
+        gw_ports = {zone: unique_port() for zone in by_zone}
 
         wiring = Wiring(topo)
         zone_env: dict[str, dict[str, str]] = {}
@@ -236,6 +256,13 @@ def start_arch(topo: Topology, cfg: RunConfig, workdir: Path) -> Iterator[Arch]:
                 "ZONE": zone, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "MQTT_HOST": "127.0.0.1",
                 "MQTT_PORT": str(mqtt_port), "MQTT_USERNAME": mosq.service_user,
             }
+            if s3 is not None:
+                s3_port = wiring.entry(topo.path(zone, "cold-store"), "s3", s3.port)
+                zone_env[zone]["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_port}"
+                zone_env[zone]["MDMS_DATA_ZONE"] = p.hot_store
+                # The registry function does not write the MDMS registry entry (keys.registry_entry):
+                # without this, the MDMS would refuse the seeded readings of twins it was not told about.
+                zone_env[zone]["MDMS_REQUIRE_REGISTERED_METER"] = "false"
         app_urls: dict[str, str] = {}
         for cap in ("read", "write", "mdms-query", "p2p", "ingest"):
             zone = p.zone_of(cap)
@@ -325,6 +352,7 @@ def _provision(arch: Arch, cfg: RunConfig, meter_port: int, stack: contextlib.Ex
         arch.ami_meters = [m for m in ami_ids if m in credentials]
         # Every twin starts with a cached reading, so cache hits are hits from the first request.
         _seed_readings(arch, client, [m for m in live_ids + ami_ids if m in credentials])
+        _seed_mdms(arch, client, arch.ami_meters)
     fleet = _start_meters(arch, {m: credentials[m] for m in live_ids if m in credentials}, meter_port)
     if fleet is not None:
         stack.callback(fleet)
@@ -345,6 +373,31 @@ def _seed_readings(arch: Arch, client: httpx.Client, meter_ids: list[str]) -> No
         r = client.post(url, json=body, headers={**headers, "X-Topic": f"meters/{meter}/up/reading"})
         if r.status_code >= 300:
             raise CompareError(f"seeding reading of {meter} answered {r.status_code}: {r.text[:300]}")
+
+
+#: Seed 001: two readings per device and day; the billing queries cover this window.
+MDMS_WINDOW_S = 86_400.0
+
+
+def _seed_mdms(arch: Arch, client: httpx.Client, meter_ids: list[str]) -> None:
+    """Interval data for the billing queries: two readings a day per device (seed 001), via mdms-ingest."""
+    if "mdms-ingest" not in arch.function_names or not meter_ids:
+        return
+    zone = arch.topo.placement.zone_of(CAPABILITY_OF["mdms-ingest"])
+    url = f"{arch.direct_urls[zone]}/function/{arch.function_names['mdms-ingest']}/readings/batch"
+    now = time.time()
+    t0, t1 = now - MDMS_WINDOW_S * 0.75, now - MDMS_WINDOW_S * 0.25
+    readings = []
+    for i, m in enumerate(meter_ids):
+        readings.append({"meter_id": m, "seq": 1, "ts": round(t0), "import": 1000.0 + i, "power": 500.0})
+        readings.append({"meter_id": m, "seq": 2, "ts": round(t1), "import": 1006.0 + i, "power": 500.0})
+    headers = {"Authorization": f"Bearer {arch.token('mdms')}"}
+    for start in range(0, len(readings), 2000):
+        r = client.post(url, json={"source": "loadtest", "units": {}, "readings": readings[start:start + 2000]},
+                        headers=headers)
+        if r.status_code >= 300 or r.json().get("rejected"):
+            arch.notes.append(f"MDMS seeding: mdms-ingest answered {r.status_code}: {r.text[:300]}")
+            return
 
 
 def _start_meters(arch: Arch, creds: dict[str, str], port: int) -> Callable[[], None] | None:
@@ -628,10 +681,11 @@ def scenario_ami(arch: Arch, cfg: RunConfig) -> ScenarioResult:
     }
     mdms = arch.fn_url("mdms-query")
     if mdms:
+        now = time.time()
         conf["mdms_url"] = mdms
-        conf["billing_path"] = "/meters/{meter}/billing"
+        conf["billing_path"] = f"/meters/{{meter}}/billing?from={now - MDMS_WINDOW_S:.0f}&to={now:.0f}"
     else:
-        arch.notes.append("billing queries not available: no mdms-query function in stack.yml (AMI runs reads only)")
+        arch.notes.append("billing queries not available: no mdms-query function (AMI runs reads only)")
     entries, traffic = run_locust(arch, "ami", "locustfile.py", "AmiUser", conf, users=0,
                                   run_time_s=cfg.step_s * len(steps) + 10)
     rows = rows_from_locust(entries, arch.topo.name, "ami", bytes_by_link=traffic)
@@ -640,7 +694,30 @@ def scenario_ami(arch: Arch, cfg: RunConfig) -> ScenarioResult:
     return res
 
 
+def scenario_node(arch: Arch, cfg: RunConfig) -> ScenarioResult:
+    """Throughput of one node: cached reads sent straight to the read zone's gateway (no emulated link),
+    as fast as it answers. The capacity planner takes the best of these as the per-node throughput."""
+    res = ScenarioResult("node")
+    if "read" not in arch.function_names or not arch.ami_meters:
+        res.unavailable = "not available: read/registry/ingest functions needed"
+        return res
+    zone = arch.topo.placement.read
+    direct = f"{arch.direct_urls[zone]}/function/{arch.function_names['read']}"
+    conf: dict[str, Any] = {
+        "scenario": "twin", "case": "t5", "read_url": direct,
+        "headers": _headers(arch, "utility"), "meters": arch.ami_meters, "max_requests": cfg.node_requests,
+        "timeout_s": 10,
+    }
+    entries, traffic = run_locust(arch, "node", "locustfile.py", "TwinUser", conf, users=cfg.node_users,
+                                  run_time_s=cfg.node_time_s)
+    res.rows = rows_from_locust(entries, arch.topo.name, "node", bytes_by_link=traffic)
+    for r in res.rows:
+        r.case = f"cached read @{zone} gateway"
+    return res
+
+
 SCENARIOS: dict[str, Callable[[Arch, RunConfig], ScenarioResult]] = {
+    "node": scenario_node,
     "probe": scenario_probe, "twin": scenario_twin, "p2p": scenario_p2p, "ondemand": scenario_ondemand,
     "ami": scenario_ami,
 }
@@ -667,7 +744,7 @@ def run_compare(topologies: list[Topology], cfg: RunConfig, out_dir: Path) -> Pa
         for topo in topologies:
             t0 = time.monotonic()
             scen: dict[str, ScenarioResult] = {}
-            with start_arch(topo, cfg, work_root / topo.name) as arch:
+            with _started_arch(topo, cfg, work_root / topo.name) as arch:
                 for name in cfg.scenarios:
                     if time.monotonic() > deadline:
                         budget = f"not run: the {cfg.max_run_s:.0f} s budget ran out"
@@ -684,6 +761,29 @@ def run_compare(topologies: list[Topology], cfg: RunConfig, out_dir: Path) -> Pa
         return report.write_report(results, cfg, out_dir)
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _started_arch(topo: Topology, cfg: RunConfig, workdir: Path, attempts: int = 3) -> Iterator[Arch]:
+    """:func:`start_arch`, retried: free ports are picked then bound, and other programs on the
+    machine can take one in between (then a service exits before listening)."""
+    for attempt in range(1, attempts + 1):
+        cm = start_arch(topo, cfg, workdir / f"try{attempt}")
+        try:
+            arch = cm.__enter__()
+        except (ServiceError, CompareError, OSError) as exc:
+            if attempt == attempts:
+                raise
+            print(f"[compare] {topo.name}: start failed ({exc}); retrying", flush=True)
+            continue
+        try:
+            yield arch
+        except BaseException:
+            if not cm.__exit__(*sys.exc_info()):
+                raise
+        else:
+            cm.__exit__(None, None, None)
+        return
 
 
 def _keep_logs(src: Path, dst: Path) -> None:

@@ -81,7 +81,10 @@ async def test_jitter_stays_in_bounds_and_keeps_order(echo_port: int) -> None:
         writer.close()
         rtts = await _rtts(proxy.port("r"), 15, b"y" * 10)
     assert got == sent
-    assert all(0.009 <= r <= 0.045 for r in rtts), rtts  # 2 x (10 +- 5) ms, plus loop overhead
+    # A new connection first waits one round trip (the handshake over the link): 20 ms + 2 x (10 +- 5).
+    assert rtts[0] >= 0.029, rtts
+    # Then 2 x (10 +- 5) ms per exchange, plus event-loop overhead on a busy machine.
+    assert all(0.009 <= r <= 0.045 for r in rtts[1:]), rtts
 
 
 async def test_counts_bytes_exactly_per_link_and_direction(echo_port: int) -> None:
