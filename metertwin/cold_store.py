@@ -37,16 +37,20 @@ from metertwin.intervals import Row, checksum, iso_day
 from metertwin.mdms_settings import get_mdms_settings
 from metertwin.settings import get_settings
 
+#: Float columns are stored as fixed-point integers (delta-encoded: cumulative registers and
+#: slowly changing values pack into a few bits) with a per-object decimal scale, chosen as the
+#: smallest power of ten at which almost every value round-trips exactly. A value that does not
+#: (an interpolated estimate, say) is kept bit-exact in the ``<name>_raw`` float column instead.
+FLOAT_COLUMNS = ("import_kwh", "export_kwh", "power_w", "voltage_v")
+SCALES: tuple[int, ...] = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 SCHEMA = pa.schema([
     pa.field("meter_id", pa.string(), nullable=False),
     pa.field("ts_ms", pa.int64(), nullable=False),
     pa.field("seq", pa.int64()),
-    pa.field("import_kwh", pa.float64(), nullable=False),
-    pa.field("export_kwh", pa.float64(), nullable=False),
-    pa.field("power_w", pa.float64()),
-    pa.field("voltage_v", pa.float64()),
+    *[f for c in FLOAT_COLUMNS for f in (pa.field(f"{c}_fx", pa.int64()), pa.field(f"{c}_raw", pa.float64()))],
     pa.field("quality", pa.string(), nullable=False),
 ])
+SCALES_KEY = b"metertwin.mdms.scales"
 
 
 class ColdVerifyError(MeterTwinError):
@@ -82,44 +86,72 @@ def manifest_key(p: Partition) -> str:
 
 
 # --- encoding -----------------------------------------------------------------------------------
+def _exact(v: float, scale: int) -> bool:
+    return abs(v * scale) < 9e15 and round(v * scale) / scale == v
+
+
+def _scale_for(values: list[float]) -> int:
+    if not values:
+        return 1
+    need = len(values) * 0.95
+    for scale in SCALES:
+        if sum(1 for v in values if _exact(v, scale)) >= need:
+            return scale
+    return SCALES[-1]
+
+
 def encode(rows: Iterable[tuple[str, Row]]) -> bytes:
     """Parquet bytes of ``(meter_id, row)`` sorted by (meter, ts): zstd, dictionary-encoded meter and
-    quality, delta-encoded timestamps and sequence numbers, byte-stream-split floats."""
+    quality, delta-encoded timestamps, sequence numbers and fixed-point values (see ``FLOAT_COLUMNS``)."""
     ordered = sorted(rows, key=lambda mr: (mr[0], mr[1].ts_ms))
-    table = pa.table({
-        "meter_id": [m for m, _ in ordered],
-        "ts_ms": [r.ts_ms for _, r in ordered],
-        "seq": [r.seq for _, r in ordered],
-        "import_kwh": [r.import_kwh for _, r in ordered],
-        "export_kwh": [r.export_kwh for _, r in ordered],
-        "power_w": [r.power_w for _, r in ordered],
-        "voltage_v": [r.voltage_v for _, r in ordered],
-        "quality": [r.quality for _, r in ordered],
-    }, schema=SCHEMA)
+    cols: dict[str, list[Any]] = {
+        "meter_id": [m for m, _ in ordered], "ts_ms": [r.ts_ms for _, r in ordered],
+        "seq": [r.seq for _, r in ordered], "quality": [r.quality for _, r in ordered],
+    }
+    scales: dict[str, int] = {}
+    for c in FLOAT_COLUMNS:
+        values: list[float | None] = [getattr(r, c) for _, r in ordered]
+        scale = scales[c] = _scale_for([v for v in values if v is not None])
+        cols[f"{c}_fx"] = [round(v * scale) if v is not None and _exact(v, scale) else None for v in values]
+        cols[f"{c}_raw"] = [v if v is not None and not _exact(v, scale) else None for v in values]
+    table = pa.table(cols, schema=SCHEMA).replace_schema_metadata({SCALES_KEY: json.dumps(scales).encode()})
     sink = io.BytesIO()
     pq.write_table(
         table, sink, compression="zstd", compression_level=9,
         use_dictionary=["meter_id", "quality"],
         column_encoding={
             "ts_ms": "DELTA_BINARY_PACKED", "seq": "DELTA_BINARY_PACKED",
-            "import_kwh": "BYTE_STREAM_SPLIT", "export_kwh": "BYTE_STREAM_SPLIT",
-            "power_w": "BYTE_STREAM_SPLIT", "voltage_v": "BYTE_STREAM_SPLIT",
+            **{f"{c}_fx": "DELTA_BINARY_PACKED" for c in FLOAT_COLUMNS},
+            **{f"{c}_raw": "BYTE_STREAM_SPLIT" for c in FLOAT_COLUMNS},
         },
-        row_group_size=100_000, write_statistics=True,
+        row_group_size=ROW_GROUP_ROWS, write_statistics=["meter_id", "ts_ms"],
     )
     return sink.getvalue()
 
 
+#: Rows per Parquet row group; statistics on meter_id let a reader skip the groups of other meters.
+ROW_GROUP_ROWS = 50_000
+
+
 def decode(data: bytes, meter_ids: set[str] | None = None) -> list[tuple[str, Row]]:
     filters = [("meter_id", "in", sorted(meter_ids))] if meter_ids else None
+    pf = pq.ParquetFile(io.BytesIO(data))
+    meta = pf.metadata.metadata or {}
+    scales: dict[str, int] = json.loads(meta.get(SCALES_KEY, b"{}"))
     table = pq.read_table(io.BytesIO(data), filters=filters)
     cols = table.to_pydict()
+    n = table.num_rows
+
+    def floats(c: str) -> list[float | None]:
+        fx, raw, scale = cols[f"{c}_fx"], cols[f"{c}_raw"], scales.get(c, 1)
+        return [fx[i] / scale if fx[i] is not None else raw[i] for i in range(n)]
+
+    imp, exp, pw, volt = (floats(c) for c in FLOAT_COLUMNS)
     out = []
-    for i in range(table.num_rows):
+    for i in range(n):
         out.append((cols["meter_id"][i], Row(
-            ts_ms=int(cols["ts_ms"][i]), seq=cols["seq"][i], import_kwh=float(cols["import_kwh"][i]),
-            export_kwh=float(cols["export_kwh"][i]), power_w=cols["power_w"][i], voltage_v=cols["voltage_v"][i],
-            quality=cols["quality"][i],
+            ts_ms=int(cols["ts_ms"][i]), seq=cols["seq"][i], import_kwh=float(imp[i] or 0.0),
+            export_kwh=float(exp[i] or 0.0), power_w=pw[i], voltage_v=volt[i], quality=cols["quality"][i],
         )))
     return out
 

@@ -74,7 +74,7 @@ class MdmsSettings(BaseSettings):
     archive_max_meter_days: int = Field(default=50_000, ge=1, validation_alias=_env("ARCHIVE_MAX_METER_DAYS"))
 
     # Cold tier.
-    meter_buckets: int = Field(default=64, ge=1, le=4096, validation_alias=_env("METER_BUCKETS"))
+    meter_buckets: int = Field(default=16, ge=1, le=4096, validation_alias=_env("METER_BUCKETS"))
     s3_timeout_s: float = Field(default=5.0, gt=0, validation_alias=_env("S3_TIMEOUT_S"))
     s3_max_attempts: int = Field(default=2, ge=1, validation_alias=_env("S3_MAX_ATTEMPTS"))
 

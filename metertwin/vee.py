@@ -159,7 +159,10 @@ def ingest(candidates: Sequence[Candidate], *, now_s: float | None = None, dead_
             verdicts[i] = Verdict("rejected", c.meter_id, rule=rej.rule, reason=rej.reason)
             continue
         todo.append((i, c.meter_id, row))
-    outcomes = hot_store.ingest_many([(m, r) for _, m, r in todo], now_s=now)
+    if len(todo) == 1:  # the MQTT path: one EVALSHA, one round trip
+        outcomes = [hot_store.ingest_one(todo[0][1], todo[0][2], now_s=now)]
+    else:
+        outcomes = hot_store.ingest_many([(m, r) for _, m, r in todo], now_s=now)
     for (i, meter_id, row), out in zip(todo, outcomes, strict=True):
         verdicts[i] = _verdict(meter_id, row, out)
     final = [v for v in verdicts if v is not None]
