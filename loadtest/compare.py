@@ -331,6 +331,8 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 def _provision(arch: Arch, cfg: RunConfig, meter_port: int, stack: contextlib.ExitStack) -> None:
     """Create twins (registry), start simulated meters for them, seed the AMI twins' readings."""
+    if not set(cfg.scenarios) - {"probe"}:
+        return  # the synthetic probe needs no twins
     if "registry" not in arch.function_names:
         arch.notes.append("no registry function in stack.yml: twins not provisioned")
         return
@@ -573,7 +575,8 @@ def _direct_case(arch: Arch, cfg: RunConfig, case: str, scenario: str, *, divide
             "username": mosq.service_user, "password": mosq.service_password, "meters": arch.meters,
             "max_requests": requests or cfg.requests_per_case, "meter_timeout_s": cfg.meter_timeout_s,
             "iterations": cfg.p2p_iterations}
-    users = 1 if case == "t2'" else min(cfg.users, max(1, len(arch.meters)))
+    # t2': negotiations run side by side (each between two meters), like the markets of t2 one after another.
+    users = min(4, cfg.p2p_negotiations) if case == "t2'" else min(cfg.users, max(1, len(arch.meters)))
     run_time = cfg.case_time_s * (4 if case == "t2'" else 1)
     entries, traffic = run_locust(arch, f"{scenario}-{case}", "locustfile_mqtt.py", "DirectMeterUser", conf,
                                   users=users, run_time_s=run_time)
