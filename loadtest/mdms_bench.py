@@ -22,13 +22,16 @@ Targets (issue 3): ingest >= 0.5 x the raw pipe with zero loss; Parquet >= 10 x 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import random
 import statistics
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,14 +213,63 @@ def time_query(gw_url: str, token: str, meter: str, lo: float, hi: float, repeat
             tiers = {row["tier"] for row in body["rows"]}
     times.sort()
     return {"rows": count, "tiers": sorted(tiers), "p50_ms": statistics.median(times) * 1000,
-            "p95_ms": times[max(0, int(len(times) * 0.95) - 1)] * 1000}
+            "p95_ms": times[min(len(times) - 1, math.ceil(len(times) * 0.95) - 1)] * 1000}
+
+
+@dataclass
+class _Event:
+    """The python3-http event, as the gateway builds it."""
+
+    body: bytes
+    headers: Any
+    method: str
+    query: Any
+    path: str
+
+
+def function_only(messages: list[tuple[str, bytes]], key: str, concurrency: int = 16) -> dict[str, Any]:
+    """The ingest function's own capacity: its async lane awaited in this process, ``concurrency`` at a
+    time, without MQTT (what the connector adds on top is the difference to the ``ingest`` figure)."""
+    import asyncio
+
+    from starlette.datastructures import Headers, QueryParams
+
+    from metertwin import hot_store
+
+    spec = importlib.util.spec_from_file_location("_bench_mdms_ingest", ROOT / "functions/mdms-ingest/handler.py")
+    assert spec is not None
+    assert spec.loader is not None
+    handler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(handler)
+    auth = f"Bearer {issue_token('bench-connector', {'service'}, key=key)}"
+    events = [_Event(body, Headers({"Authorization": auth, "X-Topic": f"meters/{m}/up/reading"}), "POST",
+                     QueryParams({}), "/") for m, body in messages]
+
+    async def run() -> tuple[float, int]:
+        sem = asyncio.Semaphore(concurrency)
+        ok = 0
+
+        async def one(event: _Event) -> None:
+            nonlocal ok
+            async with sem:
+                answer = await handler.handle_async(event, None)
+                ok += answer["statusCode"] == 200 and answer["body"]["status"] == "accepted"
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(e) for e in events))
+        elapsed = time.perf_counter() - t0
+        await hot_store.get_hot_redis_async().aclose()
+        return elapsed, ok
+
+    elapsed, ok = asyncio.run(run())
+    return {"readings": len(events), "accepted": ok, "seconds": elapsed, "per_s": ok / elapsed}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.mdms_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--meters", type=int, default=200, help="simulated meters publishing readings")
     ap.add_argument("--readings", type=int, default=50, help="readings per meter")
-    ap.add_argument("--archive-meters", type=int, default=300)
+    ap.add_argument("--archive-meters", type=int, default=1000)
     ap.add_argument("--archive-days", type=int, default=2)
     ap.add_argument("--query-repeats", type=int, default=20)
     ap.add_argument("--gateway-workers", type=int, default=1, help="gateway worker processes (shared subscription)")
@@ -262,29 +314,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ingest: {len(messages)} readings through Mosquitto and the ingest function ...", flush=True)
             figures["ingest"] = ingest_pipe(broker, rs.url, messages, meters)
             figures["ingest"]["ratio_to_raw"] = figures["ingest"]["per_s"] / figures["raw_pipe"]["per_s"]
+            print("ingest function alone (async lane, 16 at a time, no MQTT) ...", flush=True)
+            solo = [f"solo-{i:05d}" for i in range(args.meters)]
+            pipe = r.pipeline(transaction=False)
+            for m in solo:
+                pipe.hset(keys.registry_entry(m), mapping={"zone": "edge-1"})
+            pipe.execute()
+            figures["function_only"] = function_only(_payloads(solo, args.readings, now - args.readings * 60 - 60),
+                                                     key)
 
-            print(f"archive: {args.archive_meters} meters x {args.archive_days} days, plus one meter-month ...",
+            print(f"archive: {args.archive_meters} meters x {args.archive_days} days; then one meter-month ...",
                   flush=True)
             arch_meters = [f"arch-{i:05d}" for i in range(args.archive_meters)]
-            month_meter = "month-00001"
+            # The archive days lie after the meter-month, so the archive run moves only the fleet's days.
             rows, json_bytes = load_hot(arch_meters, list(range(3, 3 + args.archive_days)), now)
-            m_rows, m_json = load_hot([month_meter], list(range(3, 33)), now)
-            token = issue_token("bench", {"mdms"}, key=key)
-            today = int(now) // DAY_S * DAY_S
-            lo, hi = float(today - 32 * DAY_S), float(today - 2 * DAY_S - 1)
-            time_query(gw.url, token, month_meter, lo, hi, 2)  # warm-up
-            figures["query_hot"] = time_query(gw.url, token, month_meter, lo, hi, args.query_repeats)
             report = tiering.archive(now)
             assert report["status"] == "ok", report
             data = cold_store.list_keys(f"{get_mdms_settings().cold_prefix}/data/")
             parquet_bytes = sum(size for _k, size in data)
             figures["archive"] = {
-                "rows": report["rows_archived"], "expected_rows": rows + m_rows, "seconds": report["seconds"],
+                "rows": report["rows_archived"], "expected_rows": rows, "seconds": report["seconds"],
                 "per_s": report["rows_archived"] / report["seconds"], "objects": len(data),
-                "parquet_bytes": parquet_bytes, "json_bytes": json_bytes + m_json,
-                "ratio_json_to_parquet": (json_bytes + m_json) / max(parquet_bytes, 1),
-                "hot_rows_left": sum(int(r.zcard(keys.mdms_intervals(m))) for m in [*arch_meters, month_meter]),
+                "meter_buckets": get_mdms_settings().meter_buckets,
+                "parquet_bytes": parquet_bytes, "json_bytes": json_bytes,
+                "ratio_json_to_parquet": json_bytes / max(parquet_bytes, 1),
+                "hot_rows_left": sum(int(r.zcard(keys.mdms_intervals(m))) for m in arch_meters),
             }
+            month_meter = "month-00001"
+            load_hot([month_meter], list(range(3 + args.archive_days, 33 + args.archive_days)), now)
+            token = issue_token("bench", {"mdms"}, key=key)
+            today = int(now) // DAY_S * DAY_S
+            lo = float(today - (32 + args.archive_days) * DAY_S)
+            hi = float(today - (2 + args.archive_days) * DAY_S - 1)
+            time_query(gw.url, token, month_meter, lo, hi, 2)  # warm-up
+            figures["query_hot"] = time_query(gw.url, token, month_meter, lo, hi, args.query_repeats)
+            assert tiering.archive(now)["status"] == "ok"
             figures["query_cold"] = time_query(gw.url, token, month_meter, lo, hi, args.query_repeats)
     _print(figures)
     if args.json:
@@ -325,8 +389,11 @@ def _print(f: dict[str, Any]) -> None:
     print(f"  ingest (VEE+Redis) {ing['per_s']:>10,.0f} readings/s   = {ing['ratio_to_raw']:.2f} x raw; "
           f"published {ing['published']}, accepted {ing['accepted']}, lost {ing['lost']}, "
           f"dead letters {ing['dead_letters']}, redeliveries {ing['duplicates']}")
+    solo = f["function_only"]
+    print(f"  function alone     {solo['per_s']:>10,.0f} readings/s   (ingest handler's async lane in process, "
+          f"no MQTT; {solo['accepted']}/{solo['readings']} accepted)")
     print(f"  archive            {arc['per_s']:>10,.0f} readings/s   ({arc['rows']} rows in {arc['seconds']:.2f} s, "
-          f"{arc['objects']} objects, hot rows left {arc['hot_rows_left']})")
+          f"{arc['objects']} objects ({arc['meter_buckets']} buckets/day), hot rows left {arc['hot_rows_left']})")
     print(f"  size on S3         {arc['parquet_bytes']:>10,} bytes Parquet vs {arc['json_bytes']:,} bytes JSON "
           f"= {arc['ratio_json_to_parquet']:.1f} x smaller")
     print(f"  query meter-month  hot  p50 {qh['p50_ms']:.1f} ms  p95 {qh['p95_ms']:.1f} ms  ({qh['rows']} rows, "

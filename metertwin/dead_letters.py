@@ -51,25 +51,49 @@ def _entry(entry_id: str, f: dict[str, str]) -> DeadLetter:
     )
 
 
+def _fields(
+    *, meter_id: str, source: str, payload: bytes | str, rule: str, reason: str, topic: str, attempts: int
+) -> dict[str, str]:
+    limit = get_mdms_settings().max_reading_bytes
+    text = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else payload
+    return {
+        "meter_id": meter_id, "source": source, "topic": topic, "payload": text[:limit],
+        "truncated": "1" if len(text) > limit else "0", "rule": rule, "reason": reason[:1000],
+        "received_at": repr(time.time()), "attempts": str(attempts),
+    }
+
+
 def add(
     *, meter_id: str, source: str, payload: bytes | str, rule: str, reason: str, topic: str = "", attempts: int = 1,
     pipe: redis.client.Pipeline | None = None,
 ) -> str | None:
     """Store a rejected reading; returns its id (``None`` when queued on ``pipe``)."""
     s = get_mdms_settings()
-    text = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else payload
-    truncated = len(text) > s.max_reading_bytes
-    fields = {
-        "meter_id": meter_id, "source": source, "topic": topic, "payload": text[: s.max_reading_bytes],
-        "truncated": "1" if truncated else "0", "rule": rule, "reason": reason[:1000],
-        "received_at": repr(time.time()), "attempts": str(attempts),
-    }
+    fields = _fields(meter_id=meter_id, source=source, payload=payload, rule=rule, reason=reason, topic=topic,
+                     attempts=attempts)
     try:
         target = pipe if pipe is not None else get_hot_redis()
         entry_id = target.xadd(keys.MDMS_DEAD_LETTERS, fields, maxlen=s.dead_letter_max, approximate=True)  # type: ignore[arg-type]
     except redis.RedisError as exc:
         raise BackendUnavailable(f"dead-letter store (Redis) failed: {exc}") from exc
     return None if pipe is not None else str(entry_id)
+
+
+async def add_async(*, meter_id: str, source: str, payload: bytes | str, rule: str, reason: str,
+                    topic: str = "") -> str:
+    """:func:`add` on the running event loop (the gateway's async lane)."""
+    from metertwin.hot_store import get_hot_redis_async
+
+    s = get_mdms_settings()
+    fields = _fields(meter_id=meter_id, source=source, payload=payload, rule=rule, reason=reason, topic=topic,
+                     attempts=1)
+    try:
+        entry_id = await get_hot_redis_async().xadd(
+            keys.MDMS_DEAD_LETTERS, fields, maxlen=s.dead_letter_max, approximate=True  # type: ignore[arg-type]
+        )
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"dead-letter store (Redis) failed: {exc}") from exc
+    return str(entry_id)
 
 
 def get(entry_id: str) -> DeadLetter:

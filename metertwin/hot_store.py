@@ -7,13 +7,16 @@ QoS1 redelivery is counted once. Key layout: ``metertwin/keys.py`` (``--- mdms -
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
+import redis.asyncio as aioredis
 
 from metertwin import keys
 from metertwin.errors import BackendUnavailable
@@ -43,6 +46,43 @@ def reset_hot_redis() -> None:
     """Close and forget the hot-tier clients (tests, process shutdown)."""
     _client.cache_clear()
     _scripts.cache_clear()
+    _async.clear()
+
+
+#: Per event loop: an asyncio client and its ingest script (the gateway's async lane).
+_async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[aioredis.Redis, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _async_ingest() -> tuple[aioredis.Redis, Any]:
+    loop = asyncio.get_running_loop()
+    found = _async.get(loop)
+    if found is None:
+        timeout = get_settings().redis_timeout_s
+        client = aioredis.Redis.from_url(
+            get_mdms_settings().redis_url(), decode_responses=True, socket_timeout=timeout,
+            socket_connect_timeout=timeout, health_check_interval=30, retry_on_timeout=False,
+        )
+        found = _async[loop] = (client, client.register_script(_INGEST))
+    return found
+
+
+def get_hot_redis_async() -> aioredis.Redis:
+    """The hot tier's asyncio client of the running event loop."""
+    return _async_ingest()[0]
+
+
+async def ingest_one_async(meter_id: str, row: Row, now_s: float | None = None) -> IngestOutcome:
+    """:func:`ingest_one` without blocking the event loop (same script, same keys)."""
+    s = get_mdms_settings()
+    ks, argv = ingest_args(meter_id, row, time.time() if now_s is None else now_s, s)
+    script = _async_ingest()[1]
+    try:
+        raw = await script(keys=ks, args=argv)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"hot store (Redis) failed during ingest: {exc}") from exc
+    return outcome_of(raw)
 
 
 # Shared Lua: parse a member, find the nearest non-estimated neighbours, fill gaps.

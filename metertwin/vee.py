@@ -171,6 +171,28 @@ def ingest(candidates: Sequence[Candidate], *, now_s: float | None = None, dead_
     return final
 
 
+async def ingest_one_async(meter_id: str, payload: bytes, *, source: str, topic: str = "") -> Verdict:
+    """:func:`ingest` of one reading on the running event loop (the MQTT path's async lane)."""
+    s = get_mdms_settings()
+    now = time.time()
+    try:
+        if not METER_ID_RE.match(meter_id):
+            raise Rejection("schema", f"meter id {meter_id!r} is not valid")
+        row = check_reading(parse_reading(payload), now, s)
+    except Rejection as rej:
+        verdict = Verdict("rejected", meter_id, rule=rej.rule, reason=rej.reason)
+    else:
+        verdict = _verdict(meter_id, row, await hot_store.ingest_one_async(meter_id, row, now_s=now))
+    if verdict.status != "rejected":
+        return verdict
+    entry = await dead_letters.add_async(
+        meter_id=meter_id if METER_ID_RE.match(meter_id) else "", source=source, payload=payload,
+        rule=verdict.rule or "unknown", reason=verdict.reason or "", topic=topic,
+    )
+    return Verdict("rejected", meter_id, verdict.seq, verdict.ts_ms, rule=verdict.rule, reason=verdict.reason,
+                   dead_letter_id=entry)
+
+
 def _dead_letter(candidates: Sequence[Candidate], verdicts: list[Verdict]) -> list[Verdict]:
     out = []
     for c, v in zip(candidates, verdicts, strict=True):

@@ -369,3 +369,38 @@ def test_upload_helper_round_trip(meter_id: str) -> None:
     t = day_start(2)
     body = upload([reading(i, t + i * INTERVAL_S, 1.0 + i) for i in range(4)], meter_id)
     assert body["accepted"] == 4
+
+
+async def test_async_lane_of_the_mqtt_path_means_what_handle_means(meter_id: str) -> None:
+    from starlette.datastructures import Headers, QueryParams
+
+    from metertwin import hot_store
+    from tests.invoke import Context, Event
+
+    register(meter_id)
+    h = ingest_handler()
+
+    def event(payload: dict[str, Any] | bytes, *, path: str = "/", tok: str | None = None) -> Event:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return Event(body, Headers({"Authorization": f"Bearer {tok or token('service')}",
+                                    "X-Topic": f"meters/{meter_id}/up/reading"}), "POST", QueryParams({}), path)
+
+    try:
+        t = time.time() - 60
+        first = await h.handle_async(event(reading(1, t, 2.0)), Context())
+        again = await h.handle_async(event(reading(1, t, 2.0)), Context())
+        assert (first["statusCode"], first["body"]["status"]) == (200, "accepted")
+        assert again["body"]["status"] == "duplicate"
+        bad = await h.handle_async(event(reading(2, t + 60, 1.0)), Context())
+        assert bad["statusCode"] == 400
+        assert bad["body"]["details"]["rule"] == "register_backwards"
+        assert bad["body"]["details"]["dead_letter_id"]
+        junk = await h.handle_async(event(b"{"), Context())
+        assert junk["body"]["details"]["rule"] == "json"
+        assert (await h.handle_async(event(reading(3, t, 3.0), tok=token("mdms")), Context()))["statusCode"] == 403
+        assert await h.handle_async(event({}, path="/readings/batch"), Context()) is NotImplemented
+        assert [d["rule"] for d in _dead_letters(meter_id)] == ["json", "register_backwards"]
+        assert _counters(meter_id)["accepted"] == 1
+        assert _counters(meter_id)["duplicates"] == 1
+    finally:
+        await hot_store.get_hot_redis_async().aclose()

@@ -26,26 +26,39 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import dead_letters, topics, vee
-from metertwin.errors import InvalidInput, PayloadTooLarge
-from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, validate_meter_id
+from metertwin import auth, dead_letters, topics, vee
+from metertwin.errors import InvalidInput, MeterTwinError, PayloadTooLarge
+from metertwin.http import (
+    Context,
+    Event,
+    Request,
+    Response,
+    Router,
+    error_response,
+    json_response,
+    parse_json,
+    validate_meter_id,
+)
 from metertwin.mdms_settings import get_mdms_settings
 
 router = Router()
 
 
-@router.post("/", scopes={"service"})
-def on_message(req: Request) -> Response:
-    """One reading from MQTT (``X-Topic`` names the meter)."""
-    topic = req.header("X-Topic") or ""
+MQTT_SCOPES = frozenset({"service"})
+
+
+def _reading_topic(topic: str) -> str:
+    """The meter id of an ``X-Topic: meters/<id>/up/reading`` header."""
     try:
         meter_id = topics.meter_id_of(topic)
     except ValueError:
         raise InvalidInput(f"X-Topic {topic!r} is not meters/<meter_id>/up/reading", field="X-Topic") from None
     if topic != topics.readings(meter_id):
         raise InvalidInput(f"X-Topic {topic!r} is not a readings topic (meters/<id>/up/reading)", field="X-Topic")
-    validate_meter_id(meter_id)
-    verdict = vee.ingest([vee.Candidate(meter_id, req.event.body, "mqtt", topic)])[0]
+    return validate_meter_id(meter_id)
+
+
+def _answer(meter_id: str, verdict: vee.Verdict) -> Response:
     if verdict.status == "rejected":
         error: InvalidInput = (
             PayloadTooLarge(verdict.reason or "", **verdict.to_dict()) if verdict.rule == "oversized"
@@ -54,6 +67,14 @@ def on_message(req: Request) -> Response:
         )
         raise error
     return json_response(verdict.to_dict())
+
+
+@router.post("/", scopes=set(MQTT_SCOPES))
+def on_message(req: Request) -> Response:
+    """One reading from MQTT (``X-Topic`` names the meter)."""
+    topic = req.header("X-Topic") or ""
+    meter_id = _reading_topic(topic)
+    return _answer(meter_id, vee.ingest([vee.Candidate(meter_id, req.event.body, "mqtt", topic)])[0])
 
 
 @router.post("/readings/batch", scopes={"mdms", "utility"})
@@ -166,3 +187,17 @@ def _limit(req: Request, default: int, hi: int) -> int:
 
 def handle(event: Event, context: Context) -> Response:
     return router.dispatch(event, context)
+
+
+async def handle_async(event: Event, context: Context) -> Any:
+    """The local gateway's async lane for the MQTT path (``POST /``): exactly what :func:`on_message`
+    does, awaited on the event loop; every other request goes to :func:`handle` (``NotImplemented``)."""
+    if event.method.upper() != "POST" or (event.path or "/") != "/":
+        return NotImplemented
+    try:
+        auth.authorize(auth.authenticate(event.headers.get("Authorization")), MQTT_SCOPES)
+        topic = event.headers.get("X-Topic") or ""
+        meter_id = _reading_topic(topic)
+        return _answer(meter_id, await vee.ingest_one_async(meter_id, event.body, source="mqtt", topic=topic))
+    except MeterTwinError as exc:
+        return error_response(exc)
