@@ -20,7 +20,7 @@ DAY_S = 86_400
 
 
 def _env(name: str) -> AliasChoices:
-    return AliasChoices(f"MDMS_{name}", name)
+    return AliasChoices(f"MDMS_{name}")
 
 
 class MdmsSettings(BaseSettings):
@@ -33,7 +33,7 @@ class MdmsSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("HOT_REDIS_URL", "MDMS_HOT_REDIS_URL")
     )
     #: The fog zone whose data this is: the ``zone=`` partition of the cold tier.
-    data_zone: str | None = Field(default=None, validation_alias=_env("DATA_ZONE"))
+    data_zone: str | None = Field(default=None, validation_alias=AliasChoices("MDMS_DATA_ZONE", "DATA_ZONE"))
     cold_prefix: str = Field(default="mdms/v1", validation_alias=_env("COLD_PREFIX"))
 
     # VEE.
