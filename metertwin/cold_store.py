@@ -135,10 +135,8 @@ ROW_GROUP_ROWS = 50_000
 
 def decode(data: bytes, meter_ids: set[str] | None = None) -> list[tuple[str, Row]]:
     filters = [("meter_id", "in", sorted(meter_ids))] if meter_ids else None
-    pf = pq.ParquetFile(io.BytesIO(data))
-    meta = pf.metadata.metadata or {}
-    scales: dict[str, int] = json.loads(meta.get(SCALES_KEY, b"{}"))
     table = pq.read_table(io.BytesIO(data), filters=filters)
+    scales: dict[str, int] = json.loads((table.schema.metadata or {}).get(SCALES_KEY, b"{}"))
     cols = table.to_pydict()
     n = table.num_rows
 

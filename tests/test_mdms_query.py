@@ -206,6 +206,9 @@ def test_latest_and_tiers(meter_id: str) -> None:
         ("/meters/{m}/energy", {"from": "1", "to": "2", "tz": "Nowhere/Town"}, 400, "tz"),
         ("/meters/{m}/billing", {"from": "1", "to": "2", "tariff": "free-lunch"}, 404, "free-lunch"),
         ("/meters/{m}/nothing", {}, 404, "no route"),
+        ("/meters/nobody-here/latest", {}, 404, "not known"),
+        ("/meters/nobody-here/tiers", {}, 404, "not known"),
+        ("/meters/nobody-here/energy", {"from": "1", "to": "2"}, 404, "not known"),
     ],
 )
 def test_bad_query_input(meter_id: str, path: str, query: dict[str, str], status: int, needle: str) -> None:

@@ -404,3 +404,52 @@ async def test_async_lane_of_the_mqtt_path_means_what_handle_means(meter_id: str
         assert _counters(meter_id)["duplicates"] == 1
     finally:
         await hot_store.get_hot_redis_async().aclose()
+
+
+def test_edit_routes_bad_input(meter_id: str) -> None:
+    register(meter_id)
+    h, tok = ingest_handler(), token("mdms")
+    path = f"/meters/{meter_id}/edits"
+    for body, needle in [
+        (b"{", "not valid JSON"),
+        (b"", "empty"),
+        ({"ts": "noon", "import_kwh": 1.0, "reason": "x" * 5}, "ts"),
+        ({"ts": 1.0, "import_kwh": "a lot", "reason": "fix it"}, "import_kwh"),
+        ({"ts": 1.0, "import_kwh": -1, "reason": "fix it"}, "import_kwh"),
+        ({"ts": 1.0, "import_kwh": 1.0, "reason": "fix it", "who": "me"}, "who"),
+        ([1, 2], "body"),
+    ]:
+        status, resp = call(h, "POST", path, body=body, token=tok)
+        assert status == 400, (body, resp)
+        assert needle in resp["message"], resp
+    status, resp = call(h, "POST", path, body=b"{" + b" " * 2_000_000 + b"}", token=tok)
+    assert status == 413
+    status, resp = call(h, "POST", "/meters/nobody-here/edits", token=tok,
+                        body={"ts": 1.0, "import_kwh": 1.0, "reason": "fix it"})
+    assert (status, resp["error"]) == (404, "unknown_meter")
+    assert call(h, "GET", "/meters/nobody-here/edits", token=tok)[0] == 404
+    assert call(h, "GET", path, token=tok, query={"limit": "many"})[0] == 400
+    assert call(h, "PUT", path, token=tok, body={})[0] == 405
+
+
+def test_rows_changed_while_the_archive_runs_stay_hot(meter_id: str) -> None:
+    from metertwin import tiering
+
+    register(meter_id)
+    d = day_start(4)
+    upload([reading(i, d + i * INTERVAL_S, 10.0 + i) for i in range(4)], meter_id)
+
+    def meanwhile(step: str) -> None:
+        if step == "verify":  # after the snapshot was written and checked, before the trim
+            publish(meter_id, reading(100, d + 3 * INTERVAL_S + 60, 13.5))
+            call(ingest_handler(), "POST", f"/meters/{meter_id}/edits", token=token("mdms"),
+                 body={"ts": d + INTERVAL_S, "import_kwh": 11.5, "reason": "concurrent fix"})
+
+    assert tiering.archive(fault=meanwhile)["rows_archived"] == 3
+    rows = query_rows(meter_id, d, d + 4 * INTERVAL_S)
+    assert [(r["import_kwh"], r["quality"], r["tier"]) for r in rows] == [
+        (10.0, "valid", "cold"), (11.5, "edited", "hot"), (12.0, "valid", "cold"), (13.0, "valid", "cold"),
+        (13.5, "valid", "hot")]
+    assert tiering.archive()["rows_archived"] == 2
+    assert [(r["import_kwh"], r["tier"]) for r in query_rows(meter_id, d, d + 4 * INTERVAL_S)] == [
+        (10.0, "cold"), (11.5, "cold"), (12.0, "cold"), (13.0, "cold"), (13.5, "cold")]

@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import auth, dead_letters, topics, vee
-from metertwin.errors import InvalidInput, MeterTwinError, PayloadTooLarge
+from metertwin import auth, dead_letters, hot_store, topics, vee
+from metertwin.errors import InvalidInput, MeterTwinError, PayloadTooLarge, UnknownMeter
 from metertwin.http import (
     Context,
     Event,
@@ -96,6 +96,7 @@ def edit(req: Request) -> Response:
     """A manual correction of the registers at one timestamp, with its reason (audited)."""
     body = req.json(vee.EditRequest)
     assert req.principal is not None
+    _require_known(req.params["meter_id"])
     result = vee.edit(req.params["meter_id"], body, who=req.principal.subject)
     return json_response(result, 201)
 
@@ -103,6 +104,7 @@ def edit(req: Request) -> Response:
 @router.get("/meters/{meter_id}/edits", scopes={"mdms", "utility", "billing"})
 def audit(req: Request) -> Response:
     limit = _limit(req, 100, 1000)
+    _require_known(req.params["meter_id"])
     return json_response({"meter_id": req.params["meter_id"], "edits": vee.audit_trail(req.params["meter_id"],
                                                                                       limit=limit)})
 
@@ -170,6 +172,12 @@ def discard(req: Request) -> Response:
     entry = dead_letters.get(req.params["entry_id"])
     dead_letters.delete(entry.id)
     return json_response({"discarded": entry.to_dict()})
+
+
+def _require_known(meter_id: str) -> None:
+    if not hot_store.known_meter(meter_id):
+        raise UnknownMeter(f"meter {meter_id!r} is not known to the MDMS (no data, not registered)",
+                           meter_id=meter_id)
 
 
 def _limit(req: Request, default: int, hi: int) -> int:
