@@ -47,8 +47,11 @@ class MdmsSettings(BaseSettings):
     nominal_voltage_v: float = Field(default=230.0, gt=0, validation_alias=_env("NOMINAL_VOLTAGE_V"))
     #: Relative band around nominal voltage outside which a reading is ``suspect``.
     voltage_tolerance: float = Field(default=0.15, gt=0, lt=1, validation_alias=_env("VOLTAGE_TOLERANCE"))
-    #: Reject readings of meters neither in the registry nor already known to the MDMS.
-    require_registered_meter: bool = Field(default=True, validation_alias=_env("REQUIRE_REGISTERED_METER"))
+    #: Reject readings of meters neither in the registry (``keys.registry_entry`` in the hot Redis) nor
+    #: already known to the MDMS. Off by default: the registry lives in the edge zone's Redis, and the
+    #: broker already confines each meter's account to its own topics, so a meter is enrolled in the
+    #: MDMS with its first accepted reading.
+    require_registered_meter: bool = Field(default=False, validation_alias=_env("REQUIRE_REGISTERED_METER"))
     max_batch_readings: int = Field(default=10_000, ge=1, validation_alias=_env("MAX_BATCH_READINGS"))
     max_batch_bytes: int = Field(default=4 * 1_048_576, ge=1024, validation_alias=_env("MAX_BATCH_BYTES"))
     max_reading_bytes: int = Field(default=4096, ge=256, validation_alias=_env("MAX_READING_BYTES"))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from metertwin import keys
+from metertwin.mdms_settings import reset_mdms_settings
 from tests.invoke import call
 from tests.mdms_fixtures import (
     INTERVAL_S,
@@ -150,7 +151,11 @@ def test_second_reading_at_a_taken_timestamp_is_rejected(meter_id: str) -> None:
     assert body["details"]["rule"] == "timestamp_taken"
 
 
-def test_unknown_meter_is_dead_lettered_and_replayable_once_registered(meter_id: str) -> None:
+def test_unknown_meter_is_dead_lettered_and_replayable_once_registered(
+    meter_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MDMS_REQUIRE_REGISTERED_METER", "true")
+    reset_mdms_settings()
     t = time.time() - 100
     status, body = publish(meter_id, reading(1, t, 1.0))
     assert status == 400
@@ -352,7 +357,9 @@ def test_dead_letter_list_replay_with_correction_and_discard(meter_id: str) -> N
     assert call(h, "POST", "/dead-letters/replay", token=token("mdms"), body=b"[")[0] == 400
 
 
-def test_replay_many_by_rule(meter_id: str) -> None:
+def test_replay_many_by_rule(meter_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MDMS_REQUIRE_REGISTERED_METER", "true")
+    reset_mdms_settings()
     t = time.time() - 600
     for i in range(3):
         publish(meter_id, reading(i, t + i * 60, 1.0 + i))
@@ -362,6 +369,18 @@ def test_replay_many_by_rule(meter_id: str) -> None:
     assert status == 200, body
     assert (body["replayed"], body["accepted"]) == (3, 3)
     assert [r["seq"] for r in query_rows(meter_id, t - 1, t + 600)] == [0, 1, 2]
+
+
+def test_meters_are_enrolled_by_their_first_reading_unless_registration_is_required(meter_id: str) -> None:
+    assert publish(meter_id, reading(1, time.time() - 10, 1.0))[1]["status"] == "accepted"
+    status, body = call(load_query(), "GET", f"/meters/{meter_id}/latest", token=token("mdms"))
+    assert (status, body["registers"]["seq"]) == (200, 1)
+
+
+def load_query() -> Any:
+    from tests.mdms_fixtures import query_handler
+
+    return query_handler()
 
 
 def test_upload_helper_round_trip(meter_id: str) -> None:
