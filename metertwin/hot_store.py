@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from metertwin import keys
 from metertwin.errors import BackendUnavailable
-from metertwin.intervals import DAY_MS, Row, day_start_ms, days_between
+from metertwin.intervals import Row
 from metertwin.mdms_settings import MdmsSettings, get_mdms_settings
 from metertwin.settings import get_settings
 
@@ -405,23 +405,6 @@ def rehydrate(meter_id: str, members: Sequence[str]) -> int:
     for start in range(0, len(members), _CHUNK):
         added += int(script(keys=ks, args=[meter_id, *members[start:start + _CHUNK]]))
     return added
-
-
-def day_counts(meter_id: str) -> dict[str, int]:
-    """Hot rows per UTC day of one meter."""
-    r = get_hot_redis()
-    key = keys.mdms_intervals(meter_id)
-    first = r.zrange(key, 0, 0, withscores=True)
-    last = r.zrange(key, -1, -1, withscores=True)
-    if not first or not last:
-        return {}
-    days = days_between(int(first[0][1]), int(last[0][1]))
-    pipe = r.pipeline(transaction=False)
-    for day in days:
-        start = day_start_ms(day)
-        pipe.zcount(key, start, f"({start + DAY_MS}")
-    counts = pipe.execute()
-    return {d: int(c) for d, c in zip(days, counts, strict=True) if int(c)}
 
 
 def known_meter(meter_id: str) -> bool:

@@ -34,6 +34,7 @@ def iter_days(
     hot = hot_store.rows(meter_id, from_ms, to_ms)
     cold = cold_days(meter_id, from_ms, to_ms)
     now = time.time()
+    heat = cast(dict[str, str], hot_store.get_hot_redis().hgetall(keys.mdms_heat(meter_id))) if note else {}
     by_day: dict[str, list[tuple[str, Row]]] = {}
     for member, row in hot:
         by_day.setdefault(day_of(row.ts_ms), []).append((member, row))
@@ -49,9 +50,9 @@ def iter_days(
                 if lo <= r.ts_ms <= hi:
                     merged[r.ts_ms] = (r, "cold")
             if count:
-                _note_cold_read(meter_id, day, day_rows, now)
+                _note_cold_read(meter_id, day, day_rows, now, heat)
         elif count and hot_rows:
-            _note_read(meter_id, day, now)
+            _note_read(meter_id, day, now, heat)
         for _member, r in hot_rows:
             merged[r.ts_ms] = (r, "hot")
         if merged:
@@ -66,26 +67,28 @@ def read_rows(meter_id: str, from_ms: int, to_ms: int, *, note: bool = True) -> 
     return out
 
 
-def _note_read(meter_id: str, day: str, now: float) -> int:
-    """Count a read of a meter-day within the read window; returns the count."""
+def _note_read(meter_id: str, day: str, now: float, heat: dict[str, str]) -> int:
+    """Count a read of a meter-day within the read window (one round trip; heat is advisory, so
+    concurrent readers may undercount by one); returns the count."""
     s = get_mdms_settings()
-    r = hot_store.get_hot_redis()
     key = keys.mdms_heat(meter_id)
-    last = r.hget(key, f"l:{day}")
-    pipe = r.pipeline(transaction=False)
-    if last is None or float(cast(str, last)) < now - s.tier_read_window_s:
+    last = heat.get(f"l:{day}")
+    fresh = last is None or float(last) < now - s.tier_read_window_s
+    reads = 1 if fresh else int(heat.get(f"r:{day}", 0)) + 1
+    pipe = hot_store.get_hot_redis().pipeline(transaction=False)
+    if fresh:
         pipe.hset(key, f"r:{day}", 1)
     else:
         pipe.hincrby(key, f"r:{day}", 1)
     pipe.hset(key, f"l:{day}", repr(now))
     pipe.hincrby(keys.mdms_counters(meter_id), "queried", 1)
-    pipe.hget(key, f"r:{day}")
-    return int(pipe.execute()[-1] or 0)
+    pipe.execute()
+    return reads
 
 
-def _note_cold_read(meter_id: str, day: str, day_rows: list[Row], now: float) -> None:
+def _note_cold_read(meter_id: str, day: str, day_rows: list[Row], now: float, heat: dict[str, str]) -> None:
     s = get_mdms_settings()
-    reads = _note_read(meter_id, day, now)
+    reads = _note_read(meter_id, day, now, heat)
     if reads < s.rehydrate_reads or s.rehydrate_ttl_s <= 0:
         return
     # Read again while cold: bring the whole day back hot for a while.

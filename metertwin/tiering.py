@@ -40,7 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from metertwin import cold_store, hot_store, keys
 from metertwin.cold_store import ColdVerifyError, Partition
 from metertwin.errors import BackendUnavailable, MeterTwinError
-from metertwin.intervals import DAY_MS, Row, checksum, day_of, day_start_ms, iso_day
+from metertwin.intervals import DAY_MS, Row, checksum, day_of, day_start_ms, days_between, iso_day
 from metertwin.mdms_settings import MdmsSettings, get_mdms_settings
 
 log = logging.getLogger("metertwin.tiering")
@@ -83,20 +83,49 @@ def _decide(day: str, heat: dict[str, str], now: float, s: MdmsSettings) -> tupl
     return "archive", "rarely_read"
 
 
+_PLAN_CHUNK = 500
+
+
+def decisions_for(meter_ids: list[str], now: float, s: MdmsSettings) -> list[Decision]:
+    """Policy decisions for every hot day of these meters (without the memory budget); two
+    pipelined round trips per chunk of meters, so a fleet is planned quickly."""
+    r = hot_store.get_hot_redis()
+    out: list[Decision] = []
+    for start in range(0, len(meter_ids), _PLAN_CHUNK):
+        chunk = meter_ids[start:start + _PLAN_CHUNK]
+        pipe = r.pipeline(transaction=False)
+        for m in chunk:
+            iv = keys.mdms_intervals(m)
+            pipe.zrange(iv, 0, 0, withscores=True)
+            pipe.zrange(iv, -1, -1, withscores=True)
+            pipe.hgetall(keys.mdms_heat(m))
+            pipe.memory_usage(iv, samples=0)
+        answers = pipe.execute()
+        spans: list[tuple[str, list[str], dict[str, str], int]] = []
+        pipe = r.pipeline(transaction=False)
+        for i, m in enumerate(chunk):
+            first, last, heat, usage = answers[4 * i: 4 * i + 4]
+            if not first or not last:
+                continue
+            days = days_between(int(first[0][1]), int(last[0][1]))
+            spans.append((m, days, cast(dict[str, str], heat), int(usage or 0)))
+            for day in days:
+                lo = day_start_ms(day)
+                pipe.zcount(keys.mdms_intervals(m), lo, f"({lo + DAY_MS}")
+        counts = iter(pipe.execute())
+        for m, days, heat, usage in spans:
+            per_day = {day: int(next(counts)) for day in days}
+            total = sum(per_day.values())
+            for day, n in per_day.items():
+                if n:
+                    action, reason = _decide(day, heat, now, s)
+                    out.append(Decision(m, day, n, usage * n // max(total, 1), action, reason))
+    return out
+
+
 def meter_decisions(meter_id: str, now: float, s: MdmsSettings) -> list[Decision]:
     """Policy decisions for every hot day of one meter (without the memory budget)."""
-    r = hot_store.get_hot_redis()
-    counts = hot_store.day_counts(meter_id)
-    if not counts:
-        return []
-    heat = cast(dict[str, str], r.hgetall(keys.mdms_heat(meter_id)))
-    usage = int(cast(int, r.memory_usage(keys.mdms_intervals(meter_id), samples=0)) or 0)
-    total = sum(counts.values())
-    out = []
-    for day, n in sorted(counts.items()):
-        action, reason = _decide(day, heat, now, s)
-        out.append(Decision(meter_id, day, n, usage * n // max(total, 1), action, reason))
-    return out
+    return decisions_for([meter_id], now, s)
 
 
 def plan(now: float | None = None) -> list[Decision]:
@@ -104,9 +133,7 @@ def plan(now: float | None = None) -> list[Decision]:
     s = get_mdms_settings()
     at = time.time() if now is None else now
     meters = sorted(cast(set[str], hot_store.get_hot_redis().smembers(keys.MDMS_HOT_METERS)))
-    decisions: list[Decision] = []
-    for meter_id in meters:
-        decisions.extend(meter_decisions(meter_id, at, s))
+    decisions = decisions_for(meters, at, s)
     kept = sum(d.bytes for d in decisions if d.action == "keep")
     if kept > s.hot_memory_budget_bytes:
         today = day_of(int(at * 1000))
