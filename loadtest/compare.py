@@ -75,7 +75,7 @@ class RunConfig:
     scenarios: tuple[str, ...] = ("probe", "twin", "p2p", "ondemand", "ami", "node")
     users: int = 10
     requests_per_case: int = 400
-    case_time_s: float = 30.0
+    case_time_s: float = 20.0
     meters: int = 20
     probe_ops: int = 2
     households: int = 200
@@ -577,7 +577,12 @@ def _direct_case(arch: Arch, cfg: RunConfig, case: str, scenario: str, *, divide
             "iterations": cfg.p2p_iterations}
     # t2': negotiations run side by side (each between two meters), like the markets of t2 one after another.
     users = min(4, cfg.p2p_negotiations) if case == "t2'" else min(cfg.users, max(1, len(arch.meters)))
-    run_time = cfg.case_time_s * (4 if case == "t2'" else 1)
+    run_time = cfg.case_time_s
+    if case == "t2'":
+        # Long enough for at least two negotiations each of N meter round trips over the emulated links.
+        topo = arch.topo
+        rtt_s = 2 * (topo.one_way_ms(topo.path("apps", "broker")) + topo.one_way_ms(topo.path("meters", "broker")))
+        run_time = cfg.case_time_s * 4 + 2 * cfg.p2p_iterations * rtt_s * 1.5 / 1000
     entries, traffic = run_locust(arch, f"{scenario}-{case}", "locustfile_mqtt.py", "DirectMeterUser", conf,
                                   users=users, run_time_s=run_time)
     return rows_from_locust(entries, arch.topo.name, scenario, divide=divide, bytes_by_link=traffic)
