@@ -104,7 +104,8 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # openleadr parses every all-digit XML text as an int (ids such as "0421" included).
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
 
 
 class IntervalIn(_Model):

@@ -124,7 +124,7 @@ def deliver(meter_id: str, *events: dict[str, Any], ven_id: str = "VEN-X") -> di
 def run_due() -> dict[str, Any]:
     status, body = call(handler, "POST", "/due", token=SERVICE)
     assert status == 200, body
-    return body
+    return dict(body)
 
 
 def ack(meter_id: str, command_id: str, status: str = "applied") -> None:
@@ -134,7 +134,7 @@ def ack(meter_id: str, command_id: str, status: str = "applied") -> None:
 def record(meter_id: str, event_id: str) -> dict[str, Any]:
     status, body = call(handler, "GET", f"/meters/{meter_id}/events/{event_id}", token=token("utility"))
     assert status == 200, body
-    return body["event"]
+    return dict(body["event"])
 
 
 # --- decisions (pure) ----------------------------------------------------------------
@@ -361,3 +361,20 @@ def test_cron_backstop_route(dr_env: dict[str, str]) -> None:
     assert body["claimed"] == 0
     status, _ = call(handler, "POST", "/", token=SERVICE)
     assert status == 400
+
+
+def test_numeric_ids_from_openleadr_are_accepted(dr_env: dict[str, str]) -> None:
+    # openleadr parses all-digit XML text ("0421") as an int: ids must still validate and targets match
+    from dr_bridge.convert import normalize_event
+
+    make_twin("0421")
+    raw: dict[str, Any] = {"event_descriptor": {"event_id": 1234, "modification_number": 0, "event_status": "far"},
+           "active_period": {"dtstart": time.time() + 600, "duration": 60.0},
+           "event_signals": [{"signal_name": "SIMPLE", "signal_type": "level", "signal_id": 9333798,
+                              "intervals": [{"duration": 60.0, "signal_payload": 1.0}]}],
+           "targets": [{"ven_id": 421}, {"resource_id": ["0421"]}]}
+    doc = normalize_event(raw)
+    assert doc["event_id"] == "1234"
+    assert doc["signals"][0]["intervals"][0]["start"] == raw["active_period"]["dtstart"]
+    answers = deliver("0421", doc, ven_id="0421")
+    assert answers["1234"]["opt"] == "optIn"
