@@ -51,6 +51,21 @@ FaultHook = Callable[[str], None]
 _BUDGET_LOW_WATERMARK = 0.9
 
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0"
+
+
+class ArchiveLockLost(MeterTwinError):
+    """Another archive run took over (this one stalled past the lock TTL): stop before committing."""
+
+    code = "archive_lock_lost"
+
+
+def _hold_lock(run_id: str) -> None:
+    """Renew the run lock; raise if it is no longer ours. Called before every commit, so two runs
+    never commit the same partition from different snapshots."""
+    r = hot_store.get_hot_redis()
+    if not r.eval(_RENEW, 1, keys.MDMS_ARCHIVE_LOCK, run_id, keys.MDMS_ARCHIVE_LOCK_TTL_S):
+        raise ArchiveLockLost(f"archive run {run_id} no longer holds {keys.MDMS_ARCHIVE_LOCK}; stopping")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +204,7 @@ def archive_partition(
         hook("verify")
         previous = [*manifest.get("superseded", []), manifest["object"]] if manifest else []
         superseded = [k for k in dict.fromkeys(previous) if k != key]
+        _hold_lock(run_id)
         cold_store.write_manifest(p, cold_store.build_manifest(p, key, all_rows, digest, written, superseded, run_id))
     r = hot_store.get_hot_redis()
     pipe = r.pipeline(transaction=False)
@@ -233,8 +249,8 @@ def archive(now: float | None = None, *, fault: FaultHook | None = None) -> dict
             except (MeterTwinError, BotoCoreError, ClientError, redis.RedisError) as exc:
                 log.warning("archive of %s failed, data stay hot: %s", p.label(), exc)
                 failed.append({"partition": p.label(), "error": str(exc)})
-                if isinstance(exc, BackendUnavailable):
-                    failed.extend({"partition": q.label(), "error": "not attempted: backend unavailable"}
+                if isinstance(exc, BackendUnavailable | ArchiveLockLost):
+                    failed.extend({"partition": q.label(), "error": f"not attempted: {exc.code}"}
                                   for q, _m in pending[index + 1:])
                     break
         reasons: dict[str, int] = {}

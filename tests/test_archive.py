@@ -280,3 +280,20 @@ def test_archive_run_lock_and_routes(meter_id: str) -> None:
     assert call(h, "GET", "/nowhere", token=token("mdms"))[0] == 404
     assert hot_store.known_meter(meter_id)
     assert json.loads(json.dumps(plan))  # plain JSON all the way
+
+
+def test_a_run_that_lost_its_lock_does_not_commit(meter_id: str) -> None:
+    _load(meter_id, 3, n=6)
+
+    def taken_over(step: str) -> None:
+        if step == "verify":  # as if this run stalled past the lock TTL and another one started
+            hot().set(keys.MDMS_ARCHIVE_LOCK, "another-run")
+
+    report = tiering.archive(fault=taken_over)
+    assert report["status"] == "failed"
+    assert "no longer holds" in report["failed"][0]["error"]
+    assert _hot_count(meter_id) == 6
+    assert _objects("index/") == []
+    assert hot().get(keys.MDMS_ARCHIVE_LOCK) == "another-run"  # not released by the loser
+    hot().delete(keys.MDMS_ARCHIVE_LOCK)
+    assert tiering.archive()["rows_archived"] == 6
