@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from meter_sim import accounts
-from meter_sim.fleet import FleetStats, MeterFleet, raise_nofile_limit
+from meter_sim.fleet import FleetStats, MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.profile import LinkProfile
 
 
@@ -153,7 +153,9 @@ async def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> Fleet
             loop.call_later(at_s, fleet.go_offline, meter_id, for_s)
 
     progress = Progress(out, args.progress_interval)
+    tune_gc()  # this process is the fleet's: keep full collections from stalling the loop
     await fleet.start()
+    gc_tuned_again = False
     deadline = loop.time() + args.duration if args.duration > 0 else None
     try:
         while not stop.is_set():
@@ -164,7 +166,11 @@ async def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> Fleet
                     break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout)
-            progress.show(fleet.stats())
+            stats = fleet.stats()
+            if not gc_tuned_again and stats.connected == stats.meters:
+                tune_gc()  # freeze the connected sessions too
+                gc_tuned_again = True
+            progress.show(stats)
     finally:
         progress.done()
         out.write("stopping...\n")

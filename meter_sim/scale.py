@@ -37,7 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from meter_sim import accounts
-from meter_sim.fleet import MeterFleet, raise_nofile_limit
+from meter_sim.fleet import MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.profile import LinkProfile
 from metertwin import topics
 from storage.embedded import _dynsec_plugin, free_port, wait_for_port
@@ -198,6 +198,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            prosumer_share=0.3, link=LinkProfile.parse(args.link),
                            connect_concurrency=args.connect_concurrency)
         _, built_rss = _proc_stat("self")
+        if not args.no_gc_tuning:
+            tune_gc()
         stop = asyncio.Event()
         probe = Probe()
         sys_state: dict[str, int] = {}
@@ -218,6 +220,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                   cpu, rss, bcpu, brss, sys_state.get("received")))
             if connected_at is None and connected == len(creds):
                 connected_at = now
+                if not args.no_gc_tuning:
+                    tune_gc()
                 prober = asyncio.create_task(
                     _probe_reads(host, port, bench_user, bench_password, list(creds), stop, probe, sys_state))
             print(f"t={now:6.1f}s connected {connected}/{len(creds)} readings {samples[-1].readings_sent} "
@@ -233,6 +237,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         steady = [s for s in samples if connected_at is not None and s.t >= connected_at + min(10.0, args.interval)]
         result: dict[str, Any] = {
             "meters": len(creds), "interval_s": args.interval, "link": args.link, "nofile": nofile,
+            "gc_tuned": not args.no_gc_tuning,
             "connected": samples[-1].connected, "ramp_s": connected_at,
             "expected_readings_per_s": len(creds) / args.interval,
             "rss_base_mb": round(base_rss, 1), "rss_after_build_mb": round(built_rss, 1),
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-password-file", type=Path, default=None)
     parser.add_argument("--broker-nagle", action="store_true",
                         help="leave Nagle's algorithm on in the private broker (Mosquitto's default)")
+    parser.add_argument("--no-gc-tuning", action="store_true", help="leave Python's collector as it is")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     if args.broker and not (args.credentials and args.bench_password_file):

@@ -419,3 +419,18 @@ def test_cli_rejects_a_bad_credentials_file(tmp_path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "no 'meters' list" in done.stderr
+
+
+def test_wrong_password_retries_with_backoff(mosquitto: Mosquitto) -> None:
+    creds = provision(mosquitto, 1)
+    meter_id = next(iter(creds))
+    fleet = FleetThread(mosquitto.host, mosquitto.port, {meter_id: "wrong"}, reporting_interval_s=1)
+    fleet.start(wait_connected=False)
+    try:
+        assert fleet.wait_for(lambda: fleet.fleet.meter(meter_id).connect_failures >= 2, timeout_s=10)
+        fleet.report_now(meter_id)
+        snap = fleet.meter(meter_id)
+        assert not snap.connected
+        assert snap.buffered >= 1  # kept until it can be sent
+    finally:
+        fleet.stop()
