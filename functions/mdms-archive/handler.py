@@ -16,7 +16,7 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
-from typing import cast
+from typing import Any, cast
 
 from metertwin import auth, keys, tiering
 from metertwin.errors import Unauthorized
@@ -24,6 +24,11 @@ from metertwin.hot_store import get_hot_redis
 from metertwin.http import Context, Event, Request, Response, Router, json_response
 
 router = Router()
+OPENAPI_PATHS: dict[str, Any] = {
+    "/": {"post": {"summary": "Cron tick (X-Connector: cron-connector): move rarely read hot data to S3"}},
+    "/run": {"post": {"summary": "Run the archive now"}},
+    "/plan": {"get": {"summary": "What the archive would do with every hot meter-day, and why"}},
+}
 CRON_CONNECTOR = "cron-connector"
 
 

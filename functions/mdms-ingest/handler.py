@@ -44,6 +44,38 @@ from metertwin.mdms_settings import get_mdms_settings
 router = Router()
 
 
+def _q(name: str, typ: str = "string", *, desc: str | None = None) -> dict[str, Any]:
+    """An OpenAPI query parameter."""
+    out: dict[str, Any] = {"name": name, "in": "query", "schema": {"type": typ}}
+    if desc:
+        out["description"] = desc
+    return out
+
+
+_MID = {"name": "meter_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_JSON_BODY = {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/": {"post": {"summary": "One meter reading from the MQTT connector (X-Topic: meters/<id>/up/reading); "
+                              "VEE, then the hot tier", "requestBody": _JSON_BODY,
+                   "responses": {"200": {"description": "accepted or duplicate"},
+                                 "400": {"description": "rejected: details.rule, details.dead_letter_id"}}}},
+    "/readings/batch": {"post": {"summary": "Head-end batch upload {source, units, readings[]}",
+                                 "requestBody": _JSON_BODY}},
+    "/meters/{meter_id}/edits": {
+        "post": {"summary": "Manual correction {ts, import_kwh?, export_kwh?, reason} (audited)",
+                 "parameters": [_MID], "requestBody": _JSON_BODY},
+        "get": {"summary": "Audit trail of the meter's edits", "parameters": [_MID, _q("limit", "integer")]},
+    },
+    "/dead-letters": {"get": {"summary": "Rejected readings with rule and reason, newest first",
+                              "parameters": [_q("meter_id"), _q("rule"), _q("limit", "integer"), _q("cursor")]}},
+    "/dead-letters/{entry_id}/replay": {"post": {"summary": "Run a dead letter through VEE again (optionally "
+                                                            "corrected: {reading})"}},
+    "/dead-letters/replay": {"post": {"summary": "Replay {ids} or every dead letter of {meter_id, rule}",
+                                      "requestBody": _JSON_BODY}},
+    "/dead-letters/{entry_id}": {"delete": {"summary": "Discard a dead letter"}},
+}
+
+
 MQTT_SCOPES = frozenset({"service"})
 
 

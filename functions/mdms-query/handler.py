@@ -27,6 +27,39 @@ from metertwin.intervals import iso_ms
 from metertwin.tou import BUILTIN_TARIFFS, Tariff, builtin_tariff
 
 router = Router()
+
+
+def _q(name: str, typ: str = "string", *, desc: str | None = None) -> dict[str, Any]:
+    """An OpenAPI query parameter."""
+    out: dict[str, Any] = {"name": name, "in": "query", "schema": {"type": typ}}
+    if desc:
+        out["description"] = desc
+    return out
+
+
+_MID = {"name": "meter_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_RANGE = [_q("from", desc="epoch s or ISO 8601"), _q("to", desc="epoch s or ISO 8601")]
+_FORMAT = _q("format", desc="json or csv")
+_PAGE = [_q("limit", "integer"), _q("cursor"), _FORMAT]
+OPENAPI_PATHS: dict[str, Any] = {
+    "/meters/{meter_id}/intervals": {"get": {
+        "summary": "Interval rows of a meter, hot and cold merged, with quality and tier (JSON or CSV, paginated)",
+        "parameters": [_MID, *_RANGE, *_PAGE]}},
+    "/intervals": {"get": {"summary": "Interval rows of several meters (meters=a,b,c)",
+                           "parameters": [_q("meters", desc="comma-separated meter ids"), *_RANGE, *_PAGE]}},
+    "/meters/{meter_id}/energy": {"get": {"summary": "Energy and maximum demand per day or month",
+                                          "parameters": [_MID, *_RANGE, _q("period", desc="day or month"),
+                                                         _q("tz", desc="IANA time zone"), _FORMAT]}},
+    "/meters/{meter_id}/billing": {
+        "get": {"summary": "TOU billing determinants and bill under a built-in tariff",
+                "parameters": [_MID, *_RANGE, _q("tariff", desc="built-in tariff name"), _FORMAT]},
+        "post": {"summary": "TOU billing determinants and bill under {from, to, tariff}", "parameters": [_MID]},
+    },
+    "/tariffs": {"get": {"summary": "Built-in tariffs"}},
+    "/meters/{meter_id}/latest": {"get": {"summary": "Latest registers and counters", "parameters": [_MID]}},
+    "/meters/{meter_id}/tiers": {"get": {"summary": "Hot and cold days of a meter and the archive decisions",
+                                         "parameters": [_MID]}},
+}
 READERS = {"mdms", "billing", "utility", "consumer"}
 APPS = {"mdms", "billing", "utility"}
 
