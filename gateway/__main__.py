@@ -15,6 +15,9 @@ from gateway.app import GatewayOptions, create_app
 from gateway.server import uvicorn_config
 from metertwin.errors import MeterTwinError
 
+#: First words of the line announcing the address (GatewayProcess reads it with --port 0).
+LISTENING = "gateway listening on"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = GatewayOptions()
@@ -22,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stack", required=True, help="path of stack.yml")
     p.add_argument("--zone", required=True, help="serve functions named <zone>-*; 'all' serves every function")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="0: any free port (announced on stderr)")
     p.add_argument("--secrets-dir", help="folder of secret files (becomes SECRETS_DIR; /var/openfaas/secrets)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each with its own pool)")
     p.add_argument("--threads", type=int, default=defaults.max_threads, help="handler threads per worker")
@@ -43,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background,
                "async_concurrency": args.async_concurrency}
-    instance = args.instance or f"{socket.gethostname()}-{args.zone}-{args.port}"
     try:
         if args.workers > 1:
+            if args.port == 0:
+                print("gateway: --port 0 needs --workers 1", file=sys.stderr)
+                return 2
+            instance = args.instance or f"{socket.gethostname()}-{args.zone}-{args.port}"
             # Each worker process builds its own app through the factory; names must differ per worker.
             os.environ["GATEWAY_STACK"] = args.stack
             os.environ["GATEWAY_ZONE"] = args.zone
@@ -59,11 +65,20 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_graceful_shutdown=10,
             )
             return 0
+        # Bind here (port 0: the kernel picks a free one, no race) and hand the socket to uvicorn.
+        try:
+            sock = socket.create_server((args.host, args.port))
+        except OSError as exc:
+            print(f"gateway: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+            return 1
+        port = sock.getsockname()[1]
+        instance = args.instance or f"{socket.gethostname()}-{args.zone}-{port}"
         app = create_app(args.stack, args.zone, secrets_dir=args.secrets_dir, instance=instance, **options)
     except MeterTwinError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level)).run()
+    print(f"{LISTENING} http://{args.host}:{port} zone={args.zone} pid={os.getpid()}", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn_config(app, args.host, port, log_level=args.log_level)).run(sockets=[sock])
     return 0
 
 

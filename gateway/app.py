@@ -386,13 +386,21 @@ class GatewayApp:
             log.error("gateway task %s stopped", task.get_name(), exc_info=task.exception())
 
     async def shutdown(self) -> None:
-        """Stop taking events, finish (or leave pending) in-flight calls, close every client."""
+        """Stop taking events, finish (or leave pending) in-flight calls, close every client.
+
+        Bounded by ``drain_timeout_s`` overall: what has not finished by then stays pending
+        (async calls and unacknowledged MQTT messages are redelivered later).
+        """
         if not self._started:
             self.executor.shutdown(wait=False)
             return
-        timeout = self.options.drain_timeout_s
+        deadline = time.monotonic() + self.options.drain_timeout_s
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
         if self.mqtt is not None:
-            await self.mqtt.stop(timeout)
+            await self.mqtt.stop(left())
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -400,13 +408,14 @@ class GatewayApp:
                 await task
         self._tasks.clear()
         if self.queue is not None:
-            await self.queue.drain(timeout)
+            await self.queue.drain(left())
         if self.cron is not None:
-            await self.cron.stop(timeout)
+            await self.cron.stop(left())
         if self.redis is not None:
             with contextlib.suppress(Exception):
-                await self.metrics.flush(self.redis)
-        await asyncio.to_thread(self.executor.shutdown, wait=True)
+                await asyncio.wait_for(self.metrics.flush(self.redis), left())
+        self.executor.shutdown(wait=False)
+        await asyncio.to_thread(self.executor.join, left())
         for client in self._redis_clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -491,10 +500,12 @@ def build_api(gw: GatewayApp) -> FastAPI:
     basic = HTTPBasic(auto_error=False, realm="OpenFaaS API")
     system = [Depends(basic)]
 
+    pid_header = {"X-Gateway-Pid": str(os.getpid())}
+
     @api.get("/healthz", response_class=PlainTextResponse, tags=["gateway"])
-    async def healthz() -> str:
-        """Liveness: the gateway process is up (no auth)."""
-        return "OK"
+    async def healthz() -> PlainTextResponse:
+        """Liveness: the gateway process is up (no auth). ``X-Gateway-Pid`` names the serving process."""
+        return PlainTextResponse("OK", headers=pid_header)
 
     @api.get("/metrics", tags=["gateway"])
     async def metrics() -> Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -81,14 +82,19 @@ class HandlerPool:
 
     def shutdown(self, wait: bool = True) -> None:
         """Let queued calls finish, then stop the threads (``wait``: join them)."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._threads:
-            self._queue.put(None)
+        if not self._closed:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(None)
         if wait:
-            for thread in self._threads:
-                thread.join()
+            self.join(None)
+
+    def join(self, timeout_s: float | None) -> bool:
+        """Wait up to ``timeout_s`` for the threads to end (after :meth:`shutdown`); True if they all did."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

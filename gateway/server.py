@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,9 @@ import httpx
 import uvicorn
 
 from gateway.app import GatewayApp, create_app
-from storage.embedded import ServiceError, free_port
+from storage.embedded import ServiceError
+
+_LISTENING_RE = re.compile(r"gateway listening on http://\S+:(\d+) ")
 
 
 def uvicorn_config(app: Any, host: str, port: int, **kwargs: Any) -> uvicorn.Config:
@@ -47,9 +51,12 @@ class ThreadedGateway:
     def __init__(self, app: GatewayApp, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.app = app
         self.host = host
-        self.port = port or free_port()
+        # Bound here (port 0: any free port) and handed to uvicorn, so no other process can take it first.
+        self._sock = socket.create_server((host, port or 0))
+        self.port = int(self._sock.getsockname()[1])
         self.server = uvicorn.Server(uvicorn_config(app, host, self.port))
-        self._thread = threading.Thread(target=self.server.run, name=f"gateway-{app.zone}", daemon=True)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"gateway-{app.zone}", daemon=True)
 
     @property
     def url(self) -> str:
@@ -71,6 +78,7 @@ class ThreadedGateway:
         self.server.should_exit = True
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        self._sock.close()
 
     def __enter__(self) -> Self:
         return self
@@ -110,13 +118,20 @@ class GatewayProcess:
         start_timeout_s: float = 30.0,
     ) -> None:
         self.host = host
-        self.port = port or free_port()
+        self._own_log = log_path is None
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix=f"gateway-{zone}-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        # Without a port the child binds port 0 itself and announces the port: no free-port race.
+        self.port = port or 0
         argv = [sys.executable, "-m", "gateway", "--stack", str(stack_path), "--zone", zone,
                 "--host", host, "--port", str(self.port)]
         if secrets_dir is not None:
             argv += ["--secrets-dir", str(secrets_dir)]
         argv += args or []
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"gateway-{zone}-")[1])
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
@@ -136,8 +151,16 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServiceError(f"gateway exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            if not self.port:
+                found = _LISTENING_RE.search(self.log_text()[self._log_start:])
+                if found is None:
+                    time.sleep(0.02)
+                    continue
+                self.port = int(found.group(1))
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                resp = httpx.get(f"{self.url}/healthz", timeout=1.0)
+                # The pid header tells our child from whoever else might hold this port.
+                if resp.status_code == 200 and resp.headers.get("x-gateway-pid") == str(self.proc.pid):
                     return
             time.sleep(0.05)
         self.kill()
@@ -164,6 +187,8 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if self._own_log and exc[0] is None:  # keep the log when the block failed
+            self.log_path.unlink(missing_ok=True)
 
 
 async def serve(app: GatewayApp, host: str, port: int) -> None:
