@@ -7,6 +7,7 @@ as waitress does on OpenFaaS.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import threading
@@ -14,6 +15,7 @@ from typing import Any, TypeAlias
 
 import httpx
 import redis
+import redis.asyncio as aioredis
 
 from metertwin.mqtt import TwinMqtt
 from metertwin.settings import get_settings
@@ -37,6 +39,23 @@ def get_redis() -> StrRedis:
         health_check_interval=30,
         retry_on_timeout=False,
     )
+
+
+_async_redis: tuple[asyncio.AbstractEventLoop, StrRedis] | None = None
+
+
+def get_async_redis() -> StrRedis:
+    """The zone's Redis for code running on the current event loop (a local gateway's async lane)."""
+    global _async_redis
+    loop = asyncio.get_running_loop()
+    if _async_redis is None or _async_redis[0] is not loop:
+        s = get_settings()
+        client = aioredis.Redis.from_url(
+            s.redis_url, decode_responses=True, socket_timeout=s.redis_timeout_s,
+            socket_connect_timeout=s.redis_timeout_s, health_check_interval=30,
+        )
+        _async_redis = (loop, client)
+    return _async_redis[1]
 
 
 @functools.cache
@@ -68,11 +87,13 @@ def get_mqtt() -> TwinMqtt:
 
 def close_all() -> None:
     """Close every client this module created (process shutdown, tests)."""
-    global _mqtt
+    global _mqtt, _async_redis
     with _lock:
         if _mqtt is not None:
             _mqtt.close()
             _mqtt = None
+        # The async client belongs to its event loop, which closes its connections.
+        _async_redis = None
     if get_http.cache_info().currsize:
         get_http().close()
         get_http.cache_clear()

@@ -216,6 +216,15 @@ class Router:
             return json_response({"error": "internal_error", "message": "internal error; see function logs"}, 500)
 
     def _dispatch(self, event: Event) -> Response:
+        fn, request = self.resolve(event)
+        return fn(request)
+
+    def resolve(self, event: Event) -> tuple[RouteFn, Request]:
+        """Match ``event`` to a route and authorise the caller; raises the matching error.
+
+        Shared by :meth:`dispatch` and by a handler's ``handle_async`` lane, so both
+        apply exactly the same authentication and validation.
+        """
         path = event.path or "/"
         method = event.method.upper()
         allowed: list[str] = []
@@ -235,7 +244,7 @@ class Router:
                 validate_meter_id(meter_id)
             if principal is not None and route.scopes is not None:
                 auth.authorize(principal, route.scopes, meter_id)
-            return route.fn(Request(event, params, principal))
+            return route.fn, Request(event, params, principal)
         if allowed:
             raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {sorted(set(allowed))}")
         raise NotFound(f"no route for {method} {path}")

@@ -160,15 +160,13 @@ class TwinStore:
             raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
         return _decode(meter_id, raw)
 
-    def reading(self, meter_id: str) -> tuple[int, dict[str, Any] | None]:
-        """Only (version, last measurement): the read capability's hot path, one HMGET."""
+    def reading(self, meter_id: str) -> Reading:
+        """Only version, last measurement and binding: the read capability's hot path, one HMGET."""
         try:
-            version, measurement = self._r.hmget(keys.twin(meter_id), ("v", "m"))
+            fields = self._r.hmget(keys.twin(meter_id), READING_FIELDS)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable reading twin {meter_id!r}: {exc}") from exc
-        if version is None:
-            raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
-        return int(version), json.loads(measurement) if measurement else None
+        return decode_reading(meter_id, fields)
 
     def exists(self, meter_id: str) -> bool:
         try:
@@ -229,6 +227,35 @@ class TwinStore:
             raise Conflict(f"twin update failed: {exc}") from exc
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+#: The hash fields :meth:`TwinStore.reading` fetches (``b``: the release the twin is bound to).
+READING_FIELDS = ("v", "m", "b")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    version: int
+    measurement: dict[str, Any] | None
+    #: The release serving this twin; None for the base release.
+    bound: str | None
+
+
+def decode_reading(meter_id: str, fields: list[str | None]) -> Reading:
+    """A :class:`Reading` from an ``HMGET v m b`` reply; a missing version means no twin."""
+    version, measurement, bound = fields
+    if version is None:
+        raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+    return Reading(int(version), json.loads(measurement) if measurement else None, bound)
+
+
+async def reading_async(client: StrRedis, meter_id: str) -> Reading:
+    """:meth:`TwinStore.reading` for an asyncio Redis client."""
+    try:
+        fields = await client.hmget(keys.twin(meter_id), READING_FIELDS)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis unavailable reading twin {meter_id!r}: {exc}") from exc
+    return decode_reading(meter_id, fields)
 
 
 _stores: dict[int, TwinStore] = {}
