@@ -159,9 +159,10 @@ class MeterFleet:
             await asyncio.sleep(0.05)
         return True
 
-    async def stop(self) -> None:
-        """Stop every meter: each says ``offline`` (retained) and disconnects."""
-        await asyncio.gather(*(m.stop() for m in self.meters.values()), return_exceptions=True)
+    async def stop(self, flush_timeout_s: float = 2.0) -> None:
+        """Stop every meter: each sends what it has queued (up to ``flush_timeout_s``), then
+        disconnects leaving its retained ``offline``."""
+        await asyncio.gather(*(m.stop(flush_timeout_s) for m in self.meters.values()), return_exceptions=True)
         self.started = False
 
     async def __aenter__(self) -> Self:

@@ -332,12 +332,16 @@ class SimMeter:
             self._ems_timer = loop.call_at(loop.time() + self.rng.uniform(0, self.ems_interval_s), self._ems_tick)
         self._task = loop.create_task(self._run(), name=f"meter-{self.meter_id}")
 
-    async def stop(self) -> None:
-        """Say ``offline``, disconnect, and end the meter's tasks."""
-        self._stopping = True
+    async def stop(self, flush_timeout_s: float = 2.0) -> None:
+        """Stop measuring, send what is queued (up to ``flush_timeout_s``), say ``offline``, disconnect."""
         for timer in (self._report_timer, self._ems_timer, self._offline_timer):
             if timer is not None:
                 timer.cancel()
+        if self._loop is not None:
+            deadline = self._loop.time() + flush_timeout_s
+            while self.outbox and self.connected and self._loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        self._stopping = True
         self._wake_session("stop")
         if self._online is not None:
             self._online.set()
