@@ -69,13 +69,14 @@ async def test_topic_message_invokes_the_function(
         publish(mosquitto, f"{topics}/b/x/y", b'{"reading": 2}')
         publish(mosquitto, f"{topics}/c/m-1", b'{"reading": 3}')  # no function listens here
 
-        async def both() -> list[dict[str, Any]]:
+        async def all_three() -> list[dict[str, Any]]:
             done = [c for c in calls(redis_url) if c["phase"] == "done"]
-            return done if len(done) >= 2 else []
+            return done if len(done) >= 3 else []
 
-        got = sorted(await await_until(both, 10, "two invocations"), key=lambda c: c["topic"])
-        assert [c["topic"] for c in got] == [f"{topics}/a/m-1", f"{topics}/b/x/y"]
-        assert [c["body"] for c in got] == ['{"reading": 1}', '{"reading": 2}']
+        # a/+ is the topic of mqtt-listen and mqtt-listen-too; b/# of mqtt-listen only.
+        got = sorted(await await_until(all_three, 10, "three invocations"), key=lambda c: c["topic"])
+        assert [c["topic"] for c in got] == [f"{topics}/a/m-1", f"{topics}/a/m-1", f"{topics}/b/x/y"]
+        assert [c["body"] for c in got] == ['{"reading": 1}', '{"reading": 1}', '{"reading": 2}']
         assert all(c["method"] == "POST" and c["path"] == "/" for c in got)
         principal = auth.authenticate(got[0]["auth"])  # the gateway's own service token
         assert principal.subject == "gateway-mqtt"
@@ -85,7 +86,9 @@ async def test_topic_message_invokes_the_function(
             return app.mqtt is not None and app.mqtt.delivered == 2
 
         await await_until(acked, 5, "messages acknowledged")
-        assert len(calls(redis_url)) == 2
+        assert len(calls(redis_url)) == 3
+        # Subscription identifiers route each message to exactly the functions whose filter matched.
+        assert await app.invocation_counts() == {"mqtt-listen": 2, "mqtt-listen-too": 1}
 
 
 @pytest.mark.slow
@@ -130,3 +133,29 @@ async def test_schedule_fires_once_per_tick_across_workers(env: dict[str, str], 
     assert fired == len(records)
     # Two workers, one call per tick: never more calls than ticks that passed.
     assert len(records) <= int(elapsed) + 2
+
+
+def test_service_token_is_reminted_before_expiry(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.connectors import ServiceToken
+
+    token = ServiceToken("edge", ttl_s=100)
+    first = token.header()
+    assert first is not None
+    assert auth.authenticate(first.decode()).subject == "gateway-edge"
+    assert token.header() is first  # cached while fresh
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 80)  # past 3/4 of the TTL
+    assert token.header() is not first
+
+
+def test_without_signing_key_connectors_call_without_token(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from gateway.connectors import ServiceToken
+    from metertwin.settings import reset_settings
+
+    monkeypatch.setenv("SECRETS_DIR", str(tmp_path))
+    monkeypatch.delenv("TOKEN_SIGNING_KEY", raising=False)
+    reset_settings()
+    try:
+        assert ServiceToken("edge").header() is None
+    finally:
+        reset_settings()

@@ -37,7 +37,7 @@ def test_test_stack_loads_and_selects_zones(monkeypatch: pytest.MonkeyPatch) -> 
     assert stack.gateway == "http://127.0.0.1:8080"
     assert [f.name for f in stack.select("edge")] == ["edge-echo", "edge-echo-two"]
     assert [f.name for f in stack.select("fog")] == ["fog-echo"]
-    assert len(stack.select("all")) == len(stack.functions) == 5
+    assert len(stack.select("all")) == len(stack.functions) == 6
     echo = stack.functions["edge-echo"]
     assert echo.handler_dir == ECHO_DIR
     assert echo.environment["REDIS_URL"] == "redis://example:1/0"
