@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from openleadr import OpenADRServer, objects, utils
+from openleadr.service import VTNService
 
 from dr_bridge.bridge import Bridge, BridgeConfig, quiet_scheduler_logs
 from dr_bridge.invoke import HttpInvoker, Invoke
@@ -67,7 +68,8 @@ class UtilityVtn:
     """
 
     def __init__(self, vtn_id: str = "MeterTwinVtn", port: int | None = None, poll_s: float = 1.0,
-                 sampling_s: float = 2.0, host: str = "127.0.0.1", **server_kw: Any) -> None:
+                 sampling_s: float = 2.0, host: str = "127.0.0.1", ven_fingerprint: str | None = None,
+                 **server_kw: Any) -> None:
         if vtn_id.islower():
             raise ValueError(f"VTN id {vtn_id!r} is all lower case: VENs answer 452 (use a capital letter)")
         self.vtn_id = vtn_id
@@ -76,6 +78,9 @@ class UtilityVtn:
         self.poll_s = poll_s
         self.sampling_s = sampling_s
         self.server_kw = server_kw
+        #: With TLS: the fingerprint every VEN's client certificate must have (one bridge certificate).
+        self.ven_fingerprint = ven_fingerprint
+        self.registration_attempts = 0
         self.answers: list[OptAnswer] = []
         self.reports: list[ReportValue] = []
         self.registered: dict[str, str] = {}
@@ -90,9 +95,10 @@ class UtilityVtn:
 
     async def start(self) -> None:
         quiet_scheduler_logs()
+        extra = {"ven_lookup": self._ven_lookup} if self.ven_fingerprint else {}
         server = OpenADRServer(vtn_id=self.vtn_id, http_port=self.port, http_host=self.host,
                                requested_poll_freq=timedelta(seconds=self.poll_s), show_fingerprint=False,
-                               **self.server_kw)
+                               **extra, **self.server_kw)
         server.add_handler("on_create_party_registration", self._register)
         server.add_handler("on_register_report", self._register_report)
         events = server.services["event_service"]
@@ -114,8 +120,16 @@ class UtilityVtn:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+        if self.ven_fingerprint and "ven_lookup" in VTNService.__dict__:
+            # openleadr stores ven_lookup on the VTNService *class*: a later VTN in this process would inherit it.
+            del VTNService.ven_lookup
+
+    def _ven_lookup(self, ven_id: str) -> dict[str, Any]:
+        return {"ven_id": ven_id, "ven_name": ven_id, "fingerprint": self.ven_fingerprint,
+                "registration_id": self.registered.get(ven_id)}
 
     def _register(self, payload: dict[str, Any]) -> tuple[str, str]:
+        self.registration_attempts += 1
         ven_id = str(payload.get("ven_id") or payload["ven_name"])
         self.registered[ven_id] = self.registered.get(ven_id) or f"reg-{uuid.uuid4().hex[:12]}"
         return ven_id, self.registered[ven_id]
