@@ -94,9 +94,10 @@ def _parse_wrk(out: str) -> WrkResult:
 
 
 @contextmanager
-def hello_server() -> Iterator[str]:
+def served(module: str, *args: str) -> Iterator[str]:
+    """``python -m <module> --port N ...`` (served like a gateway); yields its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.hello", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_port(port, proc=proc)  # type: ignore[arg-type]
@@ -117,17 +118,23 @@ def bench_cached_reads(stack: EmbeddedStack, *, rounds: int, seconds: float) -> 
     token = stack.token("utility")
     url = f"{stack.url('edge')}/function/edge-read/meters/{meter}/reading?max_age=3600"
     check = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
-    assert check["source"] == "cache", check
+    if check.get("source") != "cache":
+        raise RuntimeError(f"the benchmark reading is not served from cache: {check}")
     gw_peak: list[WrkResult] = []
     hello_peak: list[WrkResult] = []
-    with hello_server() as hello_url:
-        wrk(hello_url, seconds=2, connections=32)  # warm-up
+    redis_peak: list[WrkResult] = []
+    redis_args = ("--redis-url", stack.redis["edge"].url, "--key", keys.twin(meter))
+    with served("gateway.hello") as hello_url, served("loadtest.redis_hello", *redis_args) as redis_url:
+        for warm in (hello_url, redis_url):
+            wrk(warm, seconds=2, connections=32)
         wrk(url, seconds=2, connections=32, token=token)
         for _ in range(rounds):
             hello_peak.append(wrk(hello_url, seconds=seconds, connections=32))
+            redis_peak.append(wrk(redis_url, seconds=seconds, connections=32))
             gw_peak.append(wrk(url, seconds=seconds, connections=32, token=token))
     gw_rps = statistics.median(r.rps for r in gw_peak)
     hello_rps = statistics.median(r.rps for r in hello_peak)
+    redis_rps = statistics.median(r.rps for r in redis_peak)
     # Half of peak: 16 connections, each pausing so that together they offer gw_rps / 2.
     conns = 16
     target = gw_rps / 2
@@ -141,6 +148,8 @@ def bench_cached_reads(stack: EmbeddedStack, *, rounds: int, seconds: float) -> 
         "hello_rps_median": round(hello_rps),
         "ratio": round(gw_rps / hello_rps, 3),
         "ratios_per_round": [round(g.rps / h.rps, 3) for g, h in zip(gw_peak, hello_peak, strict=True)],
+        "asgi_redis_rps_median": round(redis_rps),
+        "ratio_to_asgi_redis": round(gw_rps / redis_rps, 3),
         "peak_p50_ms": statistics.median(r.p50_ms for r in gw_peak),
         "peak_p99_ms": statistics.median(r.p99_ms for r in gw_peak),
         "half_target_rps": round(target),
@@ -177,7 +186,8 @@ def bench_live_reads(stack: EmbeddedStack, *, reads: int, link_ms: float) -> dic
             t0 = time.perf_counter()
             resp = client.get(url, params=params, headers={"Authorization": f"Bearer {token}"})
             samples.append((time.perf_counter() - t0) * 1000)
-            assert resp.status_code == 200 and resp.json()["source"] == "meter", resp.text
+            if resp.status_code != 200 or resp.json()["source"] != "meter":
+                raise RuntimeError(f"live read was not served by the meter: {resp.status_code} {resp.text[:200]}")
         client.close()
     finally:
         fleet.stop()
@@ -218,7 +228,8 @@ def bench_memory(twins: int) -> dict[str, Any]:
         sample_id = f"mtr-{twins // 2:07d}"
         sample = client.memory_usage(keys.twin(sample_id))
         twin = TwinStore(client).get(sample_id)
-        assert twin.measurement is not None and twin.delta == {"reporting_interval_s": 300}
+        if twin.measurement is None or twin.delta != {"reporting_interval_s": 300}:
+            raise RuntimeError(f"benchmark twin {sample_id} is not what was written: {twin.to_dict()}")
         client.close()
     return {"twins": twins, "bytes_per_twin": round((after - before) / twins, 1), "memory_usage_one_twin": sample}
 
