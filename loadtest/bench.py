@@ -100,7 +100,7 @@ def served(module: str, *args: str) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for_port(port, proc=proc)  # type: ignore[arg-type]
+        wait_for_port(port, proc=proc)
         yield f"http://127.0.0.1:{port}/"
     finally:
         proc.terminate()
