@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["GATEWAY_SECRETS_DIR"] = args.secrets_dir or ""
             os.environ["GATEWAY_OPTIONS"] = json.dumps(options)
             os.environ["GATEWAY_INSTANCE_PREFIX"] = instance
-            create_app(args.stack, args.zone, secrets_dir=args.secrets_dir, **options)  # fail fast on errors
+            # Fail fast on stack errors before forking workers.
+            create_app(args.stack, args.zone, secrets_dir=args.secrets_dir, **options).executor.shutdown(wait=False)
             uvicorn.run(
                 "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
                 loop="uvloop", http="httptools", access_log=False, log_level=args.log_level,

@@ -237,20 +237,36 @@ class MqttConnector:
                 return
 
     async def stop(self, timeout_s: float) -> None:
-        """Leave the shared group and end the session (so the broker sends nothing to it), then drain."""
+        """Leave the shared group, finish the messages already received, then end the session.
+
+        After the UNSUBACK the broker sends nothing more; the messages it sent before are
+        handled and acknowledged. Only when all of them are is the session ended at once
+        (expiry 0); otherwise it is kept, so the unacknowledged ones are redelivered.
+        """
         if self._thread is None:
             return
         self._stopping = True
+        deadline = time.monotonic() + timeout_s
+        unsubscribed = threading.Event()
+        self.client.on_unsubscribe = lambda *_args: unsubscribed.set()
         with contextlib.suppress(Exception):
             if self.client.is_connected():
                 self.client.unsubscribe([self.shared(t) for t in self.filters])
+                await asyncio.to_thread(unsubscribed.wait, min(2.0, timeout_s))
+        pending: set[concurrent.futures.Future[None]] = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.to_thread(
+                concurrent.futures.wait, pending, max(0.1, deadline - time.monotonic())
+            )
         props = _props(PacketTypes.DISCONNECT)
-        props.SessionExpiryInterval = 0
-        if self._tasks:
-            await asyncio.to_thread(concurrent.futures.wait, set(self._tasks), timeout_s)
+        if pending:
+            log.warning("MQTT zone %s: %d messages still being handled at shutdown; keeping the session "
+                        "so that they are redelivered", self.zone, len(pending))
+        else:
+            props.SessionExpiryInterval = 0
         with contextlib.suppress(Exception):
             self.client.disconnect(properties=props)
-        await asyncio.to_thread(self._thread.join, timeout_s)
+        await asyncio.to_thread(self._thread.join, max(0.1, deadline - time.monotonic()))
         self._thread = None
 
     # -- paho callbacks (network thread) -----------------------------------------------------

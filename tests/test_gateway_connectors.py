@@ -159,3 +159,33 @@ def test_without_signing_key_connectors_call_without_token(monkeypatch: pytest.M
         assert ServiceToken("edge").header() is None
     finally:
         reset_settings()
+
+
+async def test_graceful_stop_keeps_the_session_for_unfinished_messages(
+    env: dict[str, str], redis_url: str, mosquitto: Mosquitto, topics: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while a handler still runs: the message is not acknowledged and comes back to the instance."""
+    write_basic_auth(env)
+    instance = f"gw-graceful-{topics[-8:]}"
+    monkeypatch.setenv("ECHO_SLOW_S", "1.5")
+    async with gateway_client("mqtt", instance=instance, drain_timeout_s=0.3) as (first, _):
+
+        async def ready() -> bool:
+            return first.connectors_ready()
+
+        await await_until(ready, 10, "MQTT subscriptions")
+        publish(mosquitto, f"{topics}/b/m-graceful", b'{"slow": true}')
+
+        async def started() -> bool:
+            return any(c["phase"] == "started" for c in calls(redis_url))
+
+        await await_until(started, 10, "handler started")
+    assert first.mqtt is not None
+    assert first.mqtt.delivered == 0
+    monkeypatch.setenv("ECHO_SLOW_S", "0")
+    async with gateway_client("mqtt", instance=instance) as (second, _):
+
+        async def redelivered() -> bool:
+            return second.mqtt is not None and second.mqtt.delivered == 1
+
+        await await_until(redelivered, 10, "message redelivered to the same instance")
