@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import cast
 
 from metertwin import cold_store, hot_store, keys
 from metertwin.intervals import DAY_MS, Row, Tier, day_of, day_start_ms, days_between
 from metertwin.mdms_settings import get_mdms_settings
+
+#: Cold meter-days are fetched this many ahead, in parallel (S3 latency, not bandwidth, dominates).
+PREFETCH_DAYS = 8
+_pool = ThreadPoolExecutor(max_workers=PREFETCH_DAYS, thread_name_prefix="mdms-cold")
 
 
 def cold_days(meter_id: str, from_ms: int, to_ms: int) -> set[str]:
@@ -39,13 +44,20 @@ def iter_days(
     for member, row in hot:
         by_day.setdefault(day_of(row.ts_ms), []).append((member, row))
     quiet = day_of(from_ms) if resumed else None
-    for day in days_between(from_ms, to_ms):
+    days = days_between(from_ms, to_ms)
+    cold_order = [d for d in days if d in cold]
+    fetching: dict[str, Future[list[Row]]] = {}
+    for day in days:
         hot_rows = by_day.get(day, [])
         count = note and day != quiet
         merged: dict[int, tuple[Row, Tier]] = {}
         if day in cold:
             lo, hi = max(from_ms, day_start_ms(day)), min(to_ms, day_start_ms(day) + DAY_MS - 1)
-            day_rows = cold_store.read_meter_day(meter_id, day)
+            at = cold_order.index(day)
+            for ahead in cold_order[at:at + PREFETCH_DAYS]:
+                if ahead not in fetching:
+                    fetching[ahead] = _pool.submit(cold_store.read_meter_day, meter_id, ahead)
+            day_rows = fetching.pop(day).result()
             for r in day_rows:
                 if lo <= r.ts_ms <= hi:
                     merged[r.ts_ms] = (r, "cold")
