@@ -20,9 +20,11 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
+import json
 import time
 
 from metertwin import topics
+from metertwin.binding import register_inbox_route, v1_ingest
 from metertwin.clients import get_redis
 from metertwin.errors import InvalidInput
 from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json
@@ -31,6 +33,8 @@ from metertwin.twin import twin_store
 
 router = Router()
 MAX_READING_BYTES = 4096
+# Readings of meters bound to another release are parked for it and it is nudged (metertwin.binding).
+register_inbox_route(router, v1_ingest)
 
 
 @router.post("/", scopes={"service"})
@@ -42,12 +46,10 @@ def on_message(req: Request) -> Response:
         raise InvalidInput(f"X-Topic: {exc}", field="X-Topic") from None
     if topic == topics.readings(meter_id):
         reading = parse_json(req.event.body, Reading, max_bytes=MAX_READING_BYTES)
-        measurement = reading.model_dump(exclude={"seq"})
-        applied, version = twin_store(get_redis()).report_measurement(meter_id, measurement, reading.seq)
-        return json_response(
-            {"meter_id": meter_id, "seq": reading.seq, "result": "applied" if applied else "duplicate",
-             "version": version}
-        )
+        measurement = json.dumps(reading.model_dump(exclude={"seq"}), separators=(",", ":"))
+        outcome = v1_ingest(get_redis()).run(meter_id, measurement, reading.ts, reading.seq,
+                                             req.header("Authorization"))
+        return json_response(outcome.to_dict(meter_id, reading.seq))
     if topic == topics.status(meter_id):
         state = req.event.body.decode(errors="replace").strip().strip('"')
         if state not in ("online", "offline"):

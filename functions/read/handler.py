@@ -20,18 +20,33 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
+import json
 import time
 from typing import Any
 
 from metertwin import topics
-from metertwin.clients import get_mqtt, get_redis
-from metertwin.errors import InvalidInput, MeterTimeout
-from metertwin.http import Context, Event, Request, Response, Router, json_response, query_bool, query_float, validate
+from metertwin.binding import bound_reading, require_bound, serve
+from metertwin.clients import get_async_redis, get_mqtt, get_redis
+from metertwin.errors import InvalidInput, MeterTimeout, MeterTwinError
+from metertwin.http import (
+    Context,
+    Event,
+    Request,
+    Response,
+    Router,
+    error_response,
+    json_response,
+    query_bool,
+    query_float,
+    validate,
+)
 from metertwin.messages import ReadResponse
 from metertwin.settings import get_settings
-from metertwin.twin import TwinStore, twin_store
+from metertwin.twin import TwinStore, reading_async, twin_store
 
 router = Router()
+#: The release this function implements: calls for meters bound to another one are forwarded there.
+RELEASE = "v1"
 READERS = {"utility", "mdms", "billing", "ems", "consumer"}
 
 OPENAPI_PATHS: dict[str, Any] = {
@@ -79,7 +94,8 @@ def read(req: Request) -> Response:
     live = query_bool(req.query, "live")
     meter_id = req.params["meter_id"]
     store = _store()
-    version, cached = store.reading(meter_id)
+    version, raw = bound_reading(get_redis(), meter_id, RELEASE)
+    cached = json.loads(raw) if raw else None
     age = time.time() - float(cached["ts"]) if cached else None
     if not live and cached is not None and age is not None and age <= max_age:
         return _served(req, version, cached, "cache")
@@ -109,9 +125,36 @@ def _timed_out(
 
 @router.get("/meters/{meter_id}/twin", scopes=READERS)
 def twin_document(req: Request) -> Response:
+    require_bound(get_redis(), req.params["meter_id"], RELEASE, "read")
     twin = _store().get(req.params["meter_id"])
     return json_response(twin.to_dict(), headers={"ETag": f'"{twin.version}"'})
 
 
 def handle(event: Event, context: Context) -> Response:
-    return router.dispatch(event, context)
+    return serve(router, event, context, capability="read", release=RELEASE)
+
+
+async def handle_async(event: Event, context: Context) -> Any:
+    """metertwin's local gateway awaits this on its event loop; OpenFaaS only ever calls :func:`handle`.
+
+    It answers only cache hits for meters bound to this release — the same route, auth,
+    validation and answer as :func:`read` — and returns ``NotImplemented`` for everything
+    else (meter requests block; other releases are forwarded), which the gateway then runs
+    through :func:`handle` in its thread pool.
+    """
+    if event.method.upper() != "GET" or not (event.path or "").endswith("/reading"):
+        return NotImplemented
+    try:
+        fn, req = router.resolve(event)
+        if fn is not read or query_bool(req.query, "live"):
+            return NotImplemented
+        settings = get_settings()
+        max_age = query_float(req.query, "max_age", settings.default_read_max_age_s, lo=0, hi=365 * 86400)
+        query_float(req.query, "timeout", settings.meter_read_timeout_s, lo=0.05, hi=30)  # same 400 as read()
+        found = await reading_async(get_async_redis(), req.params["meter_id"])
+        cached = found.measurement
+        if (found.bound or RELEASE) != RELEASE or cached is None or time.time() - float(cached["ts"]) > max_age:
+            return NotImplemented
+        return _served(req, found.version, cached, "cache")
+    except MeterTwinError as exc:
+        return error_response(exc)
