@@ -31,11 +31,13 @@ def cold_days(meter_id: str, from_ms: int, to_ms: int) -> set[str]:
 
 
 def iter_days(
-    meter_id: str, from_ms: int, to_ms: int, *, note: bool = True, resumed: bool = False
+    meter_id: str, from_ms: int, to_ms: int, *, note: bool = True, resumed: bool = False,
+    asked: tuple[int, int] | None = None,
 ) -> Iterator[list[tuple[Row, Tier]]]:
     """Yield the merged rows of each UTC day in ``[from_ms, to_ms]``, day by day (lazy: a paginated
     reader stops fetching cold objects once it has a page). ``resumed``: the first day continues a
-    page already counted as a read of it, so it is not counted again."""
+    page already counted as a read of it, so it is not counted again. ``asked``: the range the
+    caller was asked for, when it reads a margin around it (only days in it count as read)."""
     hot = hot_store.rows(meter_id, from_ms, to_ms)
     cold = cold_days(meter_id, from_ms, to_ms)
     now = time.time()
@@ -45,11 +47,12 @@ def iter_days(
         by_day.setdefault(day_of(row.ts_ms), []).append((member, row))
     quiet = day_of(from_ms) if resumed else None
     days = days_between(from_ms, to_ms)
+    counted = set(days_between(*asked)) if asked else set(days)
     cold_order = [d for d in days if d in cold]
     fetching: dict[str, Future[list[Row]]] = {}
     for day in days:
         hot_rows = by_day.get(day, [])
-        count = note and day != quiet
+        count = note and day != quiet and day in counted
         merged: dict[int, tuple[Row, Tier]] = {}
         if day in cold:
             lo, hi = max(from_ms, day_start_ms(day)), min(to_ms, day_start_ms(day) + DAY_MS - 1)
@@ -71,10 +74,12 @@ def iter_days(
             yield [merged[t] for t in sorted(merged)]
 
 
-def read_rows(meter_id: str, from_ms: int, to_ms: int, *, note: bool = True) -> list[tuple[Row, Tier]]:
-    """All merged rows in ``[from_ms, to_ms]``, in time order."""
+def read_rows(
+    meter_id: str, from_ms: int, to_ms: int, *, note: bool = True, asked: tuple[int, int] | None = None
+) -> list[tuple[Row, Tier]]:
+    """All merged rows in ``[from_ms, to_ms]``, in time order (see :func:`iter_days`)."""
     out: list[tuple[Row, Tier]] = []
-    for day_rows in iter_days(meter_id, from_ms, to_ms, note=note):
+    for day_rows in iter_days(meter_id, from_ms, to_ms, note=note, asked=asked):
         out.extend(day_rows)
     return out
 

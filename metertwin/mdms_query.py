@@ -174,7 +174,7 @@ def meter_intervals(meter_id: str, lo: int, hi: int) -> list[IntervalEnergy]:
     """Interval energies of a meter in ``[lo, hi)`` (rows read with a margin so the ends interpolate)."""
     s = get_mdms_settings()
     margin = 2 * s.interval_ms
-    rows = [r for r, _t in interval_reader.read_rows(meter_id, lo - margin, hi + margin)]
+    rows = [r for r, _t in interval_reader.read_rows(meter_id, lo - margin, hi + margin, asked=(lo, hi - 1))]
     return interval_energies(rows, lo, hi, s.interval_ms, int(s.estimation_max_gap_s * 1000) or s.interval_ms * 2)
 
 

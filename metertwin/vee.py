@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from metertwin import dead_letters, hot_store
+from metertwin import dead_letters, hot_store, keys
 from metertwin.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from metertwin.http import METER_ID_RE, describe_validation_error
 from metertwin.intervals import Row, iso_ms
@@ -166,6 +166,7 @@ def ingest(candidates: Sequence[Candidate], *, now_s: float | None = None, dead_
     for (i, meter_id, row), out in zip(todo, outcomes, strict=True):
         verdicts[i] = _verdict(meter_id, row, out)
     final = [v for v in verdicts if v is not None]
+    _count_rejections([v.meter_id for v in final if v.status == "rejected" and v.rule in _STATELESS])
     if dead_letter and any(v.status == "rejected" for v in final):
         final = _dead_letter(candidates, final)
     return final
@@ -185,12 +186,28 @@ async def ingest_one_async(meter_id: str, payload: bytes, *, source: str, topic:
         verdict = _verdict(meter_id, row, await hot_store.ingest_one_async(meter_id, row, now_s=now))
     if verdict.status != "rejected":
         return verdict
+    if verdict.rule in _STATELESS and METER_ID_RE.match(meter_id):
+        await hot_store.get_hot_redis_async().hincrby(keys.mdms_counters(meter_id), "rejected", 1)
     entry = await dead_letters.add_async(
         meter_id=meter_id if METER_ID_RE.match(meter_id) else "", source=source, payload=payload,
         rule=verdict.rule or "unknown", reason=verdict.reason or "", topic=topic,
     )
     return Verdict("rejected", meter_id, verdict.seq, verdict.ts_ms, rule=verdict.rule, reason=verdict.reason,
                    dead_letter_id=entry)
+
+
+#: Rules judged before the Lua script (which counts its own rejections).
+_STATELESS = frozenset({"json", "schema", "range", "units", "oversized", "future", "too_old"})
+
+
+def _count_rejections(meter_ids: Sequence[str]) -> None:
+    valid = [m for m in meter_ids if METER_ID_RE.match(m)]
+    if not valid:
+        return
+    pipe = hot_store.get_hot_redis().pipeline(transaction=False)
+    for m in valid:
+        pipe.hincrby(keys.mdms_counters(m), "rejected", 1)
+    pipe.execute()
 
 
 def _dead_letter(candidates: Sequence[Candidate], verdicts: list[Verdict]) -> list[Verdict]:
@@ -306,6 +323,7 @@ def ingest_batch(batch: Batch, *, now_s: float | None = None) -> list[Verdict]:
             verdicts.append(Verdict("accepted", c.meter_id))  # placeholder
             valid.append(c)
             slots.append(len(verdicts) - 1)
+    _count_rejections([c.meter_id for c in candidates if isinstance(c.payload, _Invalid)])
     for slot, v in zip(slots, ingest(valid, now_s=now_s, dead_letter=False), strict=True):
         verdicts[slot] = v
     if any(v.status == "rejected" for v in verdicts):
@@ -395,8 +413,6 @@ def edit(meter_id: str, req: EditRequest, *, who: str, now_s: float | None = Non
 
 def audit_trail(meter_id: str, *, limit: int = 100) -> list[dict[str, Any]]:
     """The meter's edits, newest first."""
-    from metertwin import keys
-
     entries = cast(list[tuple[str, dict[str, str]]],
                    hot_store.get_hot_redis().xrevrange(keys.mdms_audit(meter_id), "+", "-", count=limit))
     out = []

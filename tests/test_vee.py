@@ -108,6 +108,7 @@ def test_schema_and_range_violations_are_dead_lettered(meter_id: str, payload: b
     assert len(dl) == 1
     assert dl[0]["rule"] == rule
     assert dl[0]["source"] == "mqtt"
+    assert _counters(meter_id) == {"rejected": 1}
     assert dl[0]["topic"] == f"meters/{meter_id}/up/reading"
 
 
