@@ -117,33 +117,47 @@ def unique_port() -> int:
     raise CompareError("no unused loopback port found")
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a client connects: a service's own port (no hop) or the first hop of a proxy chain."""
+
+    port: int = 0
+    route: str | None = None
+
+    def resolve(self, ports: dict[str, int]) -> int:
+        """The port, once the proxy has bound its routes (``ports``: route name -> port)."""
+        return ports[self.route] if self.route is not None else self.port
+
+
 @dataclass
 class Wiring:
-    """Proxy routes for one topology: every path becomes a chain of hops, one listening port each."""
+    """Proxy routes for one topology: every path becomes a chain of hops, one listening port each.
+
+    The proxy binds every route's port itself (port 0) and chains hops by route name, so no port is
+    picked in advance except the target services' own.
+    """
 
     topo: Topology
     routes: list[dict[str, Any]] = field(default_factory=list)
-    _memo: dict[tuple[tuple[str, ...], str], int] = field(default_factory=dict)
+    _memo: dict[tuple[tuple[str, ...], str], Endpoint] = field(default_factory=dict)
 
-    def entry(self, path: list[str], service: str, target_port: int) -> int:
-        """Port the first node of ``path`` connects to, to reach ``service`` listening on ``target_port``."""
+    def entry(self, path: list[str], service: str, target_port: int) -> Endpoint:
+        """What the first node of ``path`` connects to, to reach ``service`` listening on ``target_port``."""
         if len(path) == 1:
-            return target_port
+            return Endpoint(port=target_port)
         key = (tuple(path), service)
         if key in self._memo:
             return self._memo[key]
-        port = target_port
-        hops = list(itertools.pairwise(path))
-        for src, dst in reversed(hops):
+        target: dict[str, Any] = {"target_port": target_port}
+        name = ""
+        for src, dst in reversed(list(itertools.pairwise(path))):
             link = self.topo.link(src, dst)
-            listen = unique_port()
-            self.routes.append({
-                "name": f"{service}:{'>'.join(path)}:{src}->{dst}", "link": link.name, "src": src, "dst": dst,
-                "listen_port": listen, "target_host": "127.0.0.1", "target_port": port,
-            })
-            port = listen
-        self._memo[key] = port
-        return port
+            name = f"{service}:{'>'.join(path)}:{src}->{dst}"
+            self.routes.append({"name": name, "link": link.name, "src": src, "dst": dst, "listen_port": 0,
+                                "target_host": "127.0.0.1", **target})
+            target = {"target_route": name}
+        self._memo[key] = Endpoint(route=name)
+        return self._memo[key]
 
     def proxy_config(self) -> dict[str, Any]:
         links: dict[str, Any] = {}
@@ -248,29 +262,19 @@ def start_arch(topo: Topology, cfg: RunConfig, workdir: Path) -> Iterator[Arch]:
         gw_ports = {zone: unique_port() for zone in by_zone}
 
         wiring = Wiring(topo)
-        zone_env: dict[str, dict[str, str]] = {}
+        zone_eps: dict[str, dict[str, Endpoint]] = {}
         for zone in by_zone:
-            redis_port = wiring.entry(topo.path(zone, "hot-store"), "redis", redis.port)
-            mqtt_port = wiring.entry(topo.path(zone, "broker"), "mqtt", mosq.port)
-            zone_env[zone] = {
-                "ZONE": zone, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "MQTT_HOST": "127.0.0.1",
-                "MQTT_PORT": str(mqtt_port), "MQTT_USERNAME": mosq.service_user,
-            }
+            zone_eps[zone] = {"redis": wiring.entry(topo.path(zone, "hot-store"), "redis", redis.port),
+                              "mqtt": wiring.entry(topo.path(zone, "broker"), "mqtt", mosq.port)}
             if s3 is not None:
-                s3_port = wiring.entry(topo.path(zone, "cold-store"), "s3", s3.port)
-                zone_env[zone]["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_port}"
-                zone_env[zone]["MDMS_DATA_ZONE"] = p.hot_store
-                # The registry function does not write the MDMS registry entry (keys.registry_entry):
-                # without this, the MDMS would refuse the seeded readings of twins it was not told about.
-                zone_env[zone]["MDMS_REQUIRE_REGISTERED_METER"] = "false"
-        app_urls: dict[str, str] = {}
+                zone_eps[zone]["s3"] = wiring.entry(topo.path(zone, "cold-store"), "s3", s3.port)
+        app_eps: dict[str, Endpoint] = {}
         for cap in ("read", "write", "mdms-query", "p2p", "ingest"):
             zone = p.zone_of(cap)
             if zone in gw_ports:
-                port = wiring.entry(topo.path("apps", cap), f"gw-{zone}", gw_ports[zone])
-                app_urls[cap] = f"http://127.0.0.1:{port}"
-        meter_port = wiring.entry(topo.path("meters", "broker"), "mqtt", mosq.port)
-        app_broker_port = wiring.entry(topo.path("apps", "broker"), "mqtt", mosq.port)
+                app_eps[cap] = wiring.entry(topo.path("apps", cap), f"gw-{zone}", gw_ports[zone])
+        meter_ep = wiring.entry(topo.path("meters", "broker"), "mqtt", mosq.port)
+        app_broker_ep = wiring.entry(topo.path("apps", "broker"), "mqtt", mosq.port)
 
         # Proxy: one process for all hops of this architecture.
         proxy_cfg = workdir / "proxy.json"
@@ -287,7 +291,26 @@ def start_arch(topo: Topology, cfg: RunConfig, workdir: Path) -> Iterator[Arch]:
         ready_line = proxy.stdout.readline()
         if not ready_line:
             raise CompareError(f"proxy did not start: {(workdir / 'proxy.log').read_text()[-2000:]}")
-        stats_port = int(json.loads(ready_line)["stats_port"])
+        ready = json.loads(ready_line)
+        stats_port = int(ready["stats_port"])
+        ports: dict[str, int] = {k: int(v) for k, v in ready["ports"].items()}
+
+        zone_env: dict[str, dict[str, str]] = {}
+        for zone, eps in zone_eps.items():
+            zone_env[zone] = {
+                "ZONE": zone, "REDIS_URL": f"redis://127.0.0.1:{eps['redis'].resolve(ports)}/0",
+                "MQTT_HOST": "127.0.0.1", "MQTT_PORT": str(eps["mqtt"].resolve(ports)),
+                "MQTT_USERNAME": mosq.service_user,
+            }
+            if "s3" in eps:
+                zone_env[zone]["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{eps['s3'].resolve(ports)}"
+                zone_env[zone]["MDMS_DATA_ZONE"] = p.hot_store
+                # The registry function does not write the MDMS registry entry (keys.registry_entry):
+                # without this, the MDMS would refuse the seeded readings of twins it was not told about.
+                zone_env[zone]["MDMS_REQUIRE_REGISTERED_METER"] = "false"
+        app_urls = {cap: f"http://127.0.0.1:{ep.resolve(ports)}" for cap, ep in app_eps.items()}
+        meter_port = meter_ep.resolve(ports)
+        app_broker_port = app_broker_ep.resolve(ports)
 
         # One stack file per architecture: every function re-homed to the zone the topology names.
         names: dict[str, str] = {}
@@ -763,6 +786,8 @@ def run_compare(topologies: list[Topology], cfg: RunConfig, out_dir: Path) -> Pa
                         scen[name] = SCENARIOS[name](arch, cfg)
                     except (CompareError, httpx.HTTPError, ServiceError) as exc:
                         scen[name] = ScenarioResult(name, unavailable=f"failed: {exc}")
+                    except Exception as exc:  # one broken scenario must not lose the others' results
+                        scen[name] = ScenarioResult(name, unavailable=f"failed: {type(exc).__name__}: {exc}")
                 notes = list(arch.notes)
                 _keep_logs(arch.dir, out_dir / "logs" / topo.name)
             results.append(ArchResult(topo, scen, notes, time.monotonic() - t0))

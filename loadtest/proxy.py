@@ -24,8 +24,10 @@ CLI (used by ``loadtest.compare``; one process carries all routes of one archite
 
 ``routes.json``: ``{"links": {"edge-fog": {"latency_ms": 5, "jitter_ms": 1, "bandwidth_mbps": {"edge->fog": 100,
 "fog->edge": 100}}}, "routes": [{"name": "read->redis", "link": "edge-fog", "src": "edge", "dst": "fog",
-"listen_port": 0, "target_host": "127.0.0.1", "target_port": 6379}]}``. The listening ports actually bound are
-printed as one JSON line on stdout (``{"ready": true, "ports": {...}, "stats_port": N}``).
+"listen_port": 0, "target_host": "127.0.0.1", "target_port": 6379}]}``. Instead of ``target_port`` a route may
+name ``target_route``: it then relays to that route's listening port (chains of hops without picking ports in
+advance, which other programs could take in between). The listening ports actually bound are printed as one
+JSON line on stdout (``{"ready": true, "ports": {...}, "stats_port": N}``).
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ class Route:
     src: str
     dst: str
     target_host: str
-    target_port: int
+    target_port: int = 0
     listen_port: int = 0
+    #: Relay to this other route's listening port instead of ``target_port``.
+    target_route: str | None = None
 
     def __post_init__(self) -> None:
         if self.target_host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"route {self.name!r}: target_host {self.target_host!r} is not loopback")
+        if not self.target_port and not self.target_route:
+            raise ValueError(f"route {self.name!r} needs a target_port or a target_route")
 
     @property
     def up(self) -> str:
@@ -141,6 +147,10 @@ class DelayProxy:
         names = [r.name for r in routes]
         if len(set(names)) != len(names):
             raise ValueError(f"route names repeat: {sorted(n for n in names if names.count(n) > 1)}")
+        for route in routes:
+            if route.target_route is not None and route.target_route not in names:
+                raise ValueError(f"route {route.name!r} names unknown target_route {route.target_route!r}")
+        self._targets: dict[str, int] = {}
         self.routes = routes
         self.max_duration_s = max_duration_s
         self.stats_port_requested = stats_port
@@ -171,6 +181,8 @@ class DelayProxy:
                 functools.partial(self._accept, route), "127.0.0.1", route.listen_port
             )
             self._servers[route.name] = server
+        for route in self.routes:
+            self._targets[route.name] = self.port(route.target_route) if route.target_route else route.target_port
         if self.stats_port_requested is not None:
             self._stats_server = await asyncio.start_server(self._serve_stats, "127.0.0.1", self.stats_port_requested)
         loop = asyncio.get_running_loop()
@@ -259,7 +271,7 @@ class DelayProxy:
             connect_at = time.monotonic() + 2 * link.latency_ms / 1000.0
             try:
                 up_reader, upstream = await asyncio.wait_for(
-                    asyncio.open_connection(route.target_host, route.target_port), CONNECT_TIMEOUT_S
+                    asyncio.open_connection(route.target_host, self._targets[route.name]), CONNECT_TIMEOUT_S
                 )
             except (OSError, TimeoutError):
                 return
@@ -383,7 +395,8 @@ def load_config(data: dict[str, Any]) -> tuple[list[LinkSpec], list[Route]]:
     routes = [
         Route(
             name=r["name"], link=r["link"], src=r["src"], dst=r["dst"], target_host=r.get("target_host", "127.0.0.1"),
-            target_port=int(r["target_port"]), listen_port=int(r.get("listen_port", 0)),
+            target_port=int(r.get("target_port", 0)), listen_port=int(r.get("listen_port", 0)),
+            target_route=r.get("target_route"),
         )
         for r in data.get("routes", [])
     ]

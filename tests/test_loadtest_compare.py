@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtest.compare import RunConfig, Wiring, percentile, rows_from_locust
+from loadtest.compare import Endpoint, RunConfig, Wiring, percentile, rows_from_locust
 from loadtest.topology import TOPOLOGY_DIR, load_topology, parse_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,16 +21,18 @@ def test_wiring_chains_one_hop_per_link() -> None:
     wiring = Wiring(tc)
     entry = wiring.entry(tc.path("apps", "read"), "gw-cloud", 9999)
     hops = [(r["src"], r["dst"], r["link"]) for r in wiring.routes]
-    # Built from the far end back: cloud first, apps last; each hop targets the next one's port.
+    # Built from the far end back: cloud first, apps last; each hop relays to the next one's route.
     assert hops == [("fog", "cloud", "fog-cloud"), ("edge", "fog", "edge-fog"), ("apps", "edge", "apps-edge")]
     assert wiring.routes[0]["target_port"] == 9999
-    assert wiring.routes[1]["target_port"] == wiring.routes[0]["listen_port"]
-    assert entry == wiring.routes[2]["listen_port"]
+    assert wiring.routes[1]["target_route"] == wiring.routes[0]["name"]
+    assert wiring.routes[2]["target_route"] == wiring.routes[1]["name"]
+    assert entry == Endpoint(route=wiring.routes[2]["name"])
+    assert entry.resolve({wiring.routes[2]["name"]: 4242}) == 4242
     # Same path and service: same entry, no new routes.
     assert wiring.entry(tc.path("apps", "write"), "gw-cloud", 9999) == entry
     assert len(wiring.routes) == 3
     # A service in the same zone needs no hop.
-    assert wiring.entry(tc.path("cloud", "hot-store"), "redis", 6379) == 6379
+    assert wiring.entry(tc.path("cloud", "hot-store"), "redis", 6379).resolve({}) == 6379
     cfg = wiring.proxy_config()
     assert cfg["links"]["fog-cloud"] == {"latency_ms": 20.0, "jitter_ms": 3.0,
                                          "bandwidth_mbps": {"fog->cloud": 1000.0, "cloud->fog": 1000.0}}

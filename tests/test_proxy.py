@@ -126,6 +126,24 @@ async def test_shapes_bandwidth_approximately() -> None:
     assert 0.4 <= elapsed <= 0.75, elapsed
 
 
+async def test_routes_chain_by_name(echo_port: int) -> None:
+    """A route may relay to another route's port: each hop adds its link's delay and counts its bytes."""
+    proxy = DelayProxy(
+        [LinkSpec("a-b", latency_ms=5.0), LinkSpec("b-c", latency_ms=10.0)],
+        [Route("far", "b-c", "b", "c", "127.0.0.1", echo_port),
+         Route("near", "a-b", "a", "b", "127.0.0.1", target_route="far")],
+        max_duration_s=60,
+    )
+    async with proxy:
+        rtts = await _rtts(proxy.port("near"), 10, b"abcd")
+        stats = proxy.stats()
+    assert 0.029 <= statistics.median(rtts) <= 0.040, rtts  # 2 x (5 + 10) ms
+    assert stats["links"]["a-b"]["a->b"] == 40
+    assert stats["links"]["b-c"]["c->b"] == 40
+    with pytest.raises(ValueError, match="unknown target_route 'nope'"):
+        DelayProxy([LinkSpec("a-b")], [Route("r", "a-b", "a", "b", "127.0.0.1", target_route="nope")])
+
+
 async def test_stats_endpoint_and_file(echo_port: int, tmp_path) -> None:
     stats_file = tmp_path / "stats.json"
     proxy = DelayProxy(
