@@ -92,3 +92,54 @@ def test_handler_runs_in_the_python3_http_image_layout(tmp_path: Path) -> None:
     assert out["answer"] == {"statusCode": 200, "body": "plain text", "headers": {"Content-Type": "text/plain"}}
     # The copy beside the handler was imported, not the repository's package.
     assert Path(out["metertwin"]).resolve() == (function_dir / "metertwin" / "__init__.py").resolve()
+
+
+VOLATILE = {"elapsed_ms", "ts", "age_s", "received_at", "request_id", "now", "run_id", "seconds"}
+PROBES = [
+    ("GET", "/", None, None),
+    ("GET", "/meters/m-parity-1/reading", None, None),
+    ("POST", "/", "service", b"{not json"),
+    ("POST", "/meters", "admin", b'{"meter_id": 12}'),
+    ("GET", "/no/such/route", "admin", None),
+    ("DELETE", "/meters/m-parity-1", "utility", None),
+]
+
+
+def _comparable(status: int, content_type: str, body: bytes) -> tuple[int, str, object]:
+    if content_type.startswith("application/json"):
+        value = json.loads(body)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in VOLATILE}
+        return status, "json", value
+    return status, content_type, body
+
+
+@pytest.mark.parametrize("zone", ["edge", "fog", "cloud"])
+async def test_repo_functions_answer_the_same_through_gateway_and_template(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    """Every function of the real stack.yml, on requests that need no meter: same status and body both ways."""
+    from metertwin import auth
+    from metertwin.settings import reset_settings
+
+    for prefix in ("EDGE", "FOG", "CLOUD"):
+        monkeypatch.setenv(f"{prefix}_REDIS_URL", env["REDIS_URL"])
+        monkeypatch.setenv(f"{prefix}_MQTT_HOST", env["MQTT_HOST"])
+        monkeypatch.setenv(f"{prefix}_MQTT_PORT", env["MQTT_PORT"])
+    write_basic_auth(env)
+    async with gateway_client(zone, stack=ROOT / "stack.yml", background=False) as (app, client):
+        reset_settings()
+        tokens = {scope: auth.issue_token(f"parity-{scope}", {scope}) for scope in ("service", "admin", "utility")}
+        for name, fn in app.functions.items():
+            flask_client = python3_http.create_app(
+                python3_http.import_handler(fn.spec.handler_dir / "handler.py", f"_p3http_{name.replace('-', '_')}")
+            ).test_client()
+            for method, path, scope, body in PROBES:
+                headers = {"Content-Type": "application/json"}
+                if scope:
+                    headers["Authorization"] = f"Bearer {tokens[scope]}"
+                ours = await client.request(method, f"/function/{name}{path}", content=body, headers=headers)
+                theirs = flask_client.open(path, method=method, data=body, headers=headers)
+                assert _comparable(ours.status_code, ours.headers["content-type"], ours.content) == _comparable(
+                    theirs.status_code, theirs.headers["Content-Type"], theirs.data
+                ), f"{name} {method} {path}"
