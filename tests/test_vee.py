@@ -369,6 +369,10 @@ def test_replay_many_by_rule(meter_id: str, monkeypatch: pytest.MonkeyPatch) -> 
                         body={"meter_id": meter_id, "rule": "unknown_meter"})
     assert status == 200, body
     assert (body["replayed"], body["accepted"]) == (3, 3)
+    status, body = call(ingest_handler(), "POST", "/dead-letters/replay", token=token("mdms"),
+                        body={"ids": [r["id"] for r in body["results"]]})
+    assert (status, body["skipped"]) == (200, 3)
+    assert "does not exist" in body["results"][0]["reason"]
     assert [r["seq"] for r in query_rows(meter_id, t - 1, t + 600)] == [0, 1, 2]
 
 

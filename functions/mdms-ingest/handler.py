@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from metertwin import auth, dead_letters, hot_store, topics, vee
-from metertwin.errors import InvalidInput, MeterTwinError, PayloadTooLarge, UnknownMeter
+from metertwin.errors import InvalidInput, MeterTwinError, NotFound, PayloadTooLarge, UnknownMeter
 from metertwin.http import (
     Context,
     Event,
@@ -191,11 +191,15 @@ def replay_many(req: Request) -> Response:
     ids = [dead_letters.check_id(i) for i in body.ids] if body.ids else [
         e.id for e in dead_letters.list_entries(meter_id=body.meter_id, rule=body.rule, limit=body.limit)[0]
     ][::-1]
-    results = []
+    results: list[dict[str, Any]] = []
     for entry_id in ids:
-        verdict = vee.replay_dead_letter(entry_id)
+        try:
+            verdict = vee.replay_dead_letter(entry_id)
+        except (NotFound, InvalidInput) as exc:  # gone meanwhile, or not replayable as stored
+            results.append({"id": entry_id, "status": "skipped", "reason": exc.message})
+            continue
         results.append({"id": entry_id, **verdict.to_dict()})
-    counts = {s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected")}
+    counts = {s: sum(1 for r in results if r["status"] == s) for s in ("accepted", "duplicate", "rejected", "skipped")}
     return json_response({"replayed": len(results), **counts, "results": results})
 
 
