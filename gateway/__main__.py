@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--secrets-dir", help="folder of secret files (becomes SECRETS_DIR; /var/openfaas/secrets)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each with its own pool)")
     p.add_argument("--threads", type=int, default=defaults.max_threads, help="handler threads per worker")
+    p.add_argument("--exec-timeout", type=float, default=defaults.exec_timeout_s,
+                   help="seconds before a call is answered 504 (its handler thread runs on)")
     p.add_argument("--instance", help="stable worker name for the async queue and MQTT session "
                    "(default <host>-<zone>-<port>; with --workers > 1 the pid is appended)")
     p.add_argument("--claim-idle", type=float, default=defaults.claim_idle_s,
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background,
-               "async_concurrency": args.async_concurrency}
+               "async_concurrency": args.async_concurrency, "exec_timeout_s": args.exec_timeout}
     try:
         if args.workers > 1:
             if args.port == 0:

@@ -85,6 +85,10 @@ _UNAUTHORIZED_HEADERS = [
 _RUNNING: set[GatewayApp] = set()
 
 
+class ExecTimeout(Exception):
+    """A handler did not answer within ``exec_timeout_s``."""
+
+
 def new_call_id() -> bytes:
     """A random version-4 UUID, as OpenFaaS sends in X-Call-Id.
 
@@ -101,6 +105,8 @@ class GatewayOptions:
 
     #: Threads running sync handlers (waitress runs the template with a few threads per replica).
     max_threads: int = 16
+    #: A call not answered in this time gets 504 (OpenFaaS's watchdog exec_timeout); its thread runs on.
+    exec_timeout_s: float = 30.0
     #: Stable name of this worker: async-queue consumer and MQTT client id. Reusing it after a
     #: crash lets the new process pick up the old one's pending calls and MQTT session at once.
     instance: str | None = None
@@ -159,6 +165,7 @@ class GatewayApp:
         self.mqtt: MqttConnector | None = None
         self.cron: CronConnector | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._deadlines: dict[asyncio.Future[Result], float] = {}
         self._redis_clients: list[aioredis.Redis] = []
         self._started = False
         password = self.settings.gateway_basic_auth_password.get_secret_value()
@@ -248,7 +255,7 @@ class GatewayApp:
             extra.append((b"x-call-id", call_id))
         event = Event(body, Headers(raw=[*raw_headers, *extra]), method, scope["query_string"], "/" + rest)
         if fn.handle_async is None:
-            result: Result = await self.executor.submit(call_handler, fn, event, self.context)
+            result: Result = await self._call_sync(fn, event)
         else:
             result = await self._call_async(fn, event)
         duration = time.perf_counter() - started
@@ -262,15 +269,43 @@ class GatewayApp:
         await send({"type": "http.response.start", "status": result.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else payload})
 
+    async def _call_sync(self, fn: LoadedFunction, event: Event) -> Result:
+        """``handle`` in the pool, answered with 504 after ``exec_timeout_s`` (the thread runs on)."""
+        future = self.executor.submit(call_handler, fn, event, self.context)
+        # Deadlines are swept by one background task (cheaper per call than a timer or wait_for).
+        self._deadlines[future] = time.monotonic() + self.options.exec_timeout_s
+        try:
+            return await future
+        except ExecTimeout:
+            log.warning("function %s did not answer %s %s within %s s", fn.name, event.method, event.path,
+                        self.options.exec_timeout_s)
+            return error_result(504, "function_timeout",
+                                f"function {fn.name} did not answer within {self.options.exec_timeout_s} s")
+        finally:
+            del self._deadlines[future]
+
+    async def _expire_calls(self) -> None:
+        interval = min(1.0, self.options.exec_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for future, deadline in list(self._deadlines.items()):
+                if deadline <= now and not future.done():
+                    future.set_exception(ExecTimeout())
+
     async def _call_async(self, fn: LoadedFunction, event: Event) -> Result:
         """The async lane: ``handle_async`` on the event loop; ``NotImplemented`` means "use handle"."""
         try:
-            answer = await fn.handle_async(event, self.context)  # type: ignore[misc]
+            answer = await asyncio.wait_for(fn.handle_async(event, self.context),  # type: ignore[misc]
+                                            self.options.exec_timeout_s)
+        except TimeoutError:
+            return error_result(504, "function_timeout",
+                                f"function {fn.name} did not answer within {self.options.exec_timeout_s} s")
         except Exception as exc:
             log.exception("function %s raised on %s %s", fn.name, event.method, event.path)
             return error_result(500, "function_error", f"function {fn.name} raised {type(exc).__name__}: {exc}")
         if answer is NotImplemented:
-            return await self.executor.submit(call_handler, fn, event, self.context)
+            return await self._call_sync(fn, event)
         return convert_answer(fn, event, answer)
 
     async def _too_large(self, send: Send, size: int, *, partial: bool = False) -> None:
@@ -324,7 +359,7 @@ class GatewayApp:
             return error_result(404, "not_found", f"error finding function {name}: not found")
         started = time.perf_counter()
         if fn.handle_async is None:
-            result = await self.executor.submit(call_handler, fn, event, self.context)
+            result = await self._call_sync(fn, event)
         else:
             result = await self._call_async(fn, event)
         self.metrics.observe(name, result.status, time.perf_counter() - started)
@@ -349,6 +384,7 @@ class GatewayApp:
         _RUNNING.add(self)
         self._started = True
         self.redis = self._new_redis(self.settings.redis_timeout_s)
+        self._spawn(self._expire_calls(), "exec-timeout")
         self._spawn(self.metrics.flush_forever(self.redis, self.options.flush_interval_s), "flush")
         # The async worker blocks up to 1 s in XREADGROUP: its own client with a longer timeout.
         self.queue = AsyncQueue(

@@ -295,3 +295,14 @@ async def test_handler_pool_delivers_results_and_errors() -> None:
         pool.shutdown(wait=True)
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(int)
+
+
+async def test_slow_handler_is_answered_504_after_the_exec_timeout(env: dict[str, str]) -> None:
+    write_basic_auth(env)
+    async with gateway_client("edge", background=False, exec_timeout_s=0.2) as (app, client):
+        resp = await client.get("/function/edge-echo/sleep?s=1")
+        assert resp.status_code == 504
+        assert resp.json()["error"] == "function_timeout"
+        assert "edge-echo did not answer within 0.2 s" in resp.json()["message"]
+        assert (await client.get("/function/edge-echo/text")).status_code == 200
+        assert 'code="504"' in app.metrics.render().decode()
