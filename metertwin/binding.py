@@ -43,6 +43,8 @@ from metertwin.http import Context, Event, Request, Response, Router, json_respo
 from metertwin.settings import get_settings
 
 log = logging.getLogger("metertwin.binding")
+# httpx logs every request at INFO: one line per nudge and per forward would drown the function log.
+logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
 
 #: The release of a twin whose hash has no ``b`` field: every twin provisioned before versioning.
 DEFAULT_RELEASE = "v1"

@@ -515,7 +515,9 @@ class UpgradeManager:
             status = self.advance(op_id, budget_s=min(2.0, max(0.1, deadline - time.monotonic())))
             counts = status["progress"]
             idle = not any(counts[s] for s in IN_FLIGHT) and not counts["rb_confirming"]
-            if status["state"] in until and (idle or status["state"] in ("observing", "paused")):
+            waiting = status["state"] == "paused" or (status["state"] == "observing"
+                                                        and not status["spec"].get("auto_promote"))
+            if status["state"] in until and (idle or waiting):
                 return status
             if time.monotonic() > deadline:
                 return status

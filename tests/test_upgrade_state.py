@@ -379,3 +379,43 @@ def test_crash_at_each_step_resumes_or_rolls_back_cleanly(
     # Every reading was applied once: the twins' cursors are the meters' last seq.
     assert all(twin_store(get_redis()).get(m).last_seq == seqs[m] for m in ids)
     assert not get_redis().exists(keys.upgrade_op_lock(op["id"]))
+
+
+def _metrics(v2_ok: int, v2_errors: int, v1_ok: int) -> str:
+    lines = []
+    for fn, ok, bad in (("edge-read-v2", v2_ok, v2_errors), ("edge-read", v1_ok, 0)):
+        lines += [f'gateway_function_invocation_total{{code="200",function_name="{fn}"}} {ok}.0',
+                  f'gateway_function_invocation_total{{code="500",function_name="{fn}"}} {bad}.0',
+                  f'gateway_functions_seconds_bucket{{function_name="{fn}",le="0.005"}} {ok + bad}.0',
+                  f'gateway_functions_seconds_bucket{{function_name="{fn}",le="+Inf"}} {ok + bad}.0',
+                  f'gateway_functions_seconds_sum{{function_name="{fn}"}} {(ok + bad) * 0.002}']
+    return "\n".join(["# HELP gateway_function_invocation_total x", *lines])
+
+
+def test_a_bad_canary_blocks_promote_and_rolls_itself_back(
+    twins: Callable[[int], list[str]], meters: Meters
+) -> None:
+    ids = twins(4)
+    scrape = {"text": _metrics(0, 0, 0)}
+    mgr = UpgradeManager(get_redis(), instance="test-manager", publish=meters.publish,
+                         metrics=lambda url: scrape["text"])
+    meters.manager = mgr
+    op = mgr.start(spec(ids, canary=1, metrics_url="http://gateway/metrics", min_calls=10))
+    assert mgr.run(op["id"], timeout_s=20)["state"] == "observing"
+    scrape["text"] = _metrics(5, 1, 50)
+    assert mgr.status(op["id"])["health"]["status"] == "insufficient"
+    scrape["text"] = _metrics(20, 10, 50)
+    with pytest.raises(Conflict, match=r"promote blocked by the canary's health: error rate 33\.33%"):
+        mgr.promote(op["id"])
+    assert mgr.promote(op["id"], force=True)["state"] == "rolling_out"
+    assert mgr.run(op["id"], timeout_s=20)["state"] == "completed"
+
+    ids = twins(4)
+    scrapes = [_metrics(0, 0, 0)]  # the snapshot when the canary starts; then every scrape is bad
+    mgr._fetch_metrics = lambda url: scrapes.pop() if scrapes else _metrics(20, 10, 50)
+    op = mgr.start(spec(ids, canary=1, metrics_url="http://gateway/metrics", min_calls=10, auto_promote=True,
+                        observe_s=0))
+    status = mgr.run(op["id"], timeout_s=20)
+    assert status["state"] == "rolled_back", status
+    assert "auto rollback: error rate" in status["reason"]
+    assert all(bound(m) == "v1" for m in ids)
