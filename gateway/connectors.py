@@ -6,7 +6,9 @@ with a subscription identifier per filter, so a message is routed to exactly the
 functions whose filter it matched. Each message invokes the function with the payload as
 body, ``POST /``, headers ``X-Topic``, ``Content-Type: application/json`` and the
 gateway's service bearer token. Delivery is at-least-once: messages are QoS1 and
-acknowledged (``manual_ack``) only after the handler returned; the session is persistent
+acknowledged (``manual_ack``) only after the handler returned with an answer other than
+429/502/503/504 (those mean the backend is down: the message is retried with back-off
+and stays unacknowledged meanwhile); the session is persistent
 (stable client id, session expiry) so unacknowledged messages are redelivered when a
 crashed worker comes back; the broker sends at most ``concurrency`` unacknowledged
 messages at a time (MQTT v5 Receive Maximum), which bounds the work in flight.
@@ -90,6 +92,14 @@ def validate_schedule(spec: FunctionSpec) -> str:
 
 
 # Compare-and-set of the last fired tick: any worker, however late, fires a tick at most once.
+#: Answers that mean the backend is down or busy, not that the message is bad: the message
+#: is invoked again (unacknowledged meanwhile). A 500 is a handler bug and is acknowledged,
+#: so that a poison message cannot hold a slot of the receive window forever.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: Backoff between re-invocations.
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 10.0
+
 _CLAIM_TICK = """
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 if last >= tonumber(ARGV[1]) then return 0 end
@@ -182,6 +192,8 @@ class MqttConnector:
                     self.routes[topic] = []
                 self.routes[topic].append(spec.name)
         self.delivered = 0
+        #: Re-invocations after a function answered one of RETRY_STATUSES (message unacknowledged).
+        self.retries = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem = asyncio.Semaphore(concurrency)
         self._subscribed: set[int] = set()
@@ -314,18 +326,37 @@ class MqttConnector:
     async def _deliver(self, msg: mqtt.MQTTMessage, names: list[str]) -> None:
         async with self._sem:
             raw = [(b"x-topic", msg.topic.encode()), (b"content-type", b"application/json")]
-            token = self.token.header()
-            if token:
-                raw.append((b"authorization", token))
-            try:
-                for name in names:
-                    result = await self.invoke(name, Event(msg.payload, Headers(raw=raw), "POST", b"", "/"))
-                    if result.status >= 400:
-                        log.warning("%s on %s answered %d: %s", name, msg.topic, result.status, result.body[:200])
-            except Exception:
-                # Not acknowledged: the broker redelivers it on the next connection of this session.
-                log.exception("delivering %s to %s failed; leaving it unacknowledged", msg.topic, names)
-                return
+            pending = names
+            delay = RETRY_MIN_S
+            while pending:
+                token = self.token.header()
+                headers = [*raw, (b"authorization", token)] if token else raw
+                failed: list[str] = []
+                try:
+                    for name in pending:
+                        result = await self.invoke(name, Event(msg.payload, Headers(raw=headers), "POST", b"", "/"))
+                        if result.status in RETRY_STATUSES:
+                            # The backend failed, not the message: never acknowledge it unprocessed.
+                            failed.append(name)
+                            log.warning("%s on %s answered %d (retrying in %.1f s): %s", name, msg.topic,
+                                        result.status, delay, result.body[:200])
+                        elif result.status >= 400:
+                            # The function's verdict on the message itself; it records what it rejects.
+                            log.warning("%s on %s answered %d: %s", name, msg.topic, result.status,
+                                        result.body[:200])
+                except Exception:
+                    # Not acknowledged: the broker redelivers it on the next connection of this session.
+                    log.exception("delivering %s to %s failed; leaving it unacknowledged", msg.topic, pending)
+                    return
+                pending = failed
+                if pending:
+                    if self._stopping:
+                        return  # unacknowledged: redelivered to the session's next connection
+                    self.retries += 1
+                    # Holding the message (and its slot of the receive window) is the backpressure:
+                    # the broker sends no more than the window until the backend answers again.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
             self.delivered += 1
             if msg.qos > 0:
                 self.client.ack(msg.mid, msg.qos)

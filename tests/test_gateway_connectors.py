@@ -189,3 +189,48 @@ async def test_graceful_stop_keeps_the_session_for_unfinished_messages(
             return second.mqtt is not None and second.mqtt.delivered == 1
 
         await await_until(redelivered, 10, "message redelivered to the same instance")
+
+
+async def test_backend_failure_is_retried_and_acknowledged_once_processed(
+    env: dict[str, str], redis_url: str, mosquitto: Mosquitto, topics: str
+) -> None:
+    """A 5xx means the backend failed, not the message: the connector retries and only then acks."""
+    write_basic_auth(env)
+    async with gateway_client("mqtt") as (app, _):
+        assert app.mqtt is not None
+        await await_until(lambda: _ready(app), 10, "MQTT subscriptions")
+        publish(mosquitto, f"{topics}/b/m-9", b'{"fail-twice": true}')
+
+        async def processed() -> list[dict[str, Any]]:
+            return [c for c in calls(redis_url) if c["phase"] == "done"]
+
+        await await_until(processed, 10, "the message processed after the backend recovered")
+        phases = [c["phase"] for c in calls(redis_url)]
+        assert phases == ["failed", "failed", "done"]
+        assert app.mqtt.retries == 2
+
+        async def acked() -> bool:
+            return app.mqtt is not None and app.mqtt.delivered == 1
+
+        await await_until(acked, 5, "the message acknowledged once")
+
+
+async def test_rejected_message_is_acknowledged_without_retry(
+    env: dict[str, str], redis_url: str, mosquitto: Mosquitto, topics: str
+) -> None:
+    write_basic_auth(env)
+    async with gateway_client("mqtt") as (app, _):
+        assert app.mqtt is not None
+        await await_until(lambda: _ready(app), 10, "MQTT subscriptions")
+        publish(mosquitto, f"{topics}/b/m-8", b'{"reject-me": true}')
+
+        async def acked() -> bool:
+            return app.mqtt is not None and app.mqtt.delivered == 1
+
+        await await_until(acked, 10, "the rejected message acknowledged")
+        assert [c["phase"] for c in calls(redis_url)] == ["rejected"]
+        assert app.mqtt.retries == 0
+
+
+async def _ready(app: Any) -> bool:
+    return bool(app.connectors_ready())
