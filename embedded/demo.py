@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.server
+import json
 import random
 import signal
 import statistics
@@ -234,6 +235,34 @@ class Demo:
             f"{len(traders)} meters told only their final trade"
         )
 
+    def mdms(self) -> None:
+        """The fog MDMS took the same readings through VEE; billing reads them; the cloud archive plans tiers."""
+        meter = self.meters[0]
+        mdms = self.stack.token("mdms", subject="mdms-app")
+        billing = self.stack.token("billing", subject="billing-app")
+
+        def has_rows() -> bool:
+            resp = self.stack.call("fog", "fog-mdms-query", "GET", f"/meters/{meter}/latest", token=mdms)
+            return resp.status_code == 200 and bool(resp.json().get("registers"))
+
+        self.wait("the fog MDMS to hold validated readings", has_rows, 30)
+        now = time.time()
+        span = {"from": str(int(now - 3600)), "to": str(int(now + 60))}
+        rows = self.call("mdms (intervals)", "fog", "fog-mdms-query", "GET", f"/meters/{meter}/intervals",
+                         token=billing, params=span, outcome=lambda r: f"{r.json()['count']} rows").json()["rows"]
+        qualities = sorted({(r["quality"], r["tier"]) for r in rows})
+        bill = self.call("mdms (TOU bill)", "fog", "fog-mdms-query", "GET", f"/meters/{meter}/billing",
+                         token=billing, params=span, outcome=lambda r: "billed").json()
+        self.call("mdms (CSV export)", "fog", "fog-mdms-query", "GET", f"/meters/{meter}/intervals", token=billing,
+                  params={**span, "format": "csv"}, outcome=lambda r: r.headers["content-type"].split(";")[0])
+        plan = self.call("mdms (archive plan)", "cloud", "cloud-mdms-archive", "GET", "/plan", token=mdms,
+                         outcome=lambda r: "planned").json()
+        self.tally.notes.append(
+            f"mdms: {len(rows)} validated rows for {meter} (quality, tier: {qualities}); "
+            f"TOU bill {json.dumps(bill.get('bill', {}).get('total', bill.get('bill')))[:60]}; "
+            f"archive plan: {json.dumps(plan)[:120]}"
+        )
+
 
 @contextlib.contextmanager
 def callback_receiver(received: list[dict[str, Any]]) -> Iterator[str]:
@@ -284,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
         fleet.start(timeout_s=60)
         try:
             demo = Demo(stack, fleet, meters, tally)
-            for step in (demo.ingest, demo.reads, demo.writes, demo.forward, demo.access, demo.async_call, demo.p2p):
+            for step in (demo.ingest, demo.reads, demo.writes, demo.forward, demo.access, demo.async_call, demo.p2p,
+                         demo.mdms):
                 print(f"-- {step.__name__}", flush=True)
                 step()
             print_summary(stack, fleet, tally)
