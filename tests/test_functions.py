@@ -408,3 +408,42 @@ def test_forward_rejects_bad_routes(provisioned: dict[str, Any], meter_id: str) 
     status, body = call(forward, "POST", f"/meters/{meter_id}/ems/messages", token=ems,
                         body={"payload": {"blob": "x" * 70_000}})
     assert status == 413
+
+
+# --- the read function's async lane (the local gateway's event-loop path) -------------
+async def read_async(meter_id: str, token_: str | None, query: dict[str, str]) -> Any:
+    from starlette.datastructures import Headers, QueryParams
+
+    from tests.invoke import Context, Event
+
+    headers = Headers({"Authorization": f"Bearer {token_}"} if token_ else {})
+    return await read.handle_async(Event(b"", headers, "GET", QueryParams(query), f"/meters/{meter_id}/reading"),
+                                   Context())
+
+
+async def test_async_lane_answers_cache_hits_exactly_like_handle(provisioned: dict[str, Any], meter_id: str) -> None:
+    ingest_reading(meter_id, reading(1, kwh=7.0))
+    utility = token("utility")
+    answer = await read_async(meter_id, utility, {"max_age": "60"})
+    status, body = call(read, "GET", f"/meters/{meter_id}/reading", token=utility, query={"max_age": "60"})
+    assert answer["statusCode"] == status == 200
+    assert {k: v for k, v in answer["body"].items() if k not in ("age_s", "elapsed_ms")} == \
+        {k: v for k, v in body.items() if k not in ("age_s", "elapsed_ms")}
+
+
+async def test_async_lane_leaves_meter_requests_and_other_routes_to_handle(
+    provisioned: dict[str, Any], meter_id: str
+) -> None:
+    utility = token("utility")
+    assert await read_async(meter_id, utility, {"max_age": "60"}) is NotImplemented  # nothing cached yet
+    ingest_reading(meter_id, reading(1, ts=time.time() - 120))
+    assert await read_async(meter_id, utility, {"max_age": "60"}) is NotImplemented  # too old
+    assert await read_async(meter_id, utility, {"live": "true"}) is NotImplemented
+
+
+async def test_async_lane_applies_the_same_auth_and_validation(provisioned: dict[str, Any], meter_id: str) -> None:
+    assert (await read_async(meter_id, None, {}))["statusCode"] == 401
+    other = token("consumer", meter="someone-else")
+    assert (await read_async(meter_id, other, {}))["statusCode"] == 403
+    assert (await read_async(meter_id, token("utility"), {"max_age": "x"}))["statusCode"] == 400
+    assert (await read_async("ghost", token("utility"), {}))["statusCode"] == 404
