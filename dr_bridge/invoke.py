@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -61,6 +64,21 @@ class _Event:
 @dataclass
 class _Context:
     hostname: str = "dr-bridge-inprocess"
+
+
+def load_function(name: str, root: Path | None = None) -> ModuleType:
+    """Import ``functions/<name>/handler.py`` of this repository (what the gateway would serve)."""
+    base = root or Path(__file__).resolve().parent.parent
+    module_name = f"_dr_bridge_fn_{name.replace('-', '_')}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, base / "functions" / name / "handler.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"function {name!r} has no handler.py under {base / 'functions'}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def handler_invoker(handler: ModuleType, token: str) -> Invoke:

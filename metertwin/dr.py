@@ -91,7 +91,7 @@ class DrSettings(BaseSettings):
     #: Events kept per meter (the oldest finished ones are dropped beyond it).
     events_per_meter_max: int = Field(default=50, ge=1, validation_alias=_env("EVENTS_PER_METER_MAX"))
     #: Most actions one ``POST /due`` runs (the next call continues).
-    due_batch: int = Field(default=500, ge=1, validation_alias=_env("DUE_BATCH"))
+    due_batch: int = Field(default=50, ge=1, validation_alias=_env("DUE_BATCH"))
 
 
 @functools.cache
@@ -536,8 +536,22 @@ def _handle_event(store: DrStore, event: EventIn, twin: Twin, prefs: Preferences
         # Modified into an opt-out or a no-op while the meter is limited: restore now.
         actions.append((now, {**base, "k": "end"}))
     store.update(meter_id, event.event_id, lambda _old: record)
-    store.schedule(actions)
+    _schedule_or_run(store, actions, now)
     return _answer(event.event_id, event.modification_number, decision.opt, decision.code, decision.reason)
+
+
+def _schedule_or_run(store: DrStore, actions: list[tuple[float, dict[str, Any]]], now: float) -> None:
+    """Schedule future actions; run the ones already due in this invocation (an event that is
+    active on delivery must not wait for the next ``/due`` tick)."""
+    store.schedule([(at, a) for at, a in actions if at > now])
+    for at, action in actions:
+        if at > now:
+            continue
+        try:
+            _run(store, action, now)
+        except Exception as exc:  # the answer stands; the action is retried through the due set
+            log.warning("DR action %r deferred: %s: %s", action, type(exc).__name__, exc)
+            store.schedule([(now, action)])
 
 
 def _cancel(store: DrStore, meter_id: str, event_id: str, now: float, how: str,
@@ -563,7 +577,8 @@ def _cancel(store: DrStore, meter_id: str, event_id: str, now: float, how: str,
 
     record = store.update(meter_id, event_id, change)
     if record is not None and record.get("exec", {}).get("watts_sent") is not None:
-        store.schedule([(now, {"m": meter_id, "e": event_id, "n": record["modification_number"], "k": "end"})])
+        _schedule_or_run(store, [(now, {"m": meter_id, "e": event_id, "n": record["modification_number"],
+                                        "k": "end"})], now)
     mod = record["modification_number"] if record else (event.modification_number if event else 0)
     opt = record["opt"] if record else OPT_IN
     return _answer(event_id, mod, opt, OK, f"cancelled ({how})")

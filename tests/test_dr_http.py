@@ -156,3 +156,15 @@ def test_cli_shards_and_meters_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                          timeout=60)
     assert out.returncode == 2
     assert "9/2" in out.stderr
+
+
+def test_deploy_manifest_shards_match_replicas() -> None:
+    import yaml
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "dr-bridge.yml").read_text()))
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    shard = next(a for a in args if a.startswith("--shard="))
+    assert shard == f"--shard=ordinal/{sts['spec']['replicas']}"
+    assert sts["spec"]["serviceName"] == next(d for d in docs if d["kind"] == "Service")["metadata"]["name"]
+    assert any(a.startswith("--vtn-fingerprint=") for a in args)

@@ -1,0 +1,250 @@
+"""Benchmark: twin VENs per bridge process, and latency from the VTN's event to the meter's command.
+
+    python -m dr_bridge.bench --twins 100 1000 --poll 10
+
+For each fleet size: start Redis and Mosquitto (embedded, free ports), create the twins,
+run a stock openleadr VTN in a *child process* (so its CPU is not counted), start the
+bridge in this process with the dr-event handler called in-process (its CPU *is* counted),
+wait for every VEN to register, measure idle CPU share and RSS over ``--idle`` seconds of
+polling, then queue one immediately-active SIMPLE event for every VEN and time, per meter,
+the VTN's queueing of the event to the meter's command arriving on its MQTT topic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+log = logging.getLogger("dr_bridge.bench")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+# --- the VTN, in its own process -------------------------------------------------------
+def _vtn_main(conn: Connection, port: int, poll_s: float, sampling_s: float) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("openleadr").setLevel(logging.ERROR)
+    from dr_bridge.demo import UtilityVtn
+
+    async def serve() -> None:
+        vtn = UtilityVtn(port=port, poll_s=poll_s, sampling_s=sampling_s)
+        await vtn.start()
+        loop = asyncio.get_running_loop()
+        conn.send("ready")
+        while True:
+            cmd, arg = await loop.run_in_executor(None, conn.recv)
+            if cmd == "registered":
+                conn.send(len(vtn.registered))
+            elif cmd == "issue":
+                ids, lead = arg
+                issued = time.time()
+                event_id = vtn.issue(ids, intervals=[(lead, 120.0, 2.0)])
+                conn.send((event_id, issued))
+            elif cmd == "cpu":
+                conn.send(cpu_s())
+            elif cmd == "answers":
+                conn.send({k: v.opt_type for k, v in vtn.answers_for(arg).items()})
+            elif cmd == "stop":
+                await vtn.stop()
+                conn.send("stopped")
+                return
+
+    asyncio.run(serve())
+
+
+class VtnProcess:
+    def __init__(self, poll_s: float, sampling_s: float) -> None:
+        from dr_bridge.demo import free_port
+
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_vtn_main, args=(child, self.port, poll_s, sampling_s), daemon=True)
+        self.proc.start()
+        if not self.conn.poll(60) or self.conn.recv() != "ready":
+            raise RuntimeError("VTN process did not start")
+        self.url = f"http://127.0.0.1:{self.port}/OpenADR2/Simple/2.0b"
+
+    def ask(self, cmd: str, arg: Any = None, timeout_s: float = 30.0) -> Any:
+        self.conn.send((cmd, arg))
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"VTN did not answer {cmd!r}")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ask("stop")
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# --- the zone: Redis, Mosquitto, environment -------------------------------------------
+@contextlib.contextmanager
+def zone() -> Iterator[dict[str, str]]:
+    from metertwin import clients
+    from metertwin.settings import reset_settings
+    from storage.embedded import Mosquitto, RedisServer
+
+    with RedisServer() as redis_server, Mosquitto(max_queued_messages=100_000) as broker, \
+            TemporaryDirectory() as secrets:
+        key = os.urandom(16).hex()
+        Path(secrets, "token-signing-key").write_text(key)
+        Path(secrets, "mqtt-password").write_text(broker.service_password)
+        values = {"ZONE": "edge", "REDIS_URL": redis_server.url, "MQTT_HOST": broker.host,
+                  "MQTT_PORT": str(broker.port), "MQTT_USERNAME": broker.service_user, "SECRETS_DIR": secrets,
+                  "DR_ACK_TIMEOUT_S": "30"}
+        os.environ.update(values)
+        clients.close_all()
+        reset_settings()
+        yield {**values, "key": key, "mqtt_password": broker.service_password}
+        clients.close_all()
+
+
+class CommandClock:
+    """Arrival time (wall clock) of the first load_limit command per meter, seen on the broker."""
+
+    def __init__(self, z: dict[str, str]) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.first: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(z["MQTT_USERNAME"], z["mqtt_password"])
+        done = threading.Event()
+        self.client.on_subscribe = lambda *_a: done.set()
+        self.client.on_message = self._on
+        self.client.connect(z["MQTT_HOST"], int(z["MQTT_PORT"]))
+        self.client.loop_start()
+        self.client.subscribe("meters/+/down/cmd", qos=1)
+        done.wait(10)
+
+    def _on(self, _c: Any, _u: Any, msg: Any) -> None:
+        now = time.time()
+        meter_id = msg.topic.split("/")[1]
+        with self._lock:
+            self.first.setdefault(meter_id, now)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, lead_s: float) -> dict[str, Any]:
+    from dr_bridge.bridge import Bridge, BridgeConfig
+    from dr_bridge.invoke import handler_invoker, load_function
+    from metertwin.auth import issue_token
+    from metertwin.clients import get_redis
+    from metertwin.twin import TwinStore
+
+    out: dict[str, Any] = {"twins": twins, "poll_s": poll_s, "lead_s": lead_s}
+    with zone() as z:
+        store = TwinStore(get_redis())
+        ids = [f"bench-{i:05d}" for i in range(twins)]
+        now = time.time()
+        for meter_id in ids:
+            store.create(meter_id, "edge", {})
+            store.report_measurement(meter_id, {"ts": now, "import_kwh": 1.0, "export_kwh": 0.0, "power_w": 2000.0,
+                                                "voltage_v": 230.0}, seq=None)
+        handler = load_function("dr-event")
+        token = issue_token("dr-bridge", {"service"}, key=z["key"])
+        vtn = VtnProcess(poll_s, sampling_s)
+        clock = CommandClock(z)
+        bridge = Bridge(ids, BridgeConfig(vtn_url=vtn.url, telemetry_refresh_s=min(10.0, sampling_s)),
+                        handler_invoker(handler, token))
+        try:
+            rss0, t0 = rss_mb(), time.monotonic()
+            await bridge.start()
+            out["register_s"] = round(time.monotonic() - t0, 1)
+            out["registered_at_vtn"] = vtn.ask("registered")
+            await asyncio.sleep(min(5.0, poll_s))  # let start-up settle (report requests, first polls)
+            rss1 = rss_mb()
+            c0, w0, v0 = cpu_s(), time.monotonic(), vtn.ask("cpu")
+            await asyncio.sleep(idle_s)
+            c1, w1, v1 = cpu_s(), time.monotonic(), vtn.ask("cpu")
+            out["vtn_idle_cpu_pct_of_one_core"] = round(100 * (v1 - v0) / (w1 - w0), 1)
+            out["rss_before_vens_mb"] = round(rss0, 1)
+            out["rss_with_vens_mb"] = round(rss1, 1)
+            out["rss_per_ven_kb"] = round((rss1 - rss0) * 1000 / twins, 1)
+            out["idle_cpu_pct_of_one_core"] = round(100 * (c1 - c0) / (w1 - w0), 1)
+            # latency: an event for every VEN, active at once (lead 0) or starting lead_s later
+            event_id, issued = vtn.ask("issue", (ids, lead_s))
+            c2, w2, v2 = cpu_s(), time.monotonic(), vtn.ask("cpu")
+            deadline = time.monotonic() + lead_s + poll_s * 3 + 30
+            while len(clock.first) < twins and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            c3, w3, v3 = cpu_s(), time.monotonic(), vtn.ask("cpu")
+            out["vtn_burst_cpu_pct_of_one_core"] = round(100 * (v3 - v2) / (w3 - w2), 1)
+            answers = vtn.ask("answers", event_id)
+            lat = [clock.first[m] - issued for m in ids if m in clock.first]
+            out["commands_received"] = len(lat)
+            out["opt_in"] = sum(v == "optIn" for v in answers.values())
+            if lat:
+                key = "event_to_command_s" if lead_s == 0 else "event_start_to_command_s"
+                lat = [x - lead_s for x in lat]
+                out[key] = {"p50": round(pct(lat, 0.5), 2), "p95": round(pct(lat, 0.95), 2),
+                            "max": round(max(lat), 2)}
+            out["event_burst_cpu_pct_of_one_core"] = round(100 * (c3 - c2) / (w3 - w2), 1)
+            out["invoke_errors"] = bridge.stats.invoke_errors
+        finally:
+            await bridge.stop()
+            clock.close()
+            vtn.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dr_bridge.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--twins", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--poll", type=float, default=10.0, help="VTN-requested poll interval (s)")
+    p.add_argument("--idle", type=float, default=30.0, help="seconds of idle polling measured")
+    p.add_argument("--sampling", type=float, default=60.0, help="telemetry sampling interval the VTN requests (s)")
+    p.add_argument("--lead", type=float, default=0.0,
+                   help="event starts this many s after it is queued (0: active at once, measures delivery; "
+                        "> poll: every meter's command is due at one instant, measures the due path)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = []
+    for n in args.twins:
+        result = asyncio.run(measure(n, args.poll, args.idle, args.sampling, args.lead))
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
