@@ -91,7 +91,7 @@ local function migrate_up(twin, st, hist, now)
   redis.call('HSET', st, 'sv', 2, 's', s, 'n', 0, 'mig', now)
   if mj then
     v2_fields(st, cjson.decode(mj))
-    if s >= 0 then redis.call('ZADD', hist, s, s .. '|' .. mj) end
+    if s >= 0 then redis.call('ZADD', hist, s, s .. '||' .. mj) end
   end
 end
 """

@@ -13,8 +13,10 @@ registers in kWh as floats. Release v2 keeps (``keys.twin_v2``, a hash):
 ``mig`` when the state was migrated from v1 (epoch s)
 ====  ===============================================================
 
-and the recent readings (``keys.twin_v2_history``, capped at ``TWIN_V2_HISTORY_MAX``),
-which v1 did not keep: the v2 read capability serves them (``GET /meters/{id}/readings``).
+and the recent readings (``keys.twin_v2_history``, capped at ``TWIN_V2_HISTORY_MAX``, members
+``seq|applied_at|json``; ``applied_at`` is empty for the reading carried over by the migration),
+which v1 did not keep: the v2 read capability serves them (``GET /meters/{id}/readings``) with
+when each was applied, which shows the ingest delay per reading.
 
 Capabilities that v2 leaves unchanged (write, forward, demand response, P2P) still read the
 base fields ``m`` and ``s``; v2's ingest keeps them current in the same script (expand and
@@ -55,7 +57,8 @@ local function v2_apply(twin, st, hist, mjson, ts, seq)
   if ts >= cur then v2_fields(st, cjson.decode(mjson)) end
   if seq >= 0 then
     redis.call('HINCRBY', st, 'n', 1)
-    redis.call('ZADD', hist, seq, seq .. '|' .. mjson)
+    local now = redis.call('TIME')
+    redis.call('ZADD', hist, seq, seq .. '|' .. now[1] .. '.' .. string.format('%06d', now[2]) .. '|' .. mjson)
     redis.call('ZREMRANGEBYRANK', hist, 0, -{keys.TWIN_V2_HISTORY_MAX + 1})
   end
   v1_apply(twin, mjson, ts, seq)
@@ -113,8 +116,9 @@ def history(client: StrRedis, meter_id: str, *, since_seq: int = -1, limit: int 
         raise BackendUnavailable(f"Redis unavailable reading history of {meter_id!r}: {exc}") from exc
     out = []
     for member in members:
-        seq, _, body = str(member).partition("|")
-        out.append({"seq": int(seq), **json.loads(body)})
+        seq, applied_at, body = str(member).split("|", 2)
+        out.append({"seq": int(seq), **json.loads(body),
+                    "applied_at": float(applied_at) if applied_at else None})
     return out
 
 

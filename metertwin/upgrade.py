@@ -35,6 +35,7 @@ import math
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,10 @@ class OperationSpec(BaseModel):
     canary_percent: float = Field(default=0.0, ge=0, le=100, allow_inf_nan=False)
     batch: int = Field(default=500, ge=1, le=10_000)
     max_in_flight: int = Field(default=5_000, ge=1, le=100_000)
+    #: Rebind messages per second at most. Every rebind comes back as an ack that the gateway's
+    #: MQTT connector handles in the same queue as the readings: an unpaced burst of thousands
+    #: of acks would delay the readings behind them by seconds.
+    rebind_rate_per_s: float = Field(default=250.0, gt=0, le=100_000, allow_inf_nan=False)
     drain_s: float = Field(default=5.0, ge=0, le=3600, allow_inf_nan=False)
     rebind_ttl_s: int = Field(default=600, ge=1, le=7 * 86_400)
     resend_after_s: float = Field(default=10.0, ge=0.1, le=3600, allow_inf_nan=False)
@@ -327,6 +332,8 @@ class UpgradeManager:
         self._destroy_abandoned = s(_DESTROY_ABANDONED)
         self._admit, self._count_done = s(_ADMIT), s(_COUNT_DONE)
         self._lock, self._unlock = s(_LOCK), s(_UNLOCK)
+        self._guard = threading.Lock()
+        self._op_locks: dict[str, threading.Lock] = {}
 
     def _crash(self, point: str) -> None:
         if point in self.crash_at:
@@ -491,7 +498,24 @@ class UpgradeManager:
 
     # ------------------------------------------------------------------ advancing
     def advance(self, op_id: str, budget_s: float = 2.0) -> dict[str, Any]:
-        """Do up to ``budget_s`` of work on the operation; returns its status (``busy`` if locked)."""
+        """Do up to ``budget_s`` of work on the operation; returns its status (``busy`` if locked).
+
+        One advancer per operation: across processes the Redis lock (a restarted manager of
+        the same ``instance`` takes its own lock back at once), within a process a thread lock
+        (the cron and an operator's ``advance`` may arrive together).
+        """
+        with self._guard:
+            local = self._op_locks.setdefault(op_id, threading.Lock())
+        if not local.acquire(blocking=False):
+            status = self.status(op_id, health=False)
+            status["busy"] = True
+            return status
+        try:
+            return self._advance_locked(op_id, budget_s)
+        finally:
+            local.release()
+
+    def _advance_locked(self, op_id: str, budget_s: float) -> dict[str, Any]:
         if not self._call(lambda: self._lock(keys=[keys.upgrade_op_lock(op_id)],
                                              args=[self.instance, keys.UPGRADE_OP_LOCK_TTL_S])):
             status = self.status(op_id, health=False)
@@ -612,8 +636,21 @@ class UpgradeManager:
         self._move(op.id, moves)
         return True
 
+    def _paced(self, op: Operation, wanted: int) -> int:
+        """How many rebinds may go now (``rebind_rate_per_s``, a token bucket of one second in the op)."""
+        now = time.time()
+        last = op.num("rebind_clock", now - 1.0)
+        allowed = int(min(1.0, max(0.0, now - last)) * op.spec.rebind_rate_per_s)
+        n = min(wanted, allowed)
+        if n > 0:
+            # Advance the clock by what was spent, so that the rate holds across steps.
+            self._set(op.id, rebind_clock=repr(max(last, now - 1.0) + n / op.spec.rebind_rate_per_s))
+        return n
+
     def _rebind_step(self, op: Operation) -> bool:
-        ids = self._members(op.id, "synced", op.spec.batch)
+        if not self._call(lambda: self.r.scard(keys.upgrade_op_set(op.id, "synced"))):
+            return False
+        ids = self._members(op.id, "synced", self._paced(op, op.spec.batch))
         if not ids:
             return False
         half = len(ids) // 2
@@ -691,6 +728,7 @@ class UpgradeManager:
                 self._cleanup_failed(op, meter_id)
         self._move(op.id, moves)
         if resend and op.state != "paused":
+            resend = resend[:self._paced(op, len(resend))]
             sent = [m for m, err in self._send_rebinds(op, resend, op.spec.to, op.rid) if err is None]
             pipe = self.r.pipeline(transaction=False)
             stamp = repr(time.time())
@@ -942,6 +980,7 @@ class UpgradeManager:
                 delay = 0.0 if tries == 0 else min(300.0, op.spec.resend_after_s * 2 ** min(tries - 1, 10))
                 if now - float(sent_at or 0) >= delay:
                     resend.append(meter_id)
+        resend = resend[:self._paced(op, len(resend))] if resend else resend
         if resend:
             sent = [m for m, err in self._send_rebinds(op, resend, op.spec.source, op.back_rid) if err is None]
             pipe = self.r.pipeline(transaction=False)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import httpx
 
@@ -26,13 +26,29 @@ FUNCTIONS = ("edge-registry", "edge-read", "edge-write", "edge-ingest", "edge-re
              "edge-upgrade-manager")
 
 
+class Broker(Protocol):
+    """What the zone needs of an MQTT broker: where it is and a privileged (service) account."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def service_user(self) -> str: ...
+
+    @property
+    def service_password(self) -> str: ...
+
+
 class UpgradeZone:
     """Start with :meth:`start` or as a context manager; :meth:`stop` stops what it started."""
 
     def __init__(
         self,
         *,
-        broker: Mosquitto | None = None,
+        broker: Broker | None = None,
         schedule: str | None = "*/1 * * * * *",
         gateway_args: list[str] | None = None,
         functions: tuple[str, ...] | None = FUNCTIONS,
@@ -43,7 +59,7 @@ class UpgradeZone:
         self.signing_key = secrets.token_urlsafe(32)
         self.basic_auth_password = secrets.token_urlsafe(16)
         self._own_broker = broker is None
-        self.broker = broker
+        self.broker: Broker | None = broker
         self.redis: RedisServer | None = None
         self.gateway: Any = None
         self.schedule = schedule
@@ -108,7 +124,7 @@ class UpgradeZone:
             with contextlib.suppress(Exception):
                 self.redis.stop()
             self.redis = None
-        if self._own_broker and self.broker is not None:
+        if self._own_broker and isinstance(self.broker, Mosquitto):
             with contextlib.suppress(Exception):
                 self.broker.stop()
             self.broker = None

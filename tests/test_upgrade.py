@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from meter_sim import FleetThread
+from metertwin_upgrade import cli
 from metertwin_upgrade.local import UpgradeZone
 from storage.embedded import Mosquitto
 
@@ -271,3 +272,37 @@ def test_operator_errors_say_what_blocked(zone: UpgradeZone,
     assert any(o["id"] == op["id"] for o in listed["operations"])
     releases = manage(zone, "GET", "/releases")
     assert {r["release"] for r in releases["releases"]} >= {"v1", "v2"}
+
+
+def test_cli_starts_follows_promotes_and_reports_refusals(
+    zone: UpgradeZone, fleet_of: Callable[[int], tuple[list[str], FleetThread]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ids, fleet = fleet_of(4)
+    key_file = zone.secrets_dir / "token-signing-key"
+    base = ["--gateway", zone.url, "--signing-key-file", str(key_file)]
+    rc = cli.run([*base, "start", "--to", "v2", "--meters", ",".join(ids), "--canary", "1", "--drain-s", "0",
+                  "--follow", "--interval-s", "0.1", "--timeout-s", "20"])
+    if rc:
+        with open("/tmp/upg-cli-debug.txt", "w") as dbg:
+            dbg.write(repr([binding(zone, m) for m in ids]) + "\n")
+            dbg.write(repr([(fleet.meter(m).controls, fleet.meter(m).connected, fleet.meter(m).binding) for m in ids]))
+            dbg.write(zone.gateway.log_text())
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "[observing] 1/4 switched" in out
+    op_id = out.split()[1]
+    # The manager's refusals: exit status 1 and its message.
+    assert cli.run([*base, "resume", op_id]) == 1
+    assert "is observing, not paused" in capsys.readouterr().err
+    assert cli.run([*base, "promote", op_id, "--follow", "--interval-s", "0.1", "--timeout-s", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "[completed] 4/4 switched (100.0%)" in out
+    assert "missing 0" in out
+    assert cli.run([*base, "--json", "binding", ids[0]]) == 0
+    assert '"release": "v2"' in capsys.readouterr().out
+    assert cli.run([*base, "list"]) == 0
+    assert op_id in capsys.readouterr().out
+    assert cli.run(["--gateway", zone.url, "--token", "not-a-jwt", "status", op_id]) == 1
+    assert "bearer token is invalid" in capsys.readouterr().err
+    assert all(fleet.meter(m).binding == "v2" for m in ids)

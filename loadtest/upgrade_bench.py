@@ -1,0 +1,381 @@
+"""Benchmark: upgrade N twins (default 10,000) from v1 to v2 under live traffic (not a unit test).
+
+    python -m loadtest.upgrade_bench --meters 10000 --interval 30 --out upgrade-bench.json
+
+Starts a private Mosquitto with the meters' accounts preloaded (``meter_sim.scale.Broker``),
+an edge zone with the versioned functions (``metertwin_upgrade.local.UpgradeZone``), the twins
+(written straight into Redis: provisioning is not what is measured) and the simulated
+meters in their own process (``loadtest.meters``). Then:
+
+1. **baseline** (``--baseline-s``): readings and commands flow on v1;
+2. **upgrade**: one operation, every twin, driven like ``python -m metertwin_upgrade follow``;
+3. **after** (one reporting interval and a bit): readings and commands flow on v2.
+
+Measured:
+
+* time to upgrade the N twins (operation start -> completed), and meters/s;
+* readings lost or applied twice: the operation's per-switch accounting (``missing``) and,
+  for every meter, its v2 reading history checked for gaps and repeats;
+* reading delay (applied - measured): for every meter, every reading v2 applied (the v2
+  history records when), and for ``--probes`` meters polled every 100 ms in all phases
+  (baseline included, so the switch's own share shows);
+* the longest gap any meter saw in service during its switch: the largest delay of the
+  readings around each meter's flip (last before, first after), and the time between the
+  meter's last reading applied by v1 and its first applied by v2, minus the interval;
+* command round trip (submitted -> acknowledged by the meter) in each phase.
+
+Targets (issue 7): nothing lost; no reading or command delayed by more than 1 s by the switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from meter_sim import scale
+from meter_sim.fleet import raise_nofile_limit
+from meter_sim.scale import Broker as PreloadedBroker
+from metertwin import keys
+from metertwin.twin import CREATE_LUA
+from metertwin_upgrade.local import UpgradeZone
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGER = "edge-upgrade-manager"
+
+
+#: stack.yml's edge functions connect as this user (``MQTT_USERNAME: twin-service``).
+SERVICE_USER = "twin-service"
+
+
+def preloaded_broker(passwords: dict[str, str]) -> PreloadedBroker:
+    """meter_sim.scale's broker (accounts written before it starts), its all-topics account named as stack.yml wants."""
+    saved = scale.BENCH_USER
+    scale.BENCH_USER = SERVICE_USER
+    try:
+        return PreloadedBroker(passwords)
+    finally:
+        scale.BENCH_USER = saved
+
+
+@dataclass
+class BrokerAccount:
+    """The preloaded broker as :class:`UpgradeZone` wants it (its all-topics account is the service account)."""
+
+    broker: PreloadedBroker
+    host: str = "127.0.0.1"
+    service_user: str = SERVICE_USER
+
+    @property
+    def port(self) -> int:
+        return self.broker.port
+
+    @property
+    def service_password(self) -> str:
+        return self.broker.bench_password
+
+
+@dataclass
+class Samples:
+    """Delays (s) per phase."""
+
+    by_phase: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, phase: str, value: float) -> None:
+        self.by_phase.setdefault(phase, []).append(value)
+
+    def summary(self) -> dict[str, Any]:
+        return {phase: stats(values) for phase, values in self.by_phase.items()}
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def q(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
+
+    return {"n": len(values), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(ordered[-1] * 1000, 1),
+            "mean_ms": round(statistics.fmean(values) * 1000, 1)}
+
+
+class Phase:
+    def __init__(self) -> None:
+        self.name = "warmup"
+        self.lock = threading.Lock()
+
+    def set(self, name: str) -> None:
+        with self.lock:
+            self.name = name
+
+
+def create_twins(client: redis.Redis, ids: list[str]) -> None:
+    create = client.register_script(CREATE_LUA)
+    now = repr(time.time())
+    for start in range(0, len(ids), 2000):
+        pipe = client.pipeline(transaction=False)
+        for meter_id in ids[start:start + 2000]:
+            create(keys=[keys.twin(meter_id), keys.TWIN_INDEX], args=[meter_id, "edge", "{}", now], client=pipe)
+        pipe.execute()
+
+
+def wait_first_readings(client: redis.Redis, ids: list[str], timeout_s: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        pipe = client.pipeline(transaction=False)
+        for meter_id in ids:
+            pipe.hget(keys.twin(meter_id), "s")
+        missing = sum(1 for s in pipe.execute() if s is None or int(s) < 0)
+        if not missing:
+            return time.monotonic() - started
+        print(f"  waiting for first readings: {missing} meters without one", flush=True)
+        time.sleep(2.0)
+    raise TimeoutError(f"not every meter reported within {timeout_s} s")
+
+
+def probe(client: redis.Redis, ids: list[str], phase: Phase, samples: Samples, stop: threading.Event) -> None:
+    """Poll probe twins every 100 ms: when a twin's seq moves, the newest reading's delay is now - ts."""
+    last: dict[str, int] = {}
+    while not stop.is_set():
+        pipe = client.pipeline(transaction=False)
+        for meter_id in ids:
+            pipe.hmget(keys.twin(meter_id), ("s", "m"))
+        seen = time.time()
+        for meter_id, (s, m) in zip(ids, pipe.execute(), strict=True):
+            if s is None or m is None:
+                continue
+            seq = int(s)
+            if meter_id in last and seq > last[meter_id]:
+                samples.add(phase.name, max(0.0, seen - float(json.loads(m)["ts"])))
+            last[meter_id] = seq
+        stop.wait(0.1)
+
+
+def commands(zone: UpgradeZone, ids: list[str], phase: Phase, sent: dict[str, list[tuple[str, str]]],
+             stop: threading.Event, rate_per_s: float) -> None:
+    token = zone.token("utility")
+    rng = random.Random(7)
+    i = 0
+    while not stop.is_set():
+        meter_id = rng.choice(ids)
+        i += 1
+        resp = zone.call("edge-write", "POST", f"/meters/{meter_id}/commands", token=token,
+                         json={"kind": "load_limit", "params": {"watts": 1000 + i % 5000}})
+        if resp.status_code == 202:
+            sent.setdefault(phase.name, []).append((meter_id, resp.json()["command"]["id"]))
+        else:
+            sent.setdefault("errors", []).append((meter_id, f"{resp.status_code} {resp.text[:100]}"))
+        stop.wait(1.0 / rate_per_s)
+
+
+def command_latencies(client: redis.Redis, sent: dict[str, list[tuple[str, str]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for phase, items in sent.items():
+        if phase == "errors":
+            out["errors"] = len(items)
+            continue
+        pipe = client.pipeline(transaction=False)
+        for meter_id, command_id in items:
+            pipe.hmget(keys.command(meter_id, command_id), ("status", "created_at", "acked_at"))
+        values, not_acked = [], 0
+        for status, created, acked in pipe.execute():
+            if status != "acknowledged" or not acked:
+                not_acked += 1
+                continue
+            values.append(max(0.0, float(acked) - float(created)))
+        out[phase] = {**stats(values), "not_acknowledged": not_acked}
+    return out
+
+
+def histories(client: redis.Redis, ids: list[str], interval_s: float, window: tuple[float, float]) -> dict[str, Any]:
+    """Every meter's v2 history: gaps and repeats of seq, delays of v2-applied readings, the switch gap."""
+    gaps = repeats = meters_checked = 0
+    delays: list[float] = []
+    switch_delays: list[float] = []
+    handover: list[float] = []
+    worst: tuple[float, str] = (0.0, "")
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start:start + 1000]
+        pipe = client.pipeline(transaction=False)
+        for meter_id in chunk:
+            pipe.zrange(keys.twin_v2_history(meter_id), 0, -1, withscores=True)
+        for meter_id, members in zip(chunk, pipe.execute(), strict=True):
+            entries = []
+            for member, score in members:
+                _seq, at, body = member.split("|", 2)
+                entries.append((int(score), float(at) if at else None, float(json.loads(body)["ts"])))
+            if not entries:
+                continue
+            meters_checked += 1
+            seqs = [e[0] for e in entries]
+            repeats += len(seqs) - len(set(seqs))
+            gaps += (seqs[-1] - seqs[0] + 1) - len(set(seqs))
+            applied = [(seq, at, ts) for seq, at, ts in entries if at is not None]
+            for _, at, ts in applied:
+                if window[0] <= at <= window[1]:
+                    delays.append(max(0.0, at - ts))
+            if applied:
+                # The seeded entry is the last reading v1 applied; the next ones are v2's first.
+                first_v2 = applied[0]
+                d = max(0.0, first_v2[1] - first_v2[2])
+                switch_delays.append(d)
+                if d > worst[0]:
+                    worst = (d, meter_id)
+                seeded = entries[0]
+                if seeded[1] is None and first_v2[0] == seeded[0] + 1:
+                    handover.append(max(0.0, (first_v2[1] - seeded[2]) - interval_s))
+    return {"meters_with_history": meters_checked, "seq_gaps": gaps, "seq_repeats": repeats,
+            "v2_reading_delay": stats(delays), "first_v2_reading_delay": stats(switch_delays),
+            "worst_meter": {"meter_id": worst[1], "delay_ms": round(worst[0] * 1000, 1)},
+            "handover_gap_beyond_interval": stats(handover)}
+
+
+def drive(zone: UpgradeZone, op_id: str, timeout_s: float) -> dict[str, Any]:
+    token = zone.token("admin")
+    deadline = time.monotonic() + timeout_s
+    last_print = 0.0
+    while True:
+        status = zone.call(MANAGER, "POST", f"/operations/{op_id}/advance", token=token,
+                           json={"budget_s": 2.0}, timeout=60).json()
+        if time.monotonic() - last_print > 2.0:
+            p = status["progress"]
+            print(f"  [{status['state']}] done {p['done']}/{p['selected']} in flight "
+                  f"{sum(p[s] for s in ('admitted', 'prepared', 'synced', 'rebinding', 'switched'))} "
+                  f"failed {p['failed']} rate {p['rate_per_s']}/s", flush=True)
+            last_print = time.monotonic()
+        if status["state"] in ("completed", "rolled_back", "paused"):
+            return dict(status)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"operation {op_id} not done within {timeout_s} s: {status['progress']}")
+        time.sleep(0.2)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    raise_nofile_limit()
+    ids = [f"ub-{i:05d}" for i in range(args.meters)]
+    passwords = {m: secrets.token_hex(8) for m in ids}
+    rng = random.Random(3)
+    probes = rng.sample(ids, min(args.probes, len(ids)))
+    workdir = Path(tempfile.mkdtemp(prefix="upgrade-bench-"))
+    print(f"broker with {len(ids)} meter accounts ...", flush=True)
+    broker = preloaded_broker(passwords)
+    fleet: subprocess.Popen[str] | None = None
+    stop = threading.Event()
+    try:
+        with UpgradeZone(broker=BrokerAccount(broker), schedule="*/5 * * * * *",
+                         gateway_args=args.gateway_arg) as zone:
+            assert zone.redis is not None
+            client = redis.Redis.from_url(zone.redis.url, decode_responses=True)
+            create_twins(client, ids)
+            creds = workdir / "creds.json"
+            creds.write_text(json.dumps({"host": "127.0.0.1", "port": broker.port, "meters": passwords}))
+            print(f"starting {len(ids)} meters (reporting every {args.interval} s) ...", flush=True)
+            t0 = time.monotonic()
+            fleet = subprocess.Popen(
+                [sys.executable, "-m", "loadtest.meters", str(creds), "--reporting-interval", str(args.interval),
+                 "--max-duration", "3600"], stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+            assert fleet.stdout is not None
+            ready = json.loads(fleet.stdout.readline() or '{"ready": false}')
+            if not ready.get("ready"):
+                raise RuntimeError(f"meters did not connect: {ready}")
+            print(f"  connected in {time.monotonic() - t0:.1f} s", flush=True)
+            wait_first_readings(client, ids, timeout_s=args.interval * 3 + 60)
+            phase = Phase()
+            samples = Samples()
+            sent: dict[str, list[tuple[str, str]]] = {}
+            threads = [
+                threading.Thread(target=probe, args=(client, probes, phase, samples, stop), daemon=True),
+                threading.Thread(target=commands, args=(zone, probes, phase, sent, stop, args.command_rate),
+                                 daemon=True),
+            ]
+            for t in threads:
+                t.start()
+            phase.set("baseline")
+            print(f"baseline {args.baseline_s} s ...", flush=True)
+            stop.wait(args.baseline_s)
+            phase.set("upgrade")
+            print(f"upgrading {len(ids)} twins ...", flush=True)
+            started_wall = time.time()
+            started = time.monotonic()
+            op = zone.call(MANAGER, "POST", "/operations", token=zone.token("admin"), json={
+                "to": "v2", "select": {"all": True}, "batch": args.batch, "max_in_flight": args.max_in_flight,
+                "drain_s": args.drain_s, "resend_after_s": 10, "max_failed": 0,
+            }, timeout=60).json()
+            status = drive(zone, op["id"], timeout_s=args.timeout_s)
+            upgrade_s = time.monotonic() - started
+            ended_wall = time.time()
+            phase.set("after")
+            print(f"  {status['state']} in {upgrade_s:.1f} s; after-phase {args.interval + 5:.0f} s ...", flush=True)
+            stop.wait(args.interval + 5)
+            stop.set()
+            for t in threads:
+                t.join(10)
+            time.sleep(2.0)  # let the last commands be acknowledged before reading their records
+            final = zone.call(MANAGER, "GET", f"/operations/{op['id']}", token=zone.token("admin")).json()
+            bound_v2 = 0
+            for start in range(0, len(ids), 2000):
+                pipe = client.pipeline(transaction=False)
+                for meter_id in ids[start:start + 2000]:
+                    pipe.hget(keys.twin(meter_id), "b")
+                bound_v2 += sum(1 for b in pipe.execute() if b == "v2")
+            result = {
+                "meters": len(ids), "interval_s": args.interval, "batch": args.batch, "probes": len(probes),
+                "upgrade_s": round(upgrade_s, 2), "meters_per_s": round(len(ids) / upgrade_s, 1),
+                "state": final["state"], "progress": final["progress"], "readings": final["readings"],
+                "bound_to_v2": bound_v2,
+                "histories": histories(client, ids, args.interval, (started_wall, ended_wall + args.interval + 5)),
+                "probe_reading_delay": samples.summary(),
+                "command_round_trip": command_latencies(client, sent),
+                "gateway": zone.url,
+            }
+            client.close()
+            return result
+    finally:
+        stop.set()
+        if fleet is not None:
+            fleet.terminate()
+            try:
+                fleet.wait(30)
+            except subprocess.TimeoutExpired:
+                fleet.kill()
+        broker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.upgrade_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--meters", type=int, default=10_000)
+    ap.add_argument("--interval", type=float, default=30.0, help="meters' reporting interval, s (30)")
+    ap.add_argument("--probes", type=int, default=300, help="meters polled every 100 ms (300)")
+    ap.add_argument("--command-rate", type=float, default=10.0, help="commands per second to probe meters (10)")
+    ap.add_argument("--baseline-s", type=float, default=30.0)
+    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--max-in-flight", type=int, default=10_000)
+    ap.add_argument("--drain-s", type=float, default=2.0)
+    ap.add_argument("--timeout-s", type=float, default=900.0)
+    ap.add_argument("--gateway-arg", action="append", default=[], help="extra argument for python -m gateway")
+    ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    args = ap.parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0 if result["readings"]["missing"] == 0 and result["histories"]["seq_gaps"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
