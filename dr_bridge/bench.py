@@ -158,7 +158,61 @@ class CommandClock:
         self.client.loop_stop()
 
 
-async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, lead_s: float) -> dict[str, Any]:
+_STACK = """\
+version: 1.0
+provider: {{name: openfaas, gateway: "http://127.0.0.1:8080"}}
+functions:
+  edge-dr-event:
+    lang: python3-http
+    handler: {handler}
+    environment: {{ZONE: edge, REDIS_URL: "{redis}", MQTT_HOST: "{host}", MQTT_PORT: "{port}",
+                  MQTT_USERNAME: "{user}", DR_ACK_TIMEOUT_S: "30"}}
+    secrets: [token-signing-key, mqtt-password]
+"""
+
+
+@contextlib.contextmanager
+def gateway_process(z: dict[str, str], threads: int) -> Iterator[str]:
+    """The zone gateway (``python -m gateway``) serving only edge-dr-event, in its own process."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from dr_bridge.demo import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    with TemporaryDirectory() as tmp:
+        stack = Path(tmp, "stack.yml")
+        stack.write_text(_STACK.format(handler=root / "functions" / "dr-event", redis=z["REDIS_URL"],
+                                       host=z["MQTT_HOST"], port=z["MQTT_PORT"], user=z["MQTT_USERNAME"]))
+        Path(z["SECRETS_DIR"], "gateway-basic-auth-password").write_text(os.urandom(8).hex())
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "--stack", str(stack), "--zone", "edge",
+                                 "--port", str(port), "--secrets-dir", z["SECRETS_DIR"], "--no-background",
+                                 "--threads", str(threads), "--log-level", "warning"], cwd=root)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.1)
+        try:
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, lead_s: float,
+                  via_gateway: bool = False) -> dict[str, Any]:
     from dr_bridge.bridge import Bridge, BridgeConfig
     from dr_bridge.invoke import handler_invoker, load_function
     from metertwin.auth import issue_token
@@ -174,12 +228,18 @@ async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, l
             store.create(meter_id, "edge", {})
             store.report_measurement(meter_id, {"ts": now, "import_kwh": 1.0, "export_kwh": 0.0, "power_w": 2000.0,
                                                 "voltage_v": 230.0}, seq=None)
-        handler = load_function("dr-event")
         token = issue_token("dr-bridge", {"service"}, key=z["key"])
+        stack = contextlib.ExitStack()
+        if via_gateway:
+            from dr_bridge.invoke import HttpInvoker
+
+            invoke: Any = HttpInvoker(stack.enter_context(gateway_process(z, threads=16)), token)
+        else:
+            invoke = handler_invoker(load_function("dr-event"), token)
+        out["function"] = "gateway subprocess" if via_gateway else "in the bridge process"
         vtn = VtnProcess(poll_s, sampling_s)
         clock = CommandClock(z)
-        bridge = Bridge(ids, BridgeConfig(vtn_url=vtn.url, telemetry_refresh_s=min(10.0, sampling_s)),
-                        handler_invoker(handler, token))
+        bridge = Bridge(ids, BridgeConfig(vtn_url=vtn.url, telemetry_refresh_s=min(10.0, sampling_s)), invoke)
         try:
             rss0, t0 = rss_mb(), time.monotonic()
             await bridge.start()
@@ -218,6 +278,7 @@ async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, l
             await bridge.stop()
             clock.close()
             vtn.stop()
+            stack.close()
     return out
 
 
@@ -231,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lead", type=float, default=0.0,
                    help="event starts this many s after it is queued (0: active at once, measures delivery; "
                         "> poll: every meter's command is due at one instant, measures the due path)")
+    p.add_argument("--via-gateway", action="store_true",
+                   help="run dr-event behind a gateway subprocess (its CPU is then not the bridge's)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = []
     for n in args.twins:
-        result = asyncio.run(measure(n, args.poll, args.idle, args.sampling, args.lead))
+        result = asyncio.run(measure(n, args.poll, args.idle, args.sampling, args.lead, args.via_gateway))
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.json:

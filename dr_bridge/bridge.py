@@ -87,6 +87,9 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
             passphrase=cfg.passphrase, vtn_fingerprint=cfg.vtn_fingerprint, show_fingerprint=False,
             ca_file=cfg.ca_file, disable_signature=not cfg.sign, check_hostname=cfg.check_hostname,
         )
+        # apscheduler skips a job that starts more than 1 s late (misfire_grace_time=1): under load a
+        # busy loop would silently drop polls. Run late polls anyway, merging missed ones.
+        self.scheduler.configure(job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
         if cfg.cert and cfg.key:
             # openleadr re-parses the private key for every signature (~65 ms with RSA): parse once.
             self._create_message = functools.partial(

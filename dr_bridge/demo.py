@@ -46,6 +46,8 @@ class OptAnswer:
     opt_type: str
     response_code: int
     at: float
+    #: The message-level code (452 when the VTN id is all lower case).
+    message_code: int = 200
 
 
 @dataclass
@@ -106,10 +108,11 @@ class UtilityVtn:
 
         async def created_event(payload: dict[str, Any]) -> Any:
             now = time.monotonic()
+            message_code = int((payload.get("response") or {}).get("response_code") or 200)
             for r in payload.get("event_responses", []):
                 self.answers.append(OptAnswer(payload.get("ven_id", ""), str(r.get("event_id")),
                                               int(r.get("modification_number") or 0), str(r.get("opt_type")),
-                                              int(r.get("response_code") or 0), now))
+                                              int(r.get("response_code") or 0), now, message_code))
             return await original(payload)
 
         events.handlers["oadrCreatedEvent"] = created_event

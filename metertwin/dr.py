@@ -695,6 +695,8 @@ def _send(store: DrStore, meter_id: str, event_id: str, kind: str, now: float, a
 
 def _check(store: DrStore, action: dict[str, Any], record: dict[str, Any], now: float) -> str:
     meter_id, event_id, phase = action["m"], action["e"], action["p"]
+    if (record.get("exec") or {}).get("command_id") != action["c"]:
+        return "skipped"  # a newer command (modification, cancellation, retry) superseded this one
     try:
         status = commands.get_commands().get(meter_id, action["c"])["status"]
     except NotFound:

@@ -200,3 +200,21 @@ async def test_telemetry_reports_and_vtn_restart(vtn: UtilityVtn, bridge_for: Br
     assert status == 200
     assert body["totals"]["opt_in"] == 1
     assert time.time() > 0
+
+
+async def test_lower_case_vtn_id_is_answered_with_452(dr_env: dict[str, str], meter_id: str) -> None:
+    make_twin(meter_id)
+    vtn = UtilityVtn(poll_s=POLL_S)
+    vtn.vtn_id = "lowercasevtn"  # UtilityVtn refuses this id; a foreign VTN may still use one
+    await vtn.start()
+    bridge = Bridge([meter_id], BridgeConfig(vtn_url=vtn.url), handler_invoker(handler, SERVICE))
+    try:
+        await bridge.start()
+        event_id = vtn.issue([meter_id], intervals=[(30.0, 5.0, 1)])
+        await wait_until(lambda: vtn.answers_for(event_id), 10)
+        answer = vtn.answers_for(event_id)[meter_id]
+        assert answer.message_code == 452
+        assert answer.opt_type == "optIn"  # the twin still decides (what openleadr does too)
+    finally:
+        await bridge.stop()
+        await vtn.stop()
