@@ -234,12 +234,20 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         while True:
             await self.run()
             if self.registration_id:
+                self._drop_status_log_job()
                 self.registered.set()
                 return
             self.client_session = None  # run() closed it when registration failed
             self.scheduler.remove_all_jobs()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self.bridge.config.register_retry_max_s)
+
+    def _drop_status_log_job(self) -> None:
+        # openleadr logs event status changes every 10 s per VEN; the twin keeps the status itself,
+        # and a thousand such jobs are a tenth of the idle CPU.
+        for job in self.scheduler.get_jobs():
+            if getattr(job.func, "__name__", "") == "_event_status_log":
+                job.remove()
 
     async def stop(self) -> None:
         try:

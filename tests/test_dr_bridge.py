@@ -68,6 +68,9 @@ async def test_event_opt_in_and_meter_command_inside_the_randomized_window(
         make_twin(m)
     bridge = await bridge_for(meters)
     assert set(vtn.registered) == set(meters)
+    jobs = [getattr(j.func, "__name__", "") for v in bridge.vens.values() for j in v.scheduler.get_jobs()]
+    assert "_poll" in jobs
+    assert "_event_status_log" not in jobs
     event_id = vtn.issue(meters, intervals=[(2.5, 3.0, 2)], startafter_s=1.0)
     await wait_until(lambda: len(vtn.answers_for(event_id)) == 2, 10)
     assert {a.opt_type for a in vtn.answers_for(event_id).values()} == {"optIn"}, bridge.last_answers
