@@ -25,33 +25,15 @@ from typing import Any
 
 import aiomqtt
 
-from metertwin import topics
+from metertwin.dynsec import BATCH, CONTROL_TOPIC, RESPONSE_TOPIC, meter_acls, role_name
 
-CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
-RESPONSE_TOPIC = "$CONTROL/dynamic-security/v1/response"
-#: Commands per MQTT message. Mosquitto 2.0 rewrites its whole JSON config after each
-#: command, so a batch of 200 takes a while on a large config: size timeouts accordingly.
-BATCH = 200
+# One definition of the meter's account, shared with the twin registry (metertwin.dynsec).
+# Mosquitto 2.0 rewrites its whole JSON config after each command, so a batch of BATCH
+# commands takes a while on a large config: size timeouts accordingly.
 
 
 class ProvisioningError(RuntimeError):
     """The broker refused or did not answer a dynamic-security command."""
-
-
-def role_name(meter_id: str) -> str:
-    return f"meter-{meter_id}"
-
-
-def meter_acls(meter_id: str) -> list[dict[str, Any]]:
-    """The ACLs that confine a meter to ``meters/<id>/``: publish up, receive down."""
-    up = f"{topics.meter_root(meter_id)}/up/#"
-    down = f"{topics.meter_root(meter_id)}/down/#"
-    return [
-        {"acltype": "publishClientSend", "topic": up, "allow": True},
-        {"acltype": "subscribePattern", "topic": down, "allow": True},
-        {"acltype": "publishClientReceive", "topic": down, "allow": True},
-        {"acltype": "unsubscribePattern", "topic": down, "allow": True},
-    ]
 
 
 def new_meter_ids(count: int, prefix: str = "sim") -> list[str]:

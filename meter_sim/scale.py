@@ -39,7 +39,7 @@ from paho.mqtt.properties import Properties
 from meter_sim import accounts
 from meter_sim.fleet import MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.profile import LinkProfile
-from metertwin import topics
+from metertwin import dynsec, topics
 from storage.embedded import _dynsec_plugin, free_port, wait_for_port
 
 BENCH_USER = "scale-bench"
@@ -63,8 +63,8 @@ def dynsec_config(meters: dict[str, str], bench_password: str) -> dict[str, Any]
     roles: list[dict[str, Any]] = [{"rolename": "bench", "acls": every}]
     clients = [_client_entry(BENCH_USER, bench_password, ["bench"])]
     for meter_id, password in meters.items():
-        roles.append({"rolename": accounts.role_name(meter_id), "acls": accounts.meter_acls(meter_id)})
-        clients.append(_client_entry(meter_id, password, [accounts.role_name(meter_id)]))
+        roles.append({"rolename": dynsec.role_name(meter_id), "acls": dynsec.meter_acls(meter_id)})
+        clients.append(_client_entry(meter_id, password, [dynsec.role_name(meter_id)]))
     return {
         "clients": clients, "roles": roles, "groups": [],
         "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True,
