@@ -588,7 +588,10 @@ def _twin_case(arch: Arch, cfg: RunConfig, case: str, scenario: str, *, divide: 
             "meter_timeout_s": cfg.meter_timeout_s, "timeout_s": cfg.meter_timeout_s + 5}
     entries, traffic = run_locust(arch, f"{scenario}-{case}", "locustfile.py", "TwinUser", conf,
                                   users=min(cfg.users, max(1, len(conf["meters"]))), run_time_s=cfg.case_time_s)
-    return rows_from_locust(entries, arch.topo.name, scenario, divide=divide, bytes_by_link=traffic)
+    rows = rows_from_locust(entries, arch.topo.name, scenario, divide=divide, bytes_by_link=traffic)
+    if not rows:
+        arch.notes.append(f"{scenario} {case}: no request completed within {cfg.case_time_s:.0f} s")
+    return rows
 
 
 def _direct_case(arch: Arch, cfg: RunConfig, case: str, scenario: str, *, divide: float = 1.0,
@@ -608,7 +611,10 @@ def _direct_case(arch: Arch, cfg: RunConfig, case: str, scenario: str, *, divide
         run_time = cfg.case_time_s * 4 + 2 * cfg.p2p_iterations * rtt_s * 1.5 / 1000
     entries, traffic = run_locust(arch, f"{scenario}-{case}", "locustfile_mqtt.py", "DirectMeterUser", conf,
                                   users=users, run_time_s=run_time)
-    return rows_from_locust(entries, arch.topo.name, scenario, divide=divide, bytes_by_link=traffic)
+    rows = rows_from_locust(entries, arch.topo.name, scenario, divide=divide, bytes_by_link=traffic)
+    if not rows:
+        arch.notes.append(f"{scenario} {case}: no request completed within {run_time:.0f} s")
+    return rows
 
 
 def _need_meters(arch: Arch, res: ScenarioResult) -> bool:

@@ -58,10 +58,11 @@ events.test_start.add_listener(_on_start)  # type: ignore[no-untyped-call]
 _failures_logged = itertools.count()
 
 
-def _log_failure(name: str = "", exception: Exception | None = None, **_: Any) -> None:
-    # The first few failures go to the log, so the report's failure counts can be explained.
-    if exception is not None and next(_failures_logged) < 5:
-        print(f"failure: {name}: {exception!r}"[:500], flush=True)
+def _log_failure(name: str = "", exception: Exception | None = None, response: Any = None, **_: Any) -> None:
+    # The first few failures go to the log, with the answer's body, so failure counts can be explained.
+    if exception is not None and next(_failures_logged) < 10:
+        body = getattr(response, "text", None) or ""
+        print(f"failure: {name}: {exception!r} {body[:300]}"[:500], flush=True)
 
 
 events.request.add_listener(_log_failure)  # type: ignore[no-untyped-call]
@@ -125,8 +126,10 @@ class DirectMeterUser(User):
         length = 0
         try:
             length = fn()
-        except Exception as e:
-            exc = e
+        except (Exception, gevent.Timeout) as e:
+            # gevent.Timeout is a BaseException: without it here a meter that does not answer in time
+            # would kill the simulated user instead of counting as a failed request.
+            exc = e if isinstance(e, Exception) else TimeoutError(f"meter did not answer: {e}")
         self.environment.events.request.fire(
             request_type="MQTT", name=name, response_time=(time.perf_counter() - start) * 1000,
             response_length=length, exception=exc, context={},
