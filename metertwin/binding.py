@@ -25,9 +25,11 @@ Calls reach the version the meter is bound to, whichever name they used:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -241,22 +243,53 @@ def _request_timeout(query: Mapping[str, str]) -> float:
 
 
 # --- ingest: apply if bound here, else park and nudge ---------------------------------------
-#: Lua helpers shared by every release's ingest script: parked member ``seq|json`` and the
-#: base release's measurement update (what twin.MEASURE_LUA does, as a function).
-LUA_COMMON = """
+#: Readings this far behind the newest one are taken as already applied (see ``fresh`` below).
+SEQ_WINDOW = 32
+
+#: Lua helpers shared by every release's ingest script: the parked member ``seq|json``; the
+#: twin's reading dedupe (``fresh``), shared by every release so that a reading applied by one
+#: is a duplicate for the next; and the base release's measurement update.
+#:
+#: ``fresh`` keeps, beside the highest seq ``s``, which of the 32 seqs up to ``s`` were applied
+#: (twin hash field ``sw`` = ``"<s>:<bitmask>"``): a reading that arrives after a newer one (a
+#: meter flushing its buffer through several connector workers) is applied, not taken for a
+#: duplicate. A twin without ``sw`` (or whose ``s`` was moved by another writer) counts every
+#: seq up to ``s`` as applied, the rule it had before.
+LUA_COMMON = f"""
 local function parked(member)
   local bar = string.find(member, '|', 1, true)
   return tonumber(string.sub(member, 1, bar - 1)), string.sub(member, bar + 1)
 end
-local function v1_apply(twin, mjson, ts, seq)
-  if seq >= 0 then
-    local last = tonumber(redis.call('HGET', twin, 's') or '-1')
-    if seq <= last then return 0 end
-    redis.call('HSET', twin, 's', seq)
+local function fresh(twin, seq)
+  if seq < 0 then return true end
+  local s = tonumber(redis.call('HGET', twin, 's') or '-1')
+  local mask = -1
+  local sw = redis.call('HGET', twin, 'sw')
+  if sw then
+    local at = string.find(sw, ':', 1, true)
+    if at and tonumber(string.sub(sw, 1, at - 1)) == s then mask = tonumber(string.sub(sw, at + 1)) end
   end
+  if seq > s then
+    local shift = seq - s
+    if shift >= {SEQ_WINDOW} then mask = 1 else mask = bit.bor(bit.lshift(mask, shift), 1) end
+    redis.call('HSET', twin, 's', seq, 'sw', seq .. ':' .. mask)
+    return true
+  end
+  local i = s - seq
+  if i >= {SEQ_WINDOW} then return false end
+  local b = bit.lshift(1, i)
+  if bit.band(mask, b) ~= 0 then return false end
+  redis.call('HSET', twin, 'sw', s .. ':' .. bit.bor(mask, b))
+  return true
+end
+local function v1_measure(twin, mjson, ts)
   local cur = redis.call('HGET', twin, 'm')
   if (not cur) or cjson.decode(cur)['ts'] <= ts then redis.call('HSET', twin, 'm', mjson) end
   redis.call('HINCRBY', twin, 'v', 1)
+end
+local function v1_apply(twin, mjson, ts, seq)
+  if not fresh(twin, seq) then return 0 end
+  v1_measure(twin, mjson, ts)
   return 1
 end
 """
@@ -334,13 +367,17 @@ class IngestScript:
         self._script = client.register_script(source)
         self._key_fns = key_fns
 
+    def _keys(self, meter_id: str) -> list[str]:
+        return [keys.twin(meter_id), keys.upgrade_inbox(meter_id), keys.upgrade_switch(meter_id),
+                *(fn(meter_id) for fn in self._key_fns)]
+
     def run(self, meter_id: str, measurement_json: str, ts: float, seq: int,
             authorization: str | None = None) -> IngestOutcome:
-        keys_ = [keys.twin(meter_id), keys.upgrade_inbox(meter_id), keys.upgrade_switch(meter_id),
-                 *(fn(meter_id) for fn in self._key_fns)]
+        """Apply one reading (or, with ``seq=DRAIN_ONLY``, only what is parked) if bound here; else park it."""
         member = f"{seq}|{measurement_json}"
         try:
-            status, version, bound, n = self._script(keys=keys_, args=[measurement_json, repr(ts), seq, member])
+            status, version, bound, n = self._script(keys=self._keys(meter_id),
+                                                     args=[measurement_json, repr(ts), seq, member])
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable applying a reading of {meter_id!r}: {exc}") from exc
         if status == -1:
@@ -349,16 +386,35 @@ class IngestScript:
         if status == 2:
             if seq == DRAIN_ONLY:
                 # Bound elsewhere by now: the flip drained the inbox, unless a reading was parked since.
-                nudged = self._has_inbox(meter_id) and nudge(meter_id, str(bound), authorization)
+                nudged = self._has_inbox(meter_id) and park_and_nudge(self.client, meter_id, str(bound), authorization)
                 return IngestOutcome("moved", int(version), str(bound), 0, nudged)
             nudged = park_and_nudge(self.client, meter_id, str(bound), authorization)
             return IngestOutcome("parked", int(version), str(bound), 0, nudged)
         if seq == DRAIN_ONLY:
-            self._forget_if_empty(meter_id)
             return IngestOutcome("drained", int(version), str(bound), drained)
-        if drained:
-            self._forget_if_empty(meter_id)
         return IngestOutcome("applied" if status == 1 else "duplicate", int(version), str(bound), drained)
+
+    def drain_many(self, meter_ids: list[str]) -> tuple[int, list[tuple[str, str]]]:
+        """Drain the inboxes of ``meter_ids`` in one pipeline; returns (applied, [(meter, bound elsewhere)])."""
+        pipe = self.client.pipeline(transaction=False)
+        for meter_id in meter_ids:
+            self._script(keys=self._keys(meter_id), args=["{}", "0", DRAIN_ONLY, ""], client=pipe)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable draining inboxes: {exc}") from exc
+        applied = 0
+        moved: list[tuple[str, str]] = []
+        for meter_id, result in zip(meter_ids, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("draining the inbox of %s failed: %s", meter_id, result)
+                continue
+            status, _version, bound, n = result
+            if status == 2:
+                moved.append((meter_id, str(bound)))
+            elif status != -1:
+                applied += int(n)
+        return applied, moved
 
     def _has_inbox(self, meter_id: str) -> bool:
         try:
@@ -366,41 +422,96 @@ class IngestScript:
         except redis.RedisError:
             return True
 
-    def _forget_if_empty(self, meter_id: str) -> None:
-        try:
-            if not self.client.exists(keys.upgrade_inbox(meter_id)):
-                self.client.srem(keys.UPGRADE_INBOXES, meter_id)
-        except redis.RedisError:
-            log.warning("could not update the inbox index for %s", meter_id)
-
 
 def park_and_nudge(client: StrRedis, meter_id: str, bound: str, authorization: str | None) -> bool:
-    """Index the parked reading for the sweep, then ask the bound version to drain (durable async call)."""
+    """Index the parked reading for ``bound``'s drainer; nudge the drainer unless one is on its way.
+
+    One drainer per release at a time (``keys.upgrade_drainer``, set with NX) empties every
+    indexed inbox in pipelined batches, so a reading costs its park and a share of a batch,
+    not a call of its own. The index is written before the flag is tried: a drainer that is
+    finishing re-checks the index after clearing the flag, so no parked reading waits for
+    the next one. Returns True if this call nudged.
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.sadd(keys.upgrade_inboxes(bound), meter_id)
+    pipe.set(keys.upgrade_drainer(bound), "nudged", nx=True, px=keys.UPGRADE_DRAINER_TTL_MS)
     try:
-        client.sadd(keys.UPGRADE_INBOXES, meter_id)
+        _, first = pipe.execute()
     except redis.RedisError as exc:
-        # The reading is parked already (same script); the sweep finds it through the twin set too.
+        # The reading is parked (same script): the manager's sweep or the next reading drains it.
         log.warning("could not index the inbox of %s: %s", meter_id, exc)
-    return nudge(meter_id, bound, authorization)
+        return False
+    if not first:
+        return False
+    if nudge(bound, authorization):
+        return True
+    # Not queued: let the next park try again rather than wait for the flag to expire.
+    with contextlib.suppress(redis.RedisError):
+        client.delete(keys.upgrade_drainer(bound))
+    return False
 
 
-def nudge(meter_id: str, release: str, authorization: str | None, capability: str = "ingest") -> bool:
-    """``POST /async-function/<bound ingest>/meters/<id>/inbox``; False if it could not be queued."""
+def nudge(release: str, authorization: str | None, capability: str = "ingest") -> bool:
+    """``POST /async-function/<release's ingest>/inboxes`` (durable); False if it could not be queued."""
     settings = binding_settings()
     if settings.gateway_url is None:
         return False
     function = function_for(capability, release)
     headers = {"Authorization": authorization} if authorization else {}
     try:
-        resp = get_http().post(f"{settings.gateway_url}/async-function/{function}/meters/{meter_id}/inbox",
+        resp = get_http().post(f"{settings.gateway_url}/async-function/{function}/inboxes",
                                headers=headers, timeout=settings.nudge_timeout_s)
     except httpx.HTTPError as exc:
-        log.warning("nudging %s for meter %s failed: %s; the sweep drains its inbox", function, meter_id, exc)
+        log.warning("nudging %s failed: %s; the manager's sweep drains its inboxes", function, exc)
         return False
     if resp.status_code != 202:
-        log.warning("nudging %s for meter %s answered %d: %s", function, meter_id, resp.status_code, resp.text[:200])
+        log.warning("nudging %s answered %d: %s", function, resp.status_code, resp.text[:200])
         return False
     return True
+
+
+def drain_inboxes(script: IngestScript, *, budget_s: float, authorization: str | None = None,
+                  batch: int = 500, holds_flag: bool = True) -> dict[str, int]:
+    """Drain every inbox indexed for ``script``'s release until none is left or ``budget_s`` is spent.
+
+    ``holds_flag``: called as the nudged drainer (it clears the flag when done, then looks
+    once more, see :func:`park_and_nudge`); the manager's sweep passes False.
+    """
+    client, release = script.client, script.release
+    index, flag = keys.upgrade_inboxes(release), keys.upgrade_drainer(release)
+    deadline = time.monotonic() + budget_s
+    totals = {"meters": 0, "applied": 0, "moved": 0}
+    while True:
+        try:
+            ids = client.spop(index, batch) or []
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable reading the inbox index: {exc}") from exc
+        if ids:
+            applied, moved = script.drain_many(list(ids))
+            totals["meters"] += len(ids)
+            totals["applied"] += applied
+            totals["moved"] += len(moved)
+            for meter_id, bound in moved:  # rebound while parked: the new release's drainer takes it
+                if script._has_inbox(meter_id):
+                    park_and_nudge(client, meter_id, bound, authorization)
+            if time.monotonic() < deadline:
+                continue
+        if not holds_flag:
+            return totals
+        try:
+            client.delete(flag)
+            more = client.scard(index)
+            if not more:
+                return totals
+            if not client.set(flag, "draining", nx=True, px=keys.UPGRADE_DRAINER_TTL_MS):
+                return totals  # another drainer was nudged meanwhile
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+        if time.monotonic() >= deadline:
+            # Out of time with work left: hand over to a fresh call rather than hold a thread.
+            if not nudge(release, authorization):
+                client.delete(flag)
+            return totals
 
 
 _v1_scripts: dict[int, IngestScript] = {}
@@ -416,17 +527,29 @@ def v1_ingest(client: StrRedis) -> IngestScript:
     return script
 
 
-def register_inbox_route(router: Router, scripts: Any) -> None:
-    """Add ``POST /meters/{meter_id}/inbox`` (service scope): drain the readings parked for this release.
+#: How long one nudged drainer call runs at most before handing over to a fresh call.
+DRAIN_BUDGET_S = 10.0
 
-    ``scripts(client)`` returns the release's :class:`IngestScript`. If the meter is bound
-    elsewhere by now, the drain nudges the bound release instead (the flip drained the inbox).
+
+def register_inbox_route(router: Router, scripts: Any) -> None:
+    """Add the drain routes (service scope) of a release's ingest function.
+
+    * ``POST /inboxes`` — the nudged drainer: every inbox indexed for this release.
+    * ``POST /meters/{meter_id}/inbox`` — one meter's inbox.
+
+    ``scripts(client)`` returns the release's :class:`IngestScript`.
     """
 
-    def drain(req: Request) -> Response:
+    def drain_all(req: Request) -> Response:
+        script: IngestScript = scripts(get_redis())
+        totals = drain_inboxes(script, budget_s=DRAIN_BUDGET_S, authorization=req.header("Authorization"))
+        return json_response({"release": script.release, **totals, "elapsed_ms": req.elapsed_ms()})
+
+    def drain_one(req: Request) -> Response:
         meter_id = req.params["meter_id"]
         script: IngestScript = scripts(get_redis())
         outcome = script.run(meter_id, "{}", 0.0, DRAIN_ONLY, req.header("Authorization"))
         return json_response(outcome.to_dict(meter_id, None))
 
-    router.post("/meters/{meter_id}/inbox", scopes={"service"})(drain)
+    router.post("/inboxes", scopes={"service"})(drain_all)
+    router.post("/meters/{meter_id}/inbox", scopes={"service"})(drain_one)

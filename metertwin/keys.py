@@ -233,8 +233,17 @@ def upgrade_inbox(meter_id: str) -> str:
     return f"{PREFIX}:upg:inbox:{{{meter_id}}}"
 
 
-#: Set of meter ids with parked readings: what the manager's sweep drains if a nudge was lost.
-UPGRADE_INBOXES = f"{PREFIX}:upg:inboxes"
+def upgrade_inboxes(release: str) -> str:
+    """Set: meter ids with readings parked for ``release``: what its drainer visits."""
+    return f"{PREFIX}:upg:inboxes:{release}"
+
+
+def upgrade_drainer(release: str) -> str:
+    """String: set while a drainer of ``release`` is nudged or running (one at a time; expires if it dies)."""
+    return f"{PREFIX}:upg:drainer:{release}"
+
+
+UPGRADE_DRAINER_TTL_MS = 15_000
 
 
 def upgrade_switch(meter_id: str) -> str:

@@ -5,7 +5,7 @@ registers in kWh as floats. Release v2 keeps (``keys.twin_v2``, a hash):
 
 ====  ===============================================================
 ``sv`` schema version (2)
-``s``  highest reading sequence number applied (v2's own dedupe cursor)
+``s``  highest reading sequence number applied (the dedupe itself is the twin's, shared by releases)
 ``ts`` timestamp of the newest measurement (epoch s)
 ``iwh`` / ``ewh``  import / export registers in whole Wh (integers)
 ``pw`` / ``vv``    power (W) and voltage (V)
@@ -48,11 +48,8 @@ local function v2_fields(st, m)
     'pw', tostring(m['power_w']), 'vv', tostring(m['voltage_v'] or 230))
 end
 local function v2_apply(twin, st, hist, mjson, ts, seq)
-  if seq >= 0 then
-    local last = tonumber(redis.call('HGET', st, 's') or '-1')
-    if seq <= last then return 0 end
-    redis.call('HSET', st, 's', seq)
-  end
+  if not fresh(twin, seq) then return 0 end
+  if seq > tonumber(redis.call('HGET', st, 's') or '-1') then redis.call('HSET', st, 's', seq) end
   local cur = tonumber(redis.call('HGET', st, 'ts') or '0')
   if ts >= cur then v2_fields(st, cjson.decode(mjson)) end
   if seq >= 0 then
@@ -61,7 +58,7 @@ local function v2_apply(twin, st, hist, mjson, ts, seq)
     redis.call('ZADD', hist, seq, seq .. '|' .. now[1] .. '.' .. string.format('%06d', now[2]) .. '|' .. mjson)
     redis.call('ZREMRANGEBYRANK', hist, 0, -{keys.TWIN_V2_HISTORY_MAX + 1})
   end
-  v1_apply(twin, mjson, ts, seq)
+  v1_measure(twin, mjson, ts)
   return 1
 end
 """

@@ -132,6 +132,21 @@ def test_drain_only_applies_parked_readings_in_order(twins: Callable[[int], list
     assert twin.measurement["power_w"] == 1205.0
 
 
+def test_readings_out_of_order_are_applied_once_within_the_window(twins: Callable[[int], list[str]]) -> None:
+    (meter,) = twins(1)
+    results = [ingest("v1", meter, seq) for seq in (1, 2, 5, 3, 3, 4, 5)]
+    assert results == ["applied", "applied", "applied", "applied", "duplicate", "applied", "duplicate"]
+    assert ingest("v1", meter, 40) == "applied"
+    assert ingest("v1", meter, 9) == "applied"  # 31 behind the newest: in the window
+    assert ingest("v1", meter, 9) == "duplicate"
+    assert ingest("v1", meter, 8) == "duplicate"  # 32 behind: out of the window, taken as applied
+    assert ingest("v2", meter, 39) == "parked"
+    get_redis().hset(keys.twin(meter), "b", "v2")
+    assert ingest("v2", meter, 38) == "applied"  # the window is the twin's, shared by releases
+    assert ingest("v2", meter, 39) == "duplicate"  # the parked 39 was drained before 38 was applied
+    assert twin_store(get_redis()).get(meter).last_seq == 40
+
+
 # --- migration and flip --------------------------------------------------------------------
 def _switch(meter: str, op: str = "op1", phase: str = "synced") -> None:
     get_redis().hset(keys.upgrade_switch(meter), mapping={"op": op, "from": "v1", "to": "v2", "phase": phase,

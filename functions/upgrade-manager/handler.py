@@ -35,9 +35,10 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from metertwin import keys, topics, twin_v2
-from metertwin.binding import DRAIN_ONLY, bound_release, function_for, v1_ingest
+from metertwin.binding import bound_release, function_for, v1_ingest
+from metertwin.binding import drain_inboxes as drain_release
 from metertwin.clients import StrRedis, get_redis
-from metertwin.errors import BackendUnavailable, InvalidInput, UnknownMeter
+from metertwin.errors import BackendUnavailable, InvalidInput
 from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json
 from metertwin.messages import CommandAck
 from metertwin.migrations import RELEASES, publish_manifests
@@ -46,8 +47,6 @@ from metertwin.upgrade import OperationSpec, UpgradeManager
 router = Router()
 OPERATORS = {"admin"}
 VIEWERS = {"admin", "utility"}
-#: Inboxes drained per cron tick when their nudge did not arrive.
-INBOX_SWEEP_MAX = 2000
 
 _manager: UpgradeManager | None = None
 
@@ -168,23 +167,12 @@ def connector(req: Request) -> Response:
     raise InvalidInput("POST / is for connectors: expected an X-Topic or X-Connector: cron-connector header")
 
 
-def drain_inboxes(client: StrRedis, limit: int = INBOX_SWEEP_MAX) -> int:
-    """Apply readings parked for a release whose nudge never came (with that release's script)."""
-    scripts = {"v1": v1_ingest(client), "v2": twin_v2.v2_ingest(client)}
-    try:
-        ids = client.srandmember(keys.UPGRADE_INBOXES, limit) or []
-    except redis.RedisError as exc:
-        raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
-    drained = 0
-    for meter_id in ids:
-        try:
-            script = scripts.get(bound_release(client, meter_id))
-        except UnknownMeter:  # the twin is gone: nothing to apply to
-            client.srem(keys.UPGRADE_INBOXES, meter_id)
-            continue
-        if script is not None:
-            drained += script.run(meter_id, "{}", 0.0, DRAIN_ONLY).drained
-    return drained
+def drain_inboxes(client: StrRedis, budget_s: float = 5.0) -> int:
+    """Readings parked for a release whose drainer was never nudged (no GATEWAY_URL, a lost call)."""
+    applied = 0
+    for script in (v1_ingest(client), twin_v2.v2_ingest(client)):
+        applied += drain_release(script, budget_s=budget_s / 2, holds_flag=False)["applied"]
+    return applied
 
 
 def handle(event: Event, context: Context) -> Response:
