@@ -263,7 +263,11 @@ async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, l
                 await asyncio.sleep(0.2)
             c3, w3, v3 = cpu_s(), time.monotonic(), vtn.ask("cpu")
             out["vtn_burst_cpu_pct_of_one_core"] = round(100 * (v3 - v2) / (w3 - w2), 1)
+            # (a command may reach its meter before the VEN's answer reaches the VTN)
             answers = vtn.ask("answers", event_id)
+            while len(answers) < twins and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                answers = vtn.ask("answers", event_id)
             lat = [clock.first[m] - issued for m in ids if m in clock.first]
             out["commands_received"] = len(lat)
             out["opt_in"] = sum(v == "optIn" for v in answers.values())
@@ -279,6 +283,21 @@ async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, l
             clock.close()
             vtn.stop()
             stack.close()
+    return out
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    """``args`` without ``name`` and its values (up to the next ``--option``)."""
+    out: list[str] = []
+    skipping = False
+    for a in args:
+        if a == name or a.startswith(name + "="):
+            skipping = a == name
+            continue
+        if skipping and not a.startswith("--"):
+            continue
+        skipping = False
+        out.append(a)
     return out
 
 
@@ -298,8 +317,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = []
-    for n in args.twins:
-        result = asyncio.run(measure(n, args.poll, args.idle, args.sampling, args.lead, args.via_gateway))
+    if len(args.twins) > 1:
+        # One fresh process per size: Python keeps freed memory, so RSS per VEN needs a clean start.
+        import subprocess
+        import sys
+
+        base = list(argv if argv is not None else sys.argv[1:])
+        for n in args.twins:
+            rest = _without_option(base, "--twins")
+            rest = _without_option(rest, "--json")
+            done = subprocess.run([sys.executable, "-m", "dr_bridge.bench", "--twins", str(n), *rest],
+                                  capture_output=True, text=True, check=False)
+            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+            if not lines:
+                print(done.stderr[-2000:], file=sys.stderr)
+                continue
+            print(lines[-1], flush=True)
+            results.append(json.loads(lines[-1]))
+    else:
+        result = asyncio.run(measure(args.twins[0], args.poll, args.idle, args.sampling, args.lead,
+                                     args.via_gateway))
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.json:
