@@ -7,14 +7,14 @@ its own meters, so no state is shared between tests.
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from embedded.stack import EmbeddedStack
 from meter_sim import FleetThread
+from tests.waiting import wait_until as wait_for
 
 _ids = itertools.count()
 
@@ -38,14 +38,6 @@ def meters(stack: EmbeddedStack, request: pytest.FixtureRequest) -> Iterator[tup
     fleet.stop()
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 def twin(stack: EmbeddedStack, meter: str) -> dict[str, Any]:

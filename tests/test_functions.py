@@ -17,6 +17,7 @@ from metertwin.auth import issue_token
 from storage.embedded import Mosquitto
 from tests.conftest import TEST_SIGNING_KEY
 from tests.invoke import call, load_handler
+from tests.waiting import wait_until as wait_for
 
 registry = load_handler("registry")
 read = load_handler("read")
@@ -32,14 +33,6 @@ def token(*scopes: str, meter: str | None = None) -> str:
 ADMIN = "admin"
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import redis
 
 from gateway.app import GatewayApp
 from metertwin import keys
-from tests.fixtures.gateway_support import PASSWORD, await_until, gateway_client, write_basic_auth
+from tests.fixtures.gateway_support import PASSWORD, gateway_client, write_basic_auth
+from tests.waiting import await_until
 
 AUTH = ("admin", PASSWORD)
 

@@ -11,14 +11,8 @@ import redis
 
 from gateway.server import GatewayProcess
 from metertwin import keys
-from tests.fixtures.gateway_support import (
-    STACK,
-    CallbackReceiver,
-    await_until,
-    gateway_client,
-    wait_until,
-    write_basic_auth,
-)
+from tests.fixtures.gateway_support import STACK, CallbackReceiver, gateway_client, write_basic_auth
+from tests.waiting import await_until, wait_until
 
 
 @pytest.fixture

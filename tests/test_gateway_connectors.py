@@ -16,15 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.server import GatewayProcess
 from metertwin import auth
 from storage.embedded import Mosquitto
-from tests.fixtures.gateway_support import (
-    CALLS_KEY,
-    PASSWORD,
-    STACK,
-    await_until,
-    gateway_client,
-    wait_until,
-    write_basic_auth,
-)
+from tests.fixtures.gateway_support import CALLS_KEY, PASSWORD, STACK, gateway_client, write_basic_auth
+from tests.waiting import await_until, wait_until
 
 
 def calls(redis_url: str) -> list[dict[str, Any]]:

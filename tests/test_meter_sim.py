@@ -22,17 +22,7 @@ from paho.mqtt.properties import Properties
 from meter_sim import FleetThread, accounts
 from metertwin import messages, topics
 from storage.embedded import Mosquitto
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s} s")
-        time.sleep(0.01)
+from tests.waiting import wait_until
 
 
 @dataclass

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from embedded.stack import EmbeddedStack
 from meter_sim import FleetThread
+from tests.waiting import wait_until as wait_for
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +20,6 @@ def stack() -> Iterator[EmbeddedStack]:
         yield running
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 def test_twins_negotiate_and_only_the_trade_reaches_each_meter(stack: EmbeddedStack) -> None:
