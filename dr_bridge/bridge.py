@@ -52,6 +52,9 @@ class BridgeConfig:
     check_hostname: bool = True
     #: How often the bridge runs due DR actions (``POST /due``); sub-second keeps execution in window.
     due_poll_s: float = 0.5
+    #: Tries of one ``POST /events`` (timeouts, 5xx) and the back-off step between them.
+    invoke_attempts: int = 3
+    invoke_retry_s: float = 0.5
     #: Parallel ``POST /due`` calls while a backlog drains.
     due_concurrency: int = 8
     #: How often the telemetry cache is refreshed (``POST /telemetry``); <= the shortest sampling interval.
@@ -318,15 +321,22 @@ class Bridge:
                 "vtn_id": str(message.get("vtn_id") or ""), "request_id": message.get("request_id"),
                 "events": normalized}
         self.stats.deliveries += 1
-        try:
-            status, out = await self.invoke("POST", "/events", body)
-        except Exception as exc:
-            self.stats.invoke_errors += 1
-            log.warning("VEN %s: dr-event unreachable: %s: %s", ven.meter_id, type(exc).__name__, exc)
-            return {}
+        # A redelivery is idempotent in dr-event (same modification -> same answer), so a failed
+        # call is retried a few times before the VEN has to answer without the twin (optOut 469).
+        status: int = 0
+        out: dict[str, Any] = {}
+        for attempt in range(self.config.invoke_attempts):
+            if attempt:
+                await asyncio.sleep(self.config.invoke_retry_s * attempt)
+            try:
+                status, out = await self.invoke("POST", "/events", body)
+            except Exception as exc:
+                status, out = 0, {"error": f"{type(exc).__name__}: {exc}"}
+            if status == 200 or 400 <= status < 500:
+                break
         if status != 200:
             self.stats.invoke_errors += 1
-            log.warning("VEN %s: dr-event answered %s: %s", ven.meter_id, status, out)
+            log.warning("VEN %s: dr-event failed (%s): %s", ven.meter_id, status or "unreachable", out)
             return {}
         answers = {str(a.get("event_id")): a for a in out.get("responses", []) if isinstance(a, dict)}
         for answer in answers.values():
