@@ -31,14 +31,18 @@ StrRedis: TypeAlias = Any
 def get_redis() -> StrRedis:
     """The zone's Redis, with timeouts on connect and on every command."""
     s = get_settings()
-    return redis.Redis.from_url(
+    # A blocking pool: past redis_max_connections, callers queue for a connection (bounded by
+    # the timeout) instead of failing with "Too many connections" under a burst.
+    pool = redis.BlockingConnectionPool.from_url(
         s.redis_url,
+        max_connections=s.redis_max_connections,
+        timeout=s.redis_timeout_s,
         decode_responses=True,
         socket_timeout=s.redis_timeout_s,
         socket_connect_timeout=s.redis_timeout_s,
         health_check_interval=30,
-        retry_on_timeout=False,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 _async_redis: tuple[asyncio.AbstractEventLoop, StrRedis] | None = None
@@ -50,10 +54,12 @@ def get_async_redis() -> StrRedis:
     loop = asyncio.get_running_loop()
     if _async_redis is None or _async_redis[0] is not loop:
         s = get_settings()
-        client = aioredis.Redis.from_url(
-            s.redis_url, decode_responses=True, socket_timeout=s.redis_timeout_s,
+        pool = aioredis.BlockingConnectionPool.from_url(
+            s.redis_url, max_connections=s.redis_max_connections, timeout=s.redis_timeout_s,
+            decode_responses=True, socket_timeout=s.redis_timeout_s,
             socket_connect_timeout=s.redis_timeout_s, health_check_interval=30,
         )
+        client = aioredis.Redis(connection_pool=pool)
         _async_redis = (loop, client)
     return _async_redis[1]
 

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     publish_timeout_s: float = 2.0
 
     # Limits.
+    #: Connections per process to the zone's Redis; more callers wait (up to redis_timeout_s)
+    #: for a free one instead of failing.
+    redis_max_connections: int = Field(default=64, ge=1, le=10_000)
     max_body_bytes: int = 1_048_576
     max_bulk_meters: int = 10_000
     default_read_max_age_s: float = 900.0
