@@ -83,7 +83,7 @@ async def test_event_opt_in_and_meter_command_inside_the_randomized_window(
         at, cmd = commands_seen.commands(m)[0]
         assert cmd["params"] == {"watts": 1250.0}
         # inside the window: not before the randomized start, at most a due-poll tick (+ load slack) after it
-        assert rec["start_at"] - 0.05 <= at <= rec["start_at"] + 1.0
+        assert rec["start_at"] - 0.05 <= at <= rec["start_at"] + 2.0
         assert at < rec["end_at"]
     # restored at the end
     await wait_until(lambda: all(limits(commands_seen, m)[-1] is None for m in meters), 10)
