@@ -30,7 +30,9 @@ Targets (issue 7): nothing lost; no reading or command delayed by more than 1 s 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import secrets
 import statistics
@@ -46,7 +48,7 @@ from typing import Any
 import redis
 
 from meter_sim import scale
-from meter_sim.fleet import raise_nofile_limit
+from meter_sim.fleet import MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.scale import Broker as PreloadedBroker
 from metertwin import keys
 from metertwin.twin import CREATE_LUA
@@ -92,9 +94,16 @@ class Samples:
     """Delays (s) per phase."""
 
     by_phase: dict[str, list[float]] = field(default_factory=dict)
+    #: (wall time, delay, meter) of every sample, for the timeline of the worst ones.
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
 
-    def add(self, phase: str, value: float) -> None:
+    def add(self, phase: str, value: float, at: float = 0.0, meter_id: str = "") -> None:
         self.by_phase.setdefault(phase, []).append(value)
+        self.timeline.append((at, value, meter_id))
+
+    def worst(self, t0: float, n: int = 8) -> list[dict[str, Any]]:
+        return [{"t_s": round(at - t0, 2), "delay_ms": round(d * 1000, 1), "meter": m}
+                for at, d, m in sorted(self.timeline, key=lambda x: -x[1])[:n]]
 
     def summary(self) -> dict[str, Any]:
         return {phase: stats(values) for phase, values in self.by_phase.items()}
@@ -159,7 +168,8 @@ def probe(client: redis.Redis, ids: list[str], phase: Phase, samples: Samples, s
                 continue
             seq = int(s)
             if meter_id in last and seq > last[meter_id]:
-                samples.add(phase.name, max(0.0, seen - float(json.loads(m)["ts"])))
+                ts = float(json.loads(m)["ts"])
+                samples.add(phase.name, max(0.0, seen - ts), ts, meter_id)
             last[meter_id] = seq
         stop.wait(0.1)
 
@@ -181,8 +191,29 @@ def commands(zone: UpgradeZone, ids: list[str], phase: Phase, sent: dict[str, li
         stop.wait(1.0 / rate_per_s)
 
 
-def command_latencies(client: redis.Redis, sent: dict[str, list[tuple[str, str]]]) -> dict[str, Any]:
+def cpu_sampler(pids: dict[str, int], out: list[dict[str, Any]], stop: threading.Event) -> None:
+    """CPU share (of one core) of each process, once a second: who is busy when delays grow."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def ticks(pid: int) -> int:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return int(fields[11]) + int(fields[12])
+
+    last = {name: ticks(pid) for name, pid in pids.items()}
+    while not stop.wait(1.0):
+        now = {name: ticks(pid) for name, pid in pids.items()}
+        out.append({"t": time.time(), **{n: round((now[n] - last[n]) / tick, 2) for n in pids},
+                    "load1": os.getloadavg()[0]})
+        last = now
+
+
+def command_latencies(client: redis.Redis, sent: dict[str, list[tuple[str, str]]],
+                      t0: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    worst: list[tuple[float, float, str]] = []
     for phase, items in sent.items():
         if phase == "errors":
             out["errors"] = len(items)
@@ -191,12 +222,15 @@ def command_latencies(client: redis.Redis, sent: dict[str, list[tuple[str, str]]
         for meter_id, command_id in items:
             pipe.hmget(keys.command(meter_id, command_id), ("status", "created_at", "acked_at"))
         values, not_acked = [], 0
-        for status, created, acked in pipe.execute():
+        for (meter_id, _), (status, created, acked) in zip(items, pipe.execute(), strict=True):
             if status != "acknowledged" or not acked:
                 not_acked += 1
                 continue
             values.append(max(0.0, float(acked) - float(created)))
+            worst.append((float(created), values[-1], meter_id))
         out[phase] = {**stats(values), "not_acknowledged": not_acked}
+    out["worst"] = [{"t_s": round(at - t0, 2), "delay_ms": round(d * 1000, 1), "meter": m}
+                    for at, d, m in sorted(worst, key=lambda x: -x[1])[:8]]
     return out
 
 
@@ -263,6 +297,32 @@ def drive(zone: UpgradeZone, op_id: str, timeout_s: float) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+async def _fleet(creds: Path, interval_s: float, max_duration_s: float) -> int:
+    """The meters, in their own process (``--fleet``): loadtest.meters' loop plus meter_sim's GC tuning.
+
+    Without ``tune_gc`` full collections over 10,000 meters' objects stall the fleet's loop for
+    seconds, which a benchmark of the twins' delays would wrongly charge to the switch.
+    """
+    import asyncio
+    import signal
+
+    data = json.loads(creds.read_text())
+    fleet = MeterFleet(data["host"], int(data["port"]), dict(data["meters"]), link="lan",
+                       reporting_interval_s=interval_s)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    async with fleet:
+        ok = await fleet.wait_connected(timeout_s=120)
+        tune_gc()  # freeze the connected sessions
+        print(json.dumps({"ready": ok, "connected": fleet.connected_count()}), flush=True)
+        if not ok:
+            return 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=max_duration_s)
+    return 0
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile_limit()
     ids = [f"ub-{i:05d}" for i in range(args.meters)]
@@ -285,8 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"starting {len(ids)} meters (reporting every {args.interval} s) ...", flush=True)
             t0 = time.monotonic()
             fleet = subprocess.Popen(
-                [sys.executable, "-m", "loadtest.meters", str(creds), "--reporting-interval", str(args.interval),
-                 "--max-duration", "3600"], stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+                [sys.executable, "-m", "loadtest.upgrade_bench", "--fleet", str(creds), "--interval",
+                 str(args.interval)], stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
             assert fleet.stdout is not None
             ready = json.loads(fleet.stdout.readline() or '{"ready": false}')
             if not ready.get("ready"):
@@ -303,6 +363,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ]
             for t in threads:
                 t.start()
+            cpu: list[dict[str, Any]] = []
+            pids = {"gateway": zone.gateway.proc.pid, "meters": fleet.pid, "broker": broker.proc.pid,
+                    **({"redis": zone.redis.proc.pid} if zone.redis.proc else {})}
+            threads.append(threading.Thread(target=cpu_sampler, args=(pids, cpu, stop), daemon=True))
+            threads[-1].start()
             phase.set("baseline")
             print(f"baseline {args.baseline_s} s ...", flush=True)
             stop.wait(args.baseline_s)
@@ -313,6 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             op = zone.call(MANAGER, "POST", "/operations", token=zone.token("admin"), json={
                 "to": "v2", "select": {"all": True}, "batch": args.batch, "max_in_flight": args.max_in_flight,
                 "drain_s": args.drain_s, "resend_after_s": 10, "max_failed": 0,
+                "rebind_rate_per_s": args.rebind_rate,
             }, timeout=60).json()
             status = drive(zone, op["id"], timeout_s=args.timeout_s)
             upgrade_s = time.monotonic() - started
@@ -333,12 +399,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bound_v2 += sum(1 for b in pipe.execute() if b == "v2")
             result = {
                 "meters": len(ids), "interval_s": args.interval, "batch": args.batch, "probes": len(probes),
+                "rebind_rate_per_s": args.rebind_rate, "gateway_args": args.gateway_arg,
                 "upgrade_s": round(upgrade_s, 2), "meters_per_s": round(len(ids) / upgrade_s, 1),
                 "state": final["state"], "progress": final["progress"], "readings": final["readings"],
                 "bound_to_v2": bound_v2,
                 "histories": histories(client, ids, args.interval, (started_wall, ended_wall + args.interval + 5)),
-                "probe_reading_delay": samples.summary(),
-                "command_round_trip": command_latencies(client, sent),
+                "probe_reading_delay": {**samples.summary(), "worst": samples.worst(started_wall)},
+                "command_round_trip": command_latencies(client, sent, started_wall),
+                "cpu_per_s": [{**c, "t": round(c["t"] - started_wall, 1)} for c in cpu],
                 "gateway": zone.url,
             }
             client.close()
@@ -362,13 +430,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=300, help="meters polled every 100 ms (300)")
     ap.add_argument("--command-rate", type=float, default=10.0, help="commands per second to probe meters (10)")
     ap.add_argument("--baseline-s", type=float, default=30.0)
-    ap.add_argument("--batch", type=int, default=2000)
-    ap.add_argument("--max-in-flight", type=int, default=10_000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--max-in-flight", type=int, default=2_000)
     ap.add_argument("--drain-s", type=float, default=2.0)
+    ap.add_argument("--rebind-rate", type=float, default=250.0, help="rebinds per second at most (250)")
     ap.add_argument("--timeout-s", type=float, default=900.0)
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra argument for python -m gateway")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    ap.add_argument("--fleet", type=Path, default=None, help=argparse.SUPPRESS)  # the meters' process
     args = ap.parse_args(argv)
+    if args.fleet is not None:
+        import asyncio
+
+        raise_nofile_limit()
+        return asyncio.run(_fleet(args.fleet, args.interval, 3600.0))
     result = run(args)
     text = json.dumps(result, indent=2)
     print(text)

@@ -471,22 +471,28 @@ def nudge(release: str, authorization: str | None, capability: str = "ingest") -
 
 
 def drain_inboxes(script: IngestScript, *, budget_s: float, authorization: str | None = None,
-                  batch: int = 500, holds_flag: bool = True) -> dict[str, int]:
+                  batch: int = 500, holds_flag: bool = True, poll_s: float = 0.02,
+                  linger_s: float = 1.0) -> dict[str, int]:
     """Drain every inbox indexed for ``script``'s release until none is left or ``budget_s`` is spent.
 
-    ``holds_flag``: called as the nudged drainer (it clears the flag when done, then looks
-    once more, see :func:`park_and_nudge`); the manager's sweep passes False.
+    Under steady parking the drainer stays: it polls the index every ``poll_s`` and leaves
+    once it has been empty for ``linger_s`` (a drainer per reading would cost more than the
+    readings). ``holds_flag``: called as the nudged drainer (it clears the flag when done, then
+    looks once more, see :func:`park_and_nudge`); the manager's sweep passes False.
     """
     client, release = script.client, script.release
     index, flag = keys.upgrade_inboxes(release), keys.upgrade_drainer(release)
     deadline = time.monotonic() + budget_s
     totals = {"meters": 0, "applied": 0, "moved": 0}
+    idle_since: float | None = None
     while True:
         try:
             ids = client.spop(index, batch) or []
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable reading the inbox index: {exc}") from exc
+        now = time.monotonic()
         if ids:
+            idle_since = None
             applied, moved = script.drain_many(list(ids))
             totals["meters"] += len(ids)
             totals["applied"] += applied
@@ -494,24 +500,32 @@ def drain_inboxes(script: IngestScript, *, budget_s: float, authorization: str |
             for meter_id, bound in moved:  # rebound while parked: the new release's drainer takes it
                 if script._has_inbox(meter_id):
                     park_and_nudge(client, meter_id, bound, authorization)
-            if time.monotonic() < deadline:
-                continue
+        else:
+            idle_since = idle_since if idle_since is not None else now
+        out_of_time = now >= deadline
+        idle = 0.0 if idle_since is None else now - idle_since
+        if holds_flag and not out_of_time and (ids or idle < linger_s):
+            if len(ids) < batch:
+                time.sleep(poll_s)  # pacing of the poll, not a wait for a condition
+            continue
         if not holds_flag:
+            if ids and not out_of_time:
+                continue
             return totals
         try:
             client.delete(flag)
-            more = client.scard(index)
-            if not more:
+            if not client.scard(index):
                 return totals
             if not client.set(flag, "draining", nx=True, px=keys.UPGRADE_DRAINER_TTL_MS):
                 return totals  # another drainer was nudged meanwhile
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
-        if time.monotonic() >= deadline:
+        if out_of_time:
             # Out of time with work left: hand over to a fresh call rather than hold a thread.
             if not nudge(release, authorization):
                 client.delete(flag)
             return totals
+        idle_since = None
 
 
 _v1_scripts: dict[int, IngestScript] = {}

@@ -71,6 +71,8 @@ IN_FLIGHT = ("admitted", "prepared", "synced", "rebinding", "switched")
 #: Switch-record phases of another operation that a new one may take over.
 RELEASED_PHASES = ("done", "cancelled", "confirmed", "rejected")
 REBIND_PREFIX = "rb."
+#: Seconds between full passes over the meters waiting for their rebind ack.
+RECONCILE_EVERY_S = 1.0
 MAX_FAILURE_DETAILS = 200
 
 
@@ -691,14 +693,21 @@ class UpgradeManager:
             return list(pool.map(one, ids))
 
     def _reconcile(self, op: Operation) -> bool:
-        """Rebinding meters: move the flipped ones on, re-send overdue rebinds, collect refusals."""
+        """Rebinding meters: move the flipped ones on, re-send overdue rebinds, collect refusals.
+
+        The ack handler moves a flipped meter on by itself, so this full pass (a read of every
+        rebinding meter's switch record) runs at most every :data:`RECONCILE_EVERY_S`.
+        """
+        now = time.time()
+        if now - op.num("reconciled_at") < min(RECONCILE_EVERY_S, op.spec.resend_after_s / 2):
+            return False
+        self._set(op.id, reconciled_at=repr(now))
         key = keys.upgrade_op_set(op.id, "rebinding")
         ids = list(self._call(lambda: self.r.smembers(key)))
         if not ids:
             if op.num("unconfirmed"):
                 self._set(op.id, unconfirmed=0)
             return False
-        now = time.time()
         progressed = False
         unconfirmed = 0
         moves: list[Move] = []

@@ -281,14 +281,8 @@ def test_cli_starts_follows_promotes_and_reports_refusals(
     ids, fleet = fleet_of(4)
     key_file = zone.secrets_dir / "token-signing-key"
     base = ["--gateway", zone.url, "--signing-key-file", str(key_file)]
-    rc = cli.run([*base, "start", "--to", "v2", "--meters", ",".join(ids), "--canary", "1", "--drain-s", "0",
-                  "--follow", "--interval-s", "0.1", "--timeout-s", "20"])
-    if rc:
-        with open("/tmp/upg-cli-debug.txt", "w") as dbg:
-            dbg.write(repr([binding(zone, m) for m in ids]) + "\n")
-            dbg.write(repr([(fleet.meter(m).controls, fleet.meter(m).connected, fleet.meter(m).binding) for m in ids]))
-            dbg.write(zone.gateway.log_text())
-    assert rc == 0
+    assert cli.run([*base, "start", "--to", "v2", "--meters", ",".join(ids), "--canary", "1", "--drain-s", "0",
+                    "--follow", "--interval-s", "0.1", "--timeout-s", "60"]) == 0
     out = capsys.readouterr().out
     assert "[observing] 1/4 switched" in out
     op_id = out.split()[1]
