@@ -323,6 +323,55 @@ async def _fleet(creds: Path, interval_s: float, max_duration_s: float) -> int:
     return 0
 
 
+def bulk(n: int, batch: int) -> dict[str, Any]:
+    """The manager alone over ``n`` twins (``--bulk``): its bookkeeping at 100,000, without broker or gateway.
+
+    The meters' side is played in-process: each rebind is acknowledged at once (``on_ack``),
+    so this measures planning, prepare, sync, flip, drain and the per-meter accounting.
+    """
+    from metertwin.messages import CommandAck
+    from metertwin.upgrade import OperationSpec, UpgradeManager
+    from storage.embedded import RedisServer
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        ids = [f"bulk-{i:06d}" for i in range(n)]
+        create_twins(client, ids)
+        measure = client.register_script("return redis.call('HSET', KEYS[1], 's', ARGV[1], 'm', ARGV[2])")
+        for start in range(0, n, 5000):
+            pipe = client.pipeline(transaction=False)
+            for i, meter_id in enumerate(ids[start:start + 5000]):
+                m = json.dumps({"ts": time.time(), "import_kwh": 1000.0 + i, "export_kwh": 0.0, "power_w": 500.0,
+                                "voltage_v": 230.0})
+                measure(keys=[keys.twin(meter_id)], args=[0, m], client=pipe)
+            pipe.execute()
+        holder: dict[str, UpgradeManager] = {}
+
+        def meter(meter_id: str, payload: dict[str, Any], ttl_s: int) -> None:
+            holder["m"].on_ack(meter_id, CommandAck(id=payload["params"]["id"], status="applied", ts=time.time()))
+
+        mgr = holder["m"] = UpgradeManager(client, instance="bulk", publish=meter, metrics=lambda url: "")
+        spec = OperationSpec.model_validate({"to": "v2", "select": {"all": True}, "batch": batch,
+                                             "max_in_flight": 4 * batch, "drain_s": 0, "rebind_rate_per_s": 100_000})
+        started = time.monotonic()
+        op = mgr.start(spec)
+        last = 0.0
+        while True:
+            status = mgr.advance(op["id"], budget_s=2.0)
+            if time.monotonic() - last > 5:
+                print(f"  [{status['state']}] {status['progress']['done']}/{status['progress']['selected']}",
+                      flush=True)
+                last = time.monotonic()
+            if status["state"] == "completed":
+                break
+        elapsed = time.monotonic() - started
+        memory = client.info("memory")["used_memory"]
+        client.close()
+        return {"bulk_twins": n, "seconds": round(elapsed, 1), "twins_per_s": round(n / elapsed, 1),
+                "done": status["progress"]["done"], "missing": status["readings"]["missing"],
+                "redis_used_memory_mb": round(memory / 2**20, 1)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile_limit()
     ids = [f"ub-{i:05d}" for i in range(args.meters)]
@@ -437,8 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=900.0)
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra argument for python -m gateway")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    ap.add_argument("--bulk", type=int, default=0, help="only the manager over this many twins (no meters)")
     ap.add_argument("--fleet", type=Path, default=None, help=argparse.SUPPRESS)  # the meters' process
     args = ap.parse_args(argv)
+    if args.bulk:
+        print(json.dumps(bulk(args.bulk, args.batch), indent=2))
+        return 0
     if args.fleet is not None:
         import asyncio
 
