@@ -20,7 +20,7 @@ from typing import Any, Self
 import httpx
 
 from metertwin.auth import issue_token
-from storage.embedded import Mosquitto, MotoS3, RedisServer
+from storage.embedded import Mosquitto, MotoS3, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STACK = ROOT / "stack.yml"
@@ -45,6 +45,7 @@ class EmbeddedStack:
         self.redis: dict[str, RedisServer] = {}
         self.s3: MotoS3 | None = None
         self.gateways: dict[str, Any] = {}
+        self.ports: dict[str, int] = {}
         self._http: httpx.Client | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -58,11 +59,14 @@ class EmbeddedStack:
             if self.with_s3:
                 self.s3 = MotoS3()
             self._write_secrets()
+            # Ports first: functions reach their own zone's gateway (forwards, nudges), so the
+            # environment must name every gateway's URL before any of them starts.
+            self.ports = {zone: free_port() for zone in self.zones}
             env = self.environment()
             for zone in self.zones:
                 self.gateways[zone] = GatewayProcess(
-                    self.stack_path, zone, secrets_dir=self.secrets_dir, env=env, args=self.gateway_args,
-                    log_path=self.dir / f"gateway-{zone}.log",
+                    self.stack_path, zone, port=self.ports[zone], secrets_dir=self.secrets_dir, env=env,
+                    args=self.gateway_args, log_path=self.dir / f"gateway-{zone}.log",
                 )
         except BaseException:
             self.stop()
@@ -121,8 +125,8 @@ class EmbeddedStack:
             env[f"{z}_MQTT_PORT"] = str(self.broker.port)
         if self.s3 is not None:
             env["S3_ENDPOINT_URL"] = self.s3.url
-        for zone, gw in self.gateways.items():
-            env[f"{zone.upper()}_GATEWAY_URL"] = gw.url
+        for zone, port in self.ports.items():
+            env[f"{zone.upper()}_GATEWAY_URL"] = f"http://127.0.0.1:{port}"
         return env
 
     # -- clients --------------------------------------------------------------------------
