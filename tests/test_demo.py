@@ -22,7 +22,8 @@ def test_demo_runs_every_capability_and_stops_what_it_started() -> None:
     assert done.returncode == 0, out[-3000:]
     for line in ("read (cached)", "read (live, meter)", "504 with stale value", "412 version_mismatch",
                  "forward (meter -> EMS)", "403=1", "401=1", "202 + callback 202", "p2p (negotiate)",
-                 "mdms (TOU bill)", "dr (OpenADR event)", "stopped every process the demo started"):
+                 "mdms (TOU bill)", "dr (OpenADR event)", "answered by v2", "missing 0",
+                 "stopped every process the demo started"):
         assert line in out, f"{line!r} missing from the demo summary:\n{out[-3000:]}"
     assert "optOut=0" in out
     assert "ended acknowledged after reconnect" in out
