@@ -35,7 +35,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy metertwin gateway storage meter_sim loadtest embedded
+	$(BIN)/mypy metertwin gateway storage meter_sim loadtest embedded dr_bridge metertwin_upgrade
 	@# Every handler is a module named `handler`: check them one at a time.
 	@for f in functions/*/handler.py; do $(BIN)/mypy "$$f" | grep -v '^Success' || true; done
 
