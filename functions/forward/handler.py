@@ -36,6 +36,7 @@ from metertwin.http import Context, Event, Request, Response, Router, json_respo
 from metertwin.messages import EmsMessage
 from metertwin.settings import get_settings
 from metertwin.twin import twin_store
+from metertwin.uplink import meter_topic
 
 router = Router()
 HOME = {"consumer", "ems", "utility"}
@@ -125,11 +126,7 @@ def history(req: Request) -> Response:
 
 @router.post("/", scopes={"service"})
 def from_meter(req: Request) -> Response:
-    topic = req.header("X-Topic") or ""
-    try:
-        meter_id = topics.meter_id_of(topic)
-    except ValueError as exc:
-        raise InvalidInput(f"X-Topic: {exc}", field="X-Topic") from None
+    meter_id, topic = meter_topic(req)
     if topic != topics.ems_up(meter_id):
         raise InvalidInput(f"topic {topic!r} is not an EMS topic", field="X-Topic")
     message = parse_json(req.event.body, EmsMessage, max_bytes=MAX_MESSAGE_BYTES)

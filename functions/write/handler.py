@@ -34,6 +34,7 @@ from metertwin.errors import InvalidInput, UnknownMeter
 from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
 from metertwin.messages import CommandAck
 from metertwin.twin import twin_store
+from metertwin.uplink import meter_topic
 
 router = Router()
 WRITERS = {"utility", "mdms"}
@@ -105,17 +106,14 @@ def set_desired(req: Request) -> Response:
 def connector(req: Request) -> Response:
     topic = req.header("X-Topic")
     if topic:
-        return _on_ack(req, topic)
+        return _on_ack(req)
     if req.header("X-Connector") == "cron-connector":
         return _sweep()
     raise InvalidInput("POST / is for connectors: expected an X-Topic or X-Connector: cron-connector header")
 
 
-def _on_ack(req: Request, topic: str) -> Response:
-    try:
-        meter_id = topics.meter_id_of(topic)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), field="X-Topic") from None
+def _on_ack(req: Request) -> Response:
+    meter_id, topic = meter_topic(req)
     if topic != topics.command_acks(meter_id):
         raise InvalidInput(f"topic {topic!r} is not a command-ack topic", field="X-Topic")
     ack = parse_json(req.event.body, CommandAck)
