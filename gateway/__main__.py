@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="take over async calls left pending by another worker this many seconds")
     p.add_argument("--async-concurrency", type=int, default=defaults.async_concurrency,
                    help="async calls run at once per worker")
+    p.add_argument("--mqtt-concurrency", type=int, default=defaults.mqtt_concurrency,
+                   help="MQTT messages in flight per worker (the session's Receive Maximum)")
     p.add_argument("--no-background", action="store_true",
                    help="serve HTTP only: no async worker, MQTT or cron connectors")
     p.add_argument("--log-level", default="info")
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background,
-               "async_concurrency": args.async_concurrency, "exec_timeout_s": args.exec_timeout}
+               "async_concurrency": args.async_concurrency,
+               "mqtt_concurrency": args.mqtt_concurrency, "exec_timeout_s": args.exec_timeout}
     try:
         if args.workers > 1:
             if args.port == 0:

@@ -116,6 +116,7 @@ class GatewayOptions:
     async_concurrency: int = 8
     callback_timeout_s: float = 10.0
     callback_attempts: int = 3
+    #: MQTT messages in flight per worker (the session's Receive Maximum).
     mqtt_concurrency: int = 16
     mqtt_session_expiry_s: int = 300
     token_ttl_s: int = 3600

@@ -45,6 +45,7 @@ from gateway.functions import Event, Result
 from gateway.stack import FunctionSpec, StackError
 from metertwin import auth, keys
 from metertwin.errors import MeterTwinError
+from metertwin.paho_fast import speed_up_paho
 
 log = logging.getLogger("gateway.connectors")
 
@@ -202,6 +203,7 @@ class MqttConnector:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tasks: set[concurrent.futures.Future[None]] = set()
+        speed_up_paho()  # one ReasonCode per acknowledged message: keep it cheap
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
-from meter_sim.meter import FleetConfig, MeterStats, SimMeter, speed_up_paho
+from meter_sim.meter import FleetConfig, MeterStats, SimMeter
 from meter_sim.profile import LinkProfile
+from metertwin.paho_fast import speed_up_paho
 
 T = TypeVar("T")
 LinkSpec = str | tuple[float, float] | LinkProfile

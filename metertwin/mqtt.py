@@ -26,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from metertwin import topics
 from metertwin.errors import BackendUnavailable, MeterTimeout
+from metertwin.paho_fast import speed_up_paho
 
 log = logging.getLogger("metertwin.mqtt")
 
@@ -60,6 +61,7 @@ class TwinMqtt:
         self._listeners: dict[str, int] = {}
         self._listen_lock = threading.Lock()
         self._closing = False
+        speed_up_paho()
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.requester, protocol=mqtt.MQTTv5
         )
