@@ -6,20 +6,18 @@ The zone gateway (``python -m gateway``) runs as a subprocess with a stack holdi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from dr_bridge import Bridge, BridgeConfig, HttpInvoker
 from dr_bridge.__main__ import read_meters, resolve_shard
-from dr_bridge.demo import UtilityVtn, free_port, run_demo, wait_until
+from dr_bridge.demo import UtilityVtn, run_demo, wait_until
 from dr_bridge.shard import shard_of
+from gateway.server import GatewayProcess
 from metertwin.auth import issue_token
 from tests.conftest import TEST_SIGNING_KEY
 from tests.test_dr_event import CommandObserver, commands_seen, dr_env, make_twin
@@ -55,31 +53,10 @@ def gateway(dr_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
                                   mqtt_host=dr_env["MQTT_HOST"], mqtt_port=dr_env["MQTT_PORT"],
                                   mqtt_user=dr_env["MQTT_USERNAME"]))
     (Path(dr_env["SECRETS_DIR"]) / "gateway-basic-auth-password").write_text("gw-pass")
-    port = free_port()
-    log = (tmp_path / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--stack", str(stack), "--zone", "edge", "--port", str(port),
-         "--secrets-dir", dr_env["SECRETS_DIR"], "--no-background", "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"gateway did not start: {(tmp_path / 'gateway.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    args = ["--no-background", "--log-level", "warning"]
+    with GatewayProcess(stack, "edge", secrets_dir=dr_env["SECRETS_DIR"], args=args,
+                        log_path=tmp_path / "gateway.log") as gateway:
+        yield gateway.url
 
 
 @pytest.fixture

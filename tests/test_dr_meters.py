@@ -9,16 +9,14 @@ meters actually shed against their baseline.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from dr_bridge.demo import free_port, run_demo
+from dr_bridge.demo import run_demo
+from gateway.server import GatewayProcess
 from meter_sim import FleetThread
 from metertwin import dr
 from metertwin.auth import issue_token
@@ -70,31 +68,9 @@ def zone_gateway(dr_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     stack.write_text(STACK.format(root=ROOT, redis_url=dr_env["REDIS_URL"], host=dr_env["MQTT_HOST"],
                                   port=dr_env["MQTT_PORT"], user=dr_env["MQTT_USERNAME"]))
     (Path(dr_env["SECRETS_DIR"]) / "gateway-basic-auth-password").write_text("gw-pass")
-    port = free_port()
-    log = (tmp_path / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--stack", str(stack), "--zone", "edge", "--port", str(port),
-         "--secrets-dir", dr_env["SECRETS_DIR"], "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"gateway did not start: {(tmp_path / 'gateway.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with GatewayProcess(stack, "edge", secrets_dir=dr_env["SECRETS_DIR"], args=["--log-level", "warning"],
+                        log_path=tmp_path / "gateway.log") as gateway:
+        yield gateway.url
 
 
 async def test_simulated_meters_shed_load_during_the_event(zone_gateway: str, mosquitto: Mosquitto) -> None:
