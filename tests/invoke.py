@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from starlette.datastructures import Headers, QueryParams
+
+from tests.python3_http import import_handler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,17 +31,8 @@ class Context:
 
 def load_handler(function_dir: str) -> ModuleType:
     """Import ``functions/<function_dir>/handler.py`` under a unique module name."""
-    path = ROOT / "functions" / function_dir / "handler.py"
-    name = f"_test_handler_{function_dir.replace('-', '_')}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_handler(ROOT / "functions" / function_dir / "handler.py",
+                          f"_test_handler_{function_dir.replace('-', '_')}")
 
 
 def call(

@@ -434,3 +434,26 @@ def test_a_bad_canary_blocks_promote_and_rolls_itself_back(
     assert status["state"] == "rolled_back", status
     assert "auto rollback: error rate" in status["reason"]
     assert all(bound(m) == "v1" for m in ids)
+
+
+def test_read_v2_of_a_silent_meter_answers_504_with_the_stale_value(twins: Callable[[int], list[str]]) -> None:
+    """The v2 read function's meter path: timeout and stale value, as v1 answers them."""
+    from metertwin.auth import issue_token
+    from tests.conftest import TEST_SIGNING_KEY
+    from tests.invoke import call, load_handler
+
+    (meter,) = twins(1)
+    ingest("v1", meter, 1)
+    _switch(meter)
+    assert migration(get_redis(), "v1", "v2").flip(meter, "op1", "rb.op1.v2")[0] == 1
+    read_v2 = load_handler("read-v2")
+    token = issue_token("t", {"utility"}, key=TEST_SIGNING_KEY)
+    status, body = call(read_v2, "GET", f"/meters/{meter}/reading", token=token,
+                        query={"max_age": "60", "timeout": "0.2"})
+    assert status == 504
+    assert body["details"] == {"meter_id": meter, "timeout_s": 0.2}
+    assert body["stale"]["stale"] is True
+    assert body["stale"]["reading"]["power_w"] == 1201.0
+    status, body = call(read_v2, "GET", f"/meters/{meter}/reading", token=token, query={"max_age": "often"})
+    assert status == 400
+    assert "max_age='often'" in body["message"]

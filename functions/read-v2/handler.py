@@ -30,9 +30,9 @@ from metertwin import keys, topics, twin_v2
 from metertwin.binding import moved, serve
 from metertwin.clients import get_mqtt, get_redis
 from metertwin.errors import BackendUnavailable, InvalidInput, MeterTimeout, UnknownMeter
-from metertwin.http import Context, Event, Request, Response, Router, json_response, query_bool, query_float, validate
+from metertwin.http import Context, Event, Request, Response, Router, json_response, query_float, validate
 from metertwin.messages import ReadResponse
-from metertwin.settings import get_settings
+from metertwin.read_query import ReadQuery
 from metertwin.twin import twin_store
 
 router = Router()
@@ -82,23 +82,20 @@ def _served(req: Request, twin_version: int, reading: dict[str, Any], source: st
 
 @router.get("/meters/{meter_id}/reading", scopes=READERS)
 def read(req: Request) -> Response:
-    settings = get_settings()
-    max_age = query_float(req.query, "max_age", settings.default_read_max_age_s, lo=0, hi=365 * 86400)
-    timeout = query_float(req.query, "timeout", settings.meter_read_timeout_s, lo=0.05, hi=30)
-    live = query_bool(req.query, "live")
+    q = ReadQuery.of(req)
     meter_id = req.params["meter_id"]
     version, state = _bound_state(meter_id)
     cached = twin_v2.measurement_of(state)
-    age = time.time() - float(cached["ts"]) if cached else None
-    if not live and cached is not None and age is not None and age <= max_age:
+    if cached is not None and q.served_from_cache(cached):
         return _served(req, version, cached, "cache")
     try:
-        answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=timeout)
+        answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=q.timeout_s)
     except MeterTimeout as exc:
         body = exc.to_dict()
-        body["details"] = {"meter_id": meter_id, "timeout_s": timeout}
+        body["details"] = {"meter_id": meter_id, "timeout_s": q.timeout_s}
         if cached is not None:
-            body["stale"] = {"reading": cached, "age_s": round(max(0.0, age or 0.0), 3), "stale": True}
+            age = max(0.0, time.time() - float(cached["ts"]))
+            body["stale"] = {"reading": cached, "age_s": round(age, 3), "stale": True}
         body["elapsed_ms"] = req.elapsed_ms()
         return json_response(body, 504, headers={"X-Twin-Source": "none"})
     try:

@@ -36,12 +36,10 @@ from metertwin.http import (
     Router,
     error_response,
     json_response,
-    query_bool,
-    query_float,
     validate,
 )
 from metertwin.messages import ReadResponse
-from metertwin.settings import get_settings
+from metertwin.read_query import ReadQuery
 from metertwin.twin import TwinStore, reading_async, twin_store
 
 router = Router()
@@ -88,21 +86,17 @@ def _served(req: Request, twin_version: int, reading: dict[str, Any], source: st
 
 @router.get("/meters/{meter_id}/reading", scopes=READERS)
 def read(req: Request) -> Response:
-    settings = get_settings()
-    max_age = query_float(req.query, "max_age", settings.default_read_max_age_s, lo=0, hi=365 * 86400)
-    timeout = query_float(req.query, "timeout", settings.meter_read_timeout_s, lo=0.05, hi=30)
-    live = query_bool(req.query, "live")
+    q = ReadQuery.of(req)
     meter_id = req.params["meter_id"]
     store = _store()
     version, raw = bound_reading(get_redis(), meter_id, RELEASE)
     cached = json.loads(raw) if raw else None
-    age = time.time() - float(cached["ts"]) if cached else None
-    if not live and cached is not None and age is not None and age <= max_age:
+    if cached is not None and q.served_from_cache(cached):
         return _served(req, version, cached, "cache")
     try:
-        answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=timeout)
+        answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=q.timeout_s)
     except MeterTimeout as exc:
-        return _timed_out(req, meter_id, cached, exc, timeout)
+        return _timed_out(req, meter_id, cached, exc, q.timeout_s)
     try:
         reading = validate(answer, ReadResponse).model_dump()
     except InvalidInput as exc:
@@ -146,14 +140,14 @@ async def handle_async(event: Event, context: Context) -> Any:
         return NotImplemented
     try:
         fn, req = router.resolve(event)
-        if fn is not read or query_bool(req.query, "live"):
+        if fn is not read:
             return NotImplemented
-        settings = get_settings()
-        max_age = query_float(req.query, "max_age", settings.default_read_max_age_s, lo=0, hi=365 * 86400)
-        query_float(req.query, "timeout", settings.meter_read_timeout_s, lo=0.05, hi=30)  # same 400 as read()
+        q = ReadQuery.of(req)
+        if q.live:
+            return NotImplemented
         found = await reading_async(get_async_redis(), req.params["meter_id"])
         cached = found.measurement
-        if (found.bound or RELEASE) != RELEASE or cached is None or time.time() - float(cached["ts"]) > max_age:
+        if (found.bound or RELEASE) != RELEASE or cached is None or not q.served_from_cache(cached):
             return NotImplemented
         return _served(req, found.version, cached, "cache")
     except MeterTwinError as exc:
