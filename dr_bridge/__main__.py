@@ -73,7 +73,7 @@ def service_token(args: argparse.Namespace) -> str:
         return Path(args.token_file).read_text().strip()
     if os.environ.get("DR_BRIDGE_TOKEN"):
         return os.environ["DR_BRIDGE_TOKEN"].strip()
-    from metertwin.auth import issue_token
+    from metertwin.core.auth import issue_token
 
     return issue_token("dr-bridge", {"service"}, ttl_s=365 * 86400)
 

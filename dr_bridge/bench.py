@@ -109,8 +109,8 @@ class VtnProcess:
 # --- the zone: Redis, Mosquitto, environment -------------------------------------------
 @contextlib.contextmanager
 def zone() -> Iterator[dict[str, str]]:
-    from metertwin import clients
-    from metertwin.settings import reset_settings
+    from metertwin.core import clients
+    from metertwin.core.settings import reset_settings
     from storage.embedded import Mosquitto, RedisServer
 
     with RedisServer() as redis_server, Mosquitto(max_queued_messages=100_000) as broker, \
@@ -215,9 +215,9 @@ async def measure(twins: int, poll_s: float, idle_s: float, sampling_s: float, l
                   via_gateway: bool = False) -> dict[str, Any]:
     from dr_bridge.bridge import Bridge, BridgeConfig
     from dr_bridge.invoke import handler_invoker, load_function
-    from metertwin.auth import issue_token
-    from metertwin.clients import get_redis
-    from metertwin.twin import TwinStore
+    from metertwin.core.auth import issue_token
+    from metertwin.core.clients import get_redis
+    from metertwin.twin.state import TwinStore
 
     out: dict[str, Any] = {"twins": twins, "poll_s": poll_s, "lead_s": lead_s}
     with zone() as z:

@@ -19,7 +19,7 @@ from typing import Any, Self
 
 import httpx
 
-from metertwin.auth import issue_token
+from metertwin.core.auth import issue_token
 from storage.embedded import Mosquitto, MotoS3, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import uvicorn
 
 from gateway.app import GatewayOptions, create_app
 from gateway.server import uvicorn_config
-from metertwin.errors import MeterTwinError
+from metertwin.core.errors import MeterTwinError
 
 #: First words of the line announcing the address (GatewayProcess reads it with --port 0).
 LISTENING = "gateway listening on"

@@ -60,8 +60,8 @@ from gateway.functions import (
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HandlerPool
 from gateway.stack import FunctionSpec, StackError, load_stack
-from metertwin import clients
-from metertwin.settings import Settings, get_settings, reset_settings
+from metertwin.core import clients
+from metertwin.core.settings import Settings, get_settings, reset_settings
 
 log = logging.getLogger("gateway")
 

@@ -28,9 +28,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from starlette.datastructures import Headers
 
+from gateway import keys
 from gateway.functions import Event, Result
-from metertwin import keys
-from metertwin.errors import BackendUnavailable
+from metertwin.core.errors import BackendUnavailable
 
 log = logging.getLogger("gateway.async")
 

@@ -32,8 +32,8 @@ import redis.asyncio as aioredis
 from gateway.connectors import CronConnector, MqttConnector, ServiceToken
 from gateway.functions import Event, Result
 from gateway.stack import load_stack
-from metertwin.errors import MeterTwinError
-from metertwin.settings import get_settings, reset_settings
+from metertwin.core.errors import MeterTwinError
+from metertwin.core.settings import get_settings, reset_settings
 
 log = logging.getLogger("gateway.connect")
 #: Headers a connector sets that the function must see; everything else is the connector's own.

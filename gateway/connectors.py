@@ -41,11 +41,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from redis.asyncio import Redis
 from starlette.datastructures import Headers
 
+from gateway import keys
 from gateway.functions import Event, Result
 from gateway.stack import FunctionSpec, StackError
-from metertwin import auth, keys
-from metertwin.errors import MeterTwinError
-from metertwin.paho_fast import speed_up_paho
+from metertwin.core import auth
+from metertwin.core.errors import MeterTwinError
+from metertwin.core.paho_fast import speed_up_paho
 
 log = logging.getLogger("gateway.connectors")
 

@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from redis.asyncio import Redis
 
-from metertwin import keys
+from gateway import keys
 
 log = logging.getLogger("gateway.metrics")
 # OpenFaaS (Go client) exposes no *_created series; neither do we.

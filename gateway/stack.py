@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from metertwin.errors import InvalidInput
+from metertwin.core.errors import InvalidInput
 
 #: Kubernetes object names (RFC 1123 labels): lower case alphanumerics and '-', at most 63.
 RFC1123_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")

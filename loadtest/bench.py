@@ -33,8 +33,9 @@ import httpx
 import redis
 
 from embedded.stack import EmbeddedStack
-from metertwin import keys, topics
-from metertwin.twin import CREATE_LUA, MEASURE_LUA, MERGE_LUA, TwinStore
+from metertwin.core import topics
+from metertwin.twin import keys
+from metertwin.twin.state import CREATE_LUA, MEASURE_LUA, MERGE_LUA, TwinStore
 from storage.embedded import RedisServer, free_port, wait_for_port
 
 LUA_HEADERS = """

@@ -188,7 +188,7 @@ class Arch:
     notes: list[str] = field(default_factory=list)
 
     def token(self, *scopes: str) -> str:
-        from metertwin.auth import issue_token
+        from metertwin.core.auth import issue_token
 
         return issue_token("loadtest", set(scopes), ttl_s=4 * 3600, key=self.signing_key)
 

@@ -40,8 +40,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.server import GatewayProcess
-from metertwin.auth import issue_token
-from metertwin.settings import reset_settings
+from metertwin.core.auth import issue_token
+from metertwin.core.settings import reset_settings
 from storage.embedded import Mosquitto, MotoS3, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def ingest_pipe(broker: Mosquitto, redis_url: str, messages: list[tuple[str, byt
                 meters: list[str]) -> dict[str, Any]:
     import redis
 
-    from metertwin import keys
+    from metertwin.mdms import keys as mdms_keys
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     n = len(messages)
@@ -131,7 +131,7 @@ def ingest_pipe(broker: Mosquitto, redis_url: str, messages: list[tuple[str, byt
     while time.monotonic() < deadline:
         pipe = r.pipeline(transaction=False)
         for m in meters:
-            pipe.hmget(keys.mdms_counters(m), "accepted", "duplicates")
+            pipe.hmget(mdms_keys.mdms_counters(m), "accepted", "duplicates")
         rows = pipe.execute()
         accepted = sum(int(a or 0) for a, _ in rows)
         duplicates = sum(int(d or 0) for _, d in rows)
@@ -139,7 +139,7 @@ def ingest_pipe(broker: Mosquitto, redis_url: str, messages: list[tuple[str, byt
         if accepted >= n:
             break
         time.sleep(0.02)
-    dead = int(r.xlen(keys.MDMS_DEAD_LETTERS))
+    dead = int(r.xlen(mdms_keys.MDMS_DEAD_LETTERS))
     elapsed = finished - started
     return {"published": n, "accepted": accepted, "duplicates": duplicates, "dead_letters": dead,
             "lost": n - accepted, "seconds": elapsed, "per_s": accepted / elapsed}
@@ -162,12 +162,13 @@ def _stack(path: Path, env: dict[str, str]) -> None:
 
 def load_hot(meters: list[str], days: list[int], now: float) -> tuple[int, int]:
     """Put readings every 15 minutes on ``days`` (days ago) hot, in process; returns (rows, JSON bytes)."""
-    from metertwin import hot_store, keys
-    from metertwin.intervals import Row
+    from metertwin.mdms import hot_store
+    from metertwin.mdms.intervals import Row
+    from metertwin.twin import keys as twin_keys
 
     r = hot_store.get_hot_redis()
     for m in meters:
-        r.hset(keys.registry_entry(m), mapping={"zone": "edge-1"})
+        r.hset(twin_keys.registry_entry(m), mapping={"zone": "edge-1"})
     today = int(now) // DAY_S * DAY_S
     rows = json_bytes = 0
     rng = random.Random(3)
@@ -234,7 +235,7 @@ def function_only(messages: list[tuple[str, bytes]], key: str, concurrency: int 
 
     from starlette.datastructures import Headers, QueryParams
 
-    from metertwin import hot_store
+    from metertwin.mdms import hot_store
 
     spec = importlib.util.spec_from_file_location("_bench_mdms_ingest", ROOT / "functions/mdms-ingest/handler.py")
     assert spec is not None
@@ -288,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                **POLICY_ENV}
         os.environ.update(env, SECRETS_DIR=str(secrets))
         reset_settings()
-        from metertwin import cold_store, hot_store, keys, tiering
-        from metertwin.mdms_settings import get_mdms_settings, reset_mdms_settings
+        from metertwin.mdms import cold_store, hot_store, tiering
+        from metertwin.mdms import keys as mdms_keys
+        from metertwin.mdms.settings import get_mdms_settings, reset_mdms_settings
+        from metertwin.twin import keys as twin_keys
 
         reset_mdms_settings()
         hot_store.reset_hot_redis()
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         r = hot_store.get_hot_redis()
         pipe = r.pipeline(transaction=False)
         for m in meters:
-            pipe.hset(keys.registry_entry(m), mapping={"zone": "edge-1"})
+            pipe.hset(twin_keys.registry_entry(m), mapping={"zone": "edge-1"})
         pipe.execute()
         now = time.time()
         messages = _payloads(meters, args.readings, now - args.readings * 60 - 60)
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             solo = [f"solo-{i:05d}" for i in range(args.meters)]
             pipe = r.pipeline(transaction=False)
             for m in solo:
-                pipe.hset(keys.registry_entry(m), mapping={"zone": "edge-1"})
+                pipe.hset(twin_keys.registry_entry(m), mapping={"zone": "edge-1"})
             pipe.execute()
             figures["function_only"] = function_only(_payloads(solo, args.readings, now - args.readings * 60 - 60),
                                                      key)
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 "meter_buckets": get_mdms_settings().meter_buckets,
                 "parquet_bytes": parquet_bytes, "json_bytes": json_bytes,
                 "ratio_json_to_parquet": json_bytes / max(parquet_bytes, 1),
-                "hot_rows_left": sum(int(r.zcard(keys.mdms_intervals(m))) for m in arch_meters),
+                "hot_rows_left": sum(int(r.zcard(mdms_keys.mdms_intervals(m))) for m in arch_meters),
             }
             month_meter = "month-00001"
             load_hot([month_meter], list(range(3 + args.archive_days, 33 + args.archive_days)), now)
@@ -362,11 +365,12 @@ def _wait_subscribed(broker: Mosquitto, redis_url: str) -> None:
     """Publish probe readings until the gateway's connector has delivered one to the ingest function."""
     import redis
 
-    from metertwin import keys
+    from metertwin.mdms import keys as mdms_keys
+    from metertwin.twin import keys as twin_keys
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     probe = "probe-00001"
-    r.hset(keys.registry_entry(probe), mapping={"zone": "edge-1"})
+    r.hset(twin_keys.registry_entry(probe), mapping={"zone": "edge-1"})
     deadline = time.monotonic() + 60
     seq = 0
     while time.monotonic() < deadline:
@@ -375,7 +379,7 @@ def _wait_subscribed(broker: Mosquitto, redis_url: str) -> None:
         seq += 1
         until = time.monotonic() + 2
         while time.monotonic() < until:
-            if r.hget(keys.mdms_counters(probe), "accepted"):
+            if r.hget(mdms_keys.mdms_counters(probe), "accepted"):
                 return
             time.sleep(0.05)
     raise RuntimeError("the gateway's MQTT connector never delivered a reading to fog-mdms-ingest")

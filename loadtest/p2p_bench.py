@@ -9,8 +9,8 @@ file), then measures, in one run, side by side:
   recorded in Redis. Timed from the client: the whole HTTP call.
 * **twins, HTTP bids**: the same, but the twins are registered in zone ``fog`` so every round
   asks them through the gateway (``/function/fog-p2p-bid/bid``): what a twin in another zone costs.
-* **twins, in memory**: :func:`metertwin.market.negotiate` alone (no Redis, no HTTP).
-* **meters in the loop**: the same negotiation (:class:`metertwin.market.Negotiation`), but
+* **twins, in memory**: :func:`metertwin.p2p.market.negotiate` alone (no Redis, no HTTP).
+* **meters in the loop**: the same negotiation (:class:`metertwin.p2p.market.Negotiation`), but
   each round asks the two *meters* over MQTT v5 request/response through Mosquitto; a minimal
   in-process responder per meter delays each leg (request and answer) by the link profile
   (``meter_sim.profile.LINKS``: NB-IoT-like 0.4-0.8 s, WiFi-like 60-140 ms, LAN 0). To keep
@@ -46,11 +46,12 @@ from paho.mqtt.properties import Properties
 
 from gateway.server import GatewayProcess
 from meter_sim.profile import LINKS, LinkProfile
-from metertwin import market, topics
-from metertwin.auth import issue_token
-from metertwin.errors import MeterTimeout
-from metertwin.mqtt import TwinMqtt
-from metertwin.settings import reset_settings
+from metertwin.core import topics
+from metertwin.core.auth import issue_token
+from metertwin.core.errors import MeterTimeout
+from metertwin.core.mqtt import TwinMqtt
+from metertwin.core.settings import reset_settings
+from metertwin.p2p import market
 from storage.embedded import Mosquitto, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

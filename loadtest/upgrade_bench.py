@@ -50,8 +50,9 @@ import redis
 from meter_sim import scale
 from meter_sim.fleet import MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.scale import Broker as PreloadedBroker
-from metertwin import keys
-from metertwin.twin import CREATE_LUA
+from metertwin.twin import keys as twin_keys
+from metertwin.twin.state import CREATE_LUA
+from metertwin.upgrade import keys as upgrade_keys
 from metertwin_upgrade.local import UpgradeZone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +138,8 @@ def create_twins(client: redis.Redis, ids: list[str]) -> None:
     for start in range(0, len(ids), 2000):
         pipe = client.pipeline(transaction=False)
         for meter_id in ids[start:start + 2000]:
-            create(keys=[keys.twin(meter_id), keys.TWIN_INDEX], args=[meter_id, "edge", "{}", now], client=pipe)
+            create(keys=[twin_keys.twin(meter_id), twin_keys.TWIN_INDEX], args=[meter_id, "edge", "{}", now],
+                   client=pipe)
         pipe.execute()
 
 
@@ -146,7 +148,7 @@ def wait_first_readings(client: redis.Redis, ids: list[str], timeout_s: float) -
     while time.monotonic() - started < timeout_s:
         pipe = client.pipeline(transaction=False)
         for meter_id in ids:
-            pipe.hget(keys.twin(meter_id), "s")
+            pipe.hget(twin_keys.twin(meter_id), "s")
         missing = sum(1 for s in pipe.execute() if s is None or int(s) < 0)
         if not missing:
             return time.monotonic() - started
@@ -161,7 +163,7 @@ def probe(client: redis.Redis, ids: list[str], phase: Phase, samples: Samples, s
     while not stop.is_set():
         pipe = client.pipeline(transaction=False)
         for meter_id in ids:
-            pipe.hmget(keys.twin(meter_id), ("s", "m"))
+            pipe.hmget(twin_keys.twin(meter_id), ("s", "m"))
         seen = time.time()
         for meter_id, (s, m) in zip(ids, pipe.execute(), strict=True):
             if s is None or m is None:
@@ -220,7 +222,7 @@ def command_latencies(client: redis.Redis, sent: dict[str, list[tuple[str, str]]
             continue
         pipe = client.pipeline(transaction=False)
         for meter_id, command_id in items:
-            pipe.hmget(keys.command(meter_id, command_id), ("status", "created_at", "acked_at"))
+            pipe.hmget(twin_keys.command(meter_id, command_id), ("status", "created_at", "acked_at"))
         values, not_acked = [], 0
         for (meter_id, _), (status, created, acked) in zip(items, pipe.execute(), strict=True):
             if status != "acknowledged" or not acked:
@@ -245,7 +247,7 @@ def histories(client: redis.Redis, ids: list[str], interval_s: float, window: tu
         chunk = ids[start:start + 1000]
         pipe = client.pipeline(transaction=False)
         for meter_id in chunk:
-            pipe.zrange(keys.twin_v2_history(meter_id), 0, -1, withscores=True)
+            pipe.zrange(upgrade_keys.twin_v2_history(meter_id), 0, -1, withscores=True)
         for meter_id, members in zip(chunk, pipe.execute(), strict=True):
             entries = []
             for member, score in members:
@@ -329,8 +331,8 @@ def bulk(n: int, batch: int) -> dict[str, Any]:
     The meters' side is played in-process: each rebind is acknowledged at once (``on_ack``),
     so this measures planning, prepare, sync, flip, drain and the per-meter accounting.
     """
-    from metertwin.messages import CommandAck
-    from metertwin.upgrade import OperationSpec, UpgradeManager
+    from metertwin.twin.messages import CommandAck
+    from metertwin.upgrade.operations import OperationSpec, UpgradeManager
     from storage.embedded import RedisServer
 
     with RedisServer() as server:
@@ -343,7 +345,7 @@ def bulk(n: int, batch: int) -> dict[str, Any]:
             for i, meter_id in enumerate(ids[start:start + 5000]):
                 m = json.dumps({"ts": time.time(), "import_kwh": 1000.0 + i, "export_kwh": 0.0, "power_w": 500.0,
                                 "voltage_v": 230.0})
-                measure(keys=[keys.twin(meter_id)], args=[0, m], client=pipe)
+                measure(keys=[twin_keys.twin(meter_id)], args=[0, m], client=pipe)
             pipe.execute()
         holder: dict[str, UpgradeManager] = {}
 
@@ -444,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for start in range(0, len(ids), 2000):
                 pipe = client.pipeline(transaction=False)
                 for meter_id in ids[start:start + 2000]:
-                    pipe.hget(keys.twin(meter_id), "b")
+                    pipe.hget(twin_keys.twin(meter_id), "b")
                 bound_v2 += sum(1 for b in pipe.execute() if b == "v2")
             result = {
                 "meters": len(ids), "interval_s": args.interval, "batch": args.batch, "probes": len(probes),

@@ -7,7 +7,7 @@ Each meter gets a role ``meter-<id>`` whose ACLs name its own topics literally
 may administer the plugin (the twin-service account), and the answers are read
 from ``$CONTROL/dynamic-security/v1/response`` — much faster than one
 ``mosquitto_ctrl`` process per command. The production registry
-(``metertwin.dynsec``) does the same.
+(``metertwin.twin.dynsec``) does the same.
 
 Credentials files are JSON ``{"meters": [{"meter_id": "...", "password": "..."}]}``,
 the shape the twin registry's bulk provisioning returns.
@@ -25,9 +25,9 @@ from typing import Any
 
 import aiomqtt
 
-from metertwin.dynsec import BATCH, CONTROL_TOPIC, RESPONSE_TOPIC, meter_acls, role_name
+from metertwin.twin.dynsec import BATCH, CONTROL_TOPIC, RESPONSE_TOPIC, meter_acls, role_name
 
-# One definition of the meter's account, shared with the twin registry (metertwin.dynsec).
+# One definition of the meter's account, shared with the twin registry (metertwin.twin.dynsec).
 # Mosquitto 2.0 rewrites its whole JSON config after each command, so a batch of BATCH
 # commands takes a while on a large config: size timeouts accordingly.
 

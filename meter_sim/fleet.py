@@ -20,7 +20,7 @@ from typing import Any, Self, TypeVar
 
 from meter_sim.meter import FleetConfig, MeterStats, SimMeter
 from meter_sim.profile import LinkProfile
-from metertwin.paho_fast import speed_up_paho
+from metertwin.core.paho_fast import speed_up_paho
 
 T = TypeVar("T")
 LinkSpec = str | tuple[float, float] | LinkProfile

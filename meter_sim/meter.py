@@ -1,9 +1,9 @@
 """One simulated meter: the core a physical meter keeps, over its own MQTT v5 session.
 
 A :class:`SimMeter` measures (:class:`~meter_sim.profile.LoadModel`), reports
-periodic :class:`~metertwin.messages.Reading` s with a sequence number, answers
+periodic :class:`~metertwin.twin.messages.Reading` s with a sequence number, answers
 read requests on the MQTT v5 response topic, applies or rejects commands with a
-:class:`~metertwin.messages.CommandAck`, hands EMS messages to its local EMS
+:class:`~metertwin.twin.messages.CommandAck`, hands EMS messages to its local EMS
 untouched and forwards the EMS's messages up, and obeys control messages.
 
 Everything runs on one asyncio loop shared by the whole fleet. Per meter there
@@ -39,7 +39,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from meter_sim.profile import LinkProfile, LoadModel
-from metertwin import messages, topics
+from metertwin.core import topics
+from metertwin.twin import messages
 
 log = logging.getLogger("meter_sim")
 

@@ -39,7 +39,8 @@ from paho.mqtt.properties import Properties
 from meter_sim import accounts
 from meter_sim.fleet import MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.profile import LinkProfile
-from metertwin import dynsec, topics
+from metertwin.core import topics
+from metertwin.twin import dynsec
 from storage.embedded import _dynsec_plugin, free_port, wait_for_port
 
 BENCH_USER = "scale-bench"

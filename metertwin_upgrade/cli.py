@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from metertwin.auth import issue_token
+from metertwin.core.auth import issue_token
 
 TERMINAL = ("completed", "rolled_back")
 

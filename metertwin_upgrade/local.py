@@ -17,7 +17,7 @@ from typing import Any, Protocol, Self
 
 import httpx
 
-from metertwin.auth import issue_token
+from metertwin.core.auth import issue_token
 from metertwin_upgrade.stackfile import write_stack
 from storage.embedded import Mosquitto, RedisServer, free_port
 

@@ -170,7 +170,7 @@ class Mosquitto(_Process):
 
     def _bootstrap_roles(self) -> None:
         # The twin services' account may use every topic; meters get roles of their own
-        # from the registry (metertwin.dynsec), confined to meters/<id>/.
+        # from the registry (metertwin.twin.dynsec), confined to meters/<id>/.
         self.ctrl("createRole", "twin-service")
         for acltype in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern"):
             self.ctrl("addRoleACL", "twin-service", acltype, "#", "allow")

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from metertwin import clients
-from metertwin.settings import reset_settings
+from metertwin.core import clients
+from metertwin.core.settings import reset_settings
 from storage.embedded import Mosquitto, MotoS3, RedisServer
 
 TEST_SIGNING_KEY = "test-signing-key-" + uuid.uuid4().hex

@@ -32,11 +32,11 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import dr
-from metertwin.clients import get_redis
-from metertwin.errors import InvalidInput, UnknownMeter
-from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
-from metertwin.twin import TwinStore
+from metertwin.core.clients import get_redis
+from metertwin.core.errors import InvalidInput, UnknownMeter
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
+from metertwin.dr import service as dr
+from metertwin.twin.state import TwinStore
 
 router = Router()
 VIEWERS = {"utility", "consumer", "ems"}

@@ -29,14 +29,15 @@ import httpx
 import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from metertwin import keys, topics
-from metertwin.clients import get_http, get_mqtt, get_redis
-from metertwin.errors import BackendUnavailable, InvalidInput, NotFound
-from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
-from metertwin.messages import EmsMessage
-from metertwin.settings import get_settings
-from metertwin.twin import twin_store
-from metertwin.uplink import meter_topic
+from metertwin.core import topics
+from metertwin.core.clients import get_http, get_mqtt, get_redis
+from metertwin.core.errors import BackendUnavailable, InvalidInput, NotFound
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
+from metertwin.core.settings import get_settings
+from metertwin.twin import keys
+from metertwin.twin.messages import EmsMessage
+from metertwin.twin.state import twin_store
+from metertwin.twin.uplink import meter_topic
 
 router = Router()
 HOME = {"consumer", "ems", "utility"}

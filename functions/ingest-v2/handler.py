@@ -21,10 +21,10 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
-from metertwin.binding import register_inbox_route
-from metertwin.http import Context, Event, Response, Router
-from metertwin.twin_v2 import v2_ingest
-from metertwin.uplink import register_reading_routes
+from metertwin.core.http import Context, Event, Response, Router
+from metertwin.twin.uplink import register_reading_routes
+from metertwin.upgrade.binding import register_inbox_route
+from metertwin.upgrade.twin_v2 import v2_ingest
 
 router = Router()
 RELEASE = "v2"

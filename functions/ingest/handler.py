@@ -3,7 +3,7 @@
 Triggered by the MQTT connector (stack.yml annotation ``topic``) with the message as
 body and ``X-Topic`` naming the topic:
 
-* ``meters/<id>/up/reading`` — a :class:`~metertwin.messages.Reading` (QoS1). A
+* ``meters/<id>/up/reading`` — a :class:`~metertwin.twin.messages.Reading` (QoS1). A
   redelivered sequence number is acknowledged but counted once (``duplicate``).
 * ``meters/<id>/up/status`` — ``online`` / ``offline`` (the meter's will message).
 
@@ -20,12 +20,12 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
-from metertwin.binding import register_inbox_route, v1_ingest
-from metertwin.http import Context, Event, Response, Router
-from metertwin.uplink import register_reading_routes
+from metertwin.core.http import Context, Event, Response, Router
+from metertwin.twin.uplink import register_reading_routes
+from metertwin.upgrade.binding import register_inbox_route, v1_ingest
 
 router = Router()
-# Readings of meters bound to another release are parked for it and it is nudged (metertwin.binding).
+# Readings of meters bound to another release are parked for it and it is nudged (metertwin.upgrade.binding).
 register_inbox_route(router, v1_ingest)
 register_reading_routes(router, v1_ingest)
 

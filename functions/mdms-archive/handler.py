@@ -3,7 +3,7 @@
 The cron connector (stack.yml annotation ``schedule``) invokes ``POST /`` with
 ``X-Connector: cron-connector``. Operators may also run it (``POST /run``) or ask what it
 would do (``GET /plan``). The policy and the write-verify-index-trim protocol are in
-``metertwin/tiering.py``; see docs/mdms.md. Runs in the cloud zone, reaching the fog
+``metertwin/mdms/tiering.py``; see docs/mdms.md. Runs in the cloud zone, reaching the fog
 zone's Redis through ``HOT_REDIS_URL``.
 """
 
@@ -18,10 +18,11 @@ if (Path(__file__).parent / "metertwin").is_dir():
 
 from typing import Any, cast
 
-from metertwin import auth, keys, tiering
-from metertwin.errors import Unauthorized
-from metertwin.hot_store import get_hot_redis
-from metertwin.http import Context, Event, Request, Response, Router, json_response
+from metertwin.core import auth
+from metertwin.core.errors import Unauthorized
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response
+from metertwin.mdms import keys, tiering
+from metertwin.mdms.hot_store import get_hot_redis
 
 router = Router()
 OPENAPI_PATHS: dict[str, Any] = {

@@ -26,9 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import auth, dead_letters, hot_store, topics, vee
-from metertwin.errors import InvalidInput, MeterTwinError, NotFound, PayloadTooLarge, UnknownMeter
-from metertwin.http import (
+from metertwin.core import auth, topics
+from metertwin.core.errors import InvalidInput, MeterTwinError, NotFound, PayloadTooLarge, UnknownMeter
+from metertwin.core.http import (
     Context,
     Event,
     Request,
@@ -39,7 +39,8 @@ from metertwin.http import (
     parse_json,
     validate_meter_id,
 )
-from metertwin.mdms_settings import get_mdms_settings
+from metertwin.mdms import dead_letters, hot_store, vee
+from metertwin.mdms.settings import get_mdms_settings
 
 router = Router()
 

@@ -20,11 +20,12 @@ from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import keys, mdms_query, tiering
-from metertwin.hot_store import get_hot_redis
-from metertwin.http import Context, Event, Request, Response, Router, json_response
-from metertwin.intervals import iso_ms
-from metertwin.tou import BUILTIN_TARIFFS, Tariff, builtin_tariff
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response
+from metertwin.mdms import keys, tiering
+from metertwin.mdms import query as mdms_query
+from metertwin.mdms.hot_store import get_hot_redis
+from metertwin.mdms.intervals import iso_ms
+from metertwin.mdms.tou import BUILTIN_TARIFFS, Tariff, builtin_tariff
 
 router = Router()
 

@@ -11,8 +11,8 @@ Routes (after ``/function/<zone>-p2p-bid``), for the market coordinator (``servi
   each twin sends only its final trade to its meter through the write capability.
 
 The coordinator calls this function through the gateway for twins of *other* zones; for
-twins of its own zone it runs the same code (:func:`metertwin.market.bid`,
-:func:`metertwin.market_store.deliver_trades`) as a library call, which saves an HTTP hop per round.
+twins of its own zone it runs the same code (:func:`metertwin.p2p.market.bid`,
+:func:`metertwin.p2p.store.deliver_trades`) as a library call, which saves an HTTP hop per round.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import market
-from metertwin.clients import get_redis
-from metertwin.errors import InvalidInput
-from metertwin.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response
-from metertwin.market_store import deliver_trades, resolve_bidder, twin_forecast_kwh
+from metertwin.core.clients import get_redis
+from metertwin.core.errors import InvalidInput
+from metertwin.core.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response
+from metertwin.p2p import market
+from metertwin.p2p.store import deliver_trades, resolve_bidder, twin_forecast_kwh
 
 router = Router()
 COORDINATOR = {"service"}

@@ -17,7 +17,7 @@ Routes (after ``/function/<zone>-p2p-market``); ``admin`` and ``service`` reach 
   consumer for its own meter).
 
 A round: announce the price to every twin, gather their answers until the round timeout (a twin
-that does not answer in time counts as zero), move the price (see :mod:`metertwin.market`).
+that does not answer in time counts as zero), move the price (see :mod:`metertwin.p2p.market`).
 Twins of this zone answer through a library call (the same code the ``p2p-bid`` function runs);
 twins of another zone through that zone's gateway (``/function/<zone>-p2p-bid/bid``), with the
 gateways listed in ``P2P_ZONE_GATEWAYS`` (``fog=http://fog-gw:8080,cloud=...``).
@@ -48,10 +48,10 @@ from typing import Annotated, Any, Protocol
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import auth, market
-from metertwin.clients import get_redis
-from metertwin.errors import BackendUnavailable, InvalidInput, MeterTwinError
-from metertwin.http import (
+from metertwin.core import auth
+from metertwin.core.clients import get_redis
+from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTwinError
+from metertwin.core.http import (
     METER_ID_RE,
     Context,
     Event,
@@ -61,8 +61,9 @@ from metertwin.http import (
     json_response,
     validate,
 )
-from metertwin.market_store import MarketStore, deliver_trades, get_store, resolve_bidder
-from metertwin.settings import get_settings
+from metertwin.core.settings import get_settings
+from metertwin.p2p import market
+from metertwin.p2p.store import MarketStore, deliver_trades, get_store, resolve_bidder
 
 log = logging.getLogger("metertwin.p2p")
 router = Router()

@@ -1,6 +1,6 @@
 """Read capability, release v2: served from the v2 state schema, with the reading history v1 lacked.
 
-Calls for meters bound to another release are forwarded there (``metertwin.binding``), so
+Calls for meters bound to another release are forwarded there (``metertwin.upgrade.binding``), so
 ``edge-read`` and ``edge-read-v2`` both answer for any meter.
 
 Routes (after ``/function/<zone>-read-v2``):
@@ -26,14 +26,17 @@ from typing import Any
 
 import redis
 
-from metertwin import keys, topics, twin_v2
-from metertwin.binding import moved, serve
-from metertwin.clients import get_mqtt, get_redis
-from metertwin.errors import BackendUnavailable, InvalidInput, MeterTimeout, UnknownMeter
-from metertwin.http import Context, Event, Request, Response, Router, json_response, query_float, validate
-from metertwin.messages import ReadResponse
-from metertwin.read_query import ReadQuery
-from metertwin.twin import twin_store
+from metertwin.core import topics
+from metertwin.core.clients import get_mqtt, get_redis
+from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTimeout, UnknownMeter
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response, query_float, validate
+from metertwin.twin import keys as twin_keys
+from metertwin.twin.messages import ReadResponse
+from metertwin.twin.read_query import ReadQuery
+from metertwin.twin.state import twin_store
+from metertwin.upgrade import keys as upgrade_keys
+from metertwin.upgrade import twin_v2
+from metertwin.upgrade.binding import moved, serve
 
 router = Router()
 RELEASE = "v2"
@@ -58,8 +61,8 @@ OPENAPI_PATHS: dict[str, Any] = {
 def _bound_state(meter_id: str) -> tuple[int, dict[str, Any]]:
     """(twin version, v2 state) in one round trip; BindingMoved if the meter is not bound to v2."""
     pipe = get_redis().pipeline(transaction=False)
-    pipe.hmget(keys.twin(meter_id), ("v", "b"))
-    pipe.hmget(keys.twin_v2(meter_id), twin_v2.FIELDS)
+    pipe.hmget(twin_keys.twin(meter_id), ("v", "b"))
+    pipe.hmget(upgrade_keys.twin_v2(meter_id), twin_v2.FIELDS)
     try:
         (version, bound), values = pipe.execute()
     except redis.RedisError as exc:
@@ -113,7 +116,8 @@ def read(req: Request) -> Response:
 def readings(req: Request) -> Response:
     meter_id = req.params["meter_id"]
     since = int(query_float(req.query, "since_seq", -1, lo=-1, hi=2**62))
-    limit = int(query_float(req.query, "limit", keys.TWIN_V2_HISTORY_MAX, lo=1, hi=keys.TWIN_V2_HISTORY_MAX))
+    cap = upgrade_keys.TWIN_V2_HISTORY_MAX
+    limit = int(query_float(req.query, "limit", cap, lo=1, hi=cap))
     _version, state = _bound_state(meter_id)
     items = twin_v2.history(get_redis(), meter_id, since_seq=since, limit=limit)
     return json_response({"meter_id": meter_id, "readings": items, "last_seq": int(state.get("s", -1)),

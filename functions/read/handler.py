@@ -24,11 +24,10 @@ import json
 import time
 from typing import Any
 
-from metertwin import topics
-from metertwin.binding import bound_reading, require_bound, serve
-from metertwin.clients import get_async_redis, get_mqtt, get_redis
-from metertwin.errors import InvalidInput, MeterTimeout, MeterTwinError
-from metertwin.http import (
+from metertwin.core import topics
+from metertwin.core.clients import get_async_redis, get_mqtt, get_redis
+from metertwin.core.errors import InvalidInput, MeterTimeout, MeterTwinError
+from metertwin.core.http import (
     Context,
     Event,
     Request,
@@ -38,9 +37,10 @@ from metertwin.http import (
     json_response,
     validate,
 )
-from metertwin.messages import ReadResponse
-from metertwin.read_query import ReadQuery
-from metertwin.twin import TwinStore, reading_async, twin_store
+from metertwin.twin.messages import ReadResponse
+from metertwin.twin.read_query import ReadQuery
+from metertwin.twin.state import TwinStore, reading_async, twin_store
+from metertwin.upgrade.binding import bound_reading, require_bound, serve
 
 router = Router()
 #: The release this function implements: calls for meters bound to another one are forwarded there.

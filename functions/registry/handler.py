@@ -24,13 +24,14 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from metertwin import keys, topics
-from metertwin.clients import get_redis
-from metertwin.dynsec import get_dynsec, new_password
-from metertwin.errors import BackendUnavailable, Conflict, InvalidInput
-from metertwin.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response, query_float
-from metertwin.settings import get_settings
-from metertwin.twin import TwinStore, twin_store
+from metertwin.core import topics
+from metertwin.core.clients import get_redis
+from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput
+from metertwin.core.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response, query_float
+from metertwin.core.settings import get_settings
+from metertwin.twin import keys
+from metertwin.twin.dynsec import get_dynsec, new_password
+from metertwin.twin.state import TwinStore, twin_store
 
 router = Router()
 OPERATORS = {"admin", "utility"}

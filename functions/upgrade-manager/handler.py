@@ -34,15 +34,16 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import keys, topics, twin_v2
-from metertwin.binding import bound_release, function_for, v1_ingest
-from metertwin.binding import drain_inboxes as drain_release
-from metertwin.clients import StrRedis, get_redis
-from metertwin.errors import BackendUnavailable, InvalidInput
-from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json
-from metertwin.messages import CommandAck
-from metertwin.migrations import RELEASES, publish_manifests
-from metertwin.upgrade import OperationSpec, UpgradeManager
+from metertwin.core import topics
+from metertwin.core.clients import StrRedis, get_redis
+from metertwin.core.errors import BackendUnavailable, InvalidInput
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json
+from metertwin.twin.messages import CommandAck
+from metertwin.upgrade import keys, twin_v2
+from metertwin.upgrade.binding import bound_release, function_for, v1_ingest
+from metertwin.upgrade.binding import drain_inboxes as drain_release
+from metertwin.upgrade.migrations import RELEASES, publish_manifests
+from metertwin.upgrade.operations import OperationSpec, UpgradeManager
 
 router = Router()
 OPERATORS = {"admin"}

@@ -27,14 +27,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin import keys, topics
-from metertwin.clients import get_redis
-from metertwin.commands import MAX_EXPIRY_S, PARAMS_BY_KIND, DesiredFields, get_commands
-from metertwin.errors import InvalidInput, UnknownMeter
-from metertwin.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
-from metertwin.messages import CommandAck
-from metertwin.twin import twin_store
-from metertwin.uplink import meter_topic
+from metertwin.core import topics
+from metertwin.core.clients import get_redis
+from metertwin.core.errors import InvalidInput, UnknownMeter
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
+from metertwin.twin import keys
+from metertwin.twin.commands import MAX_EXPIRY_S, PARAMS_BY_KIND, DesiredFields, get_commands
+from metertwin.twin.messages import CommandAck
+from metertwin.twin.state import twin_store
+from metertwin.twin.uplink import meter_topic
 
 router = Router()
 WRITERS = {"utility", "mdms"}

@@ -16,8 +16,8 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
-from metertwin.clients import get_redis
-from metertwin.http import Context, Event, Request, Response, Router, json_response, query_float
+from metertwin.core.clients import get_redis
+from metertwin.core.http import Context, Event, Request, Response, Router, json_response, query_float
 
 router = Router()
 PROBE_KEY = "mt:loadtest:probe"

@@ -1,0 +1,114 @@
+"""Bearer tokens with scopes (JWT, HS256, signed with the ``token-signing-key`` secret).
+
+Claims: ``sub`` (who), ``scope`` (space-separated scopes, as OAuth 2 writes them),
+``meter`` (the one meter a consumer or home-EMS token is bound to) and ``exp``.
+``admin`` (operators) and ``service`` (platform components) reach everything.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import jwt
+
+from metertwin.core.errors import Forbidden, Unauthorized
+from metertwin.core.settings import get_settings
+
+#: ``service`` is for platform components (connectors, VEN bridge, cron, peer functions).
+SCOPES: Final = frozenset({"utility", "mdms", "billing", "ems", "consumer", "admin", "service"})
+#: Scopes whose tokens must name the one meter they may reach.
+METER_BOUND_SCOPES: Final = frozenset({"consumer", "ems"})
+ALGORITHM: Final = "HS256"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as established by a verified token."""
+
+    subject: str
+    scopes: frozenset[str]
+    meter: str | None
+    expires_at: float
+
+    def allows_meter(self, meter_id: str) -> bool:
+        return self.meter is None or self.meter == meter_id
+
+
+def issue_token(
+    subject: str,
+    scopes: set[str] | frozenset[str],
+    *,
+    meter: str | None = None,
+    ttl_s: int = 3600,
+    key: str | None = None,
+) -> str:
+    """Sign a token (used by the operator CLI, the demo and tests)."""
+    unknown = set(scopes) - SCOPES
+    if unknown:
+        raise ValueError(f"unknown scope(s) {sorted(unknown)}; known: {sorted(SCOPES)}")
+    if set(scopes) & METER_BOUND_SCOPES and not meter:
+        raise ValueError(f"scope(s) {sorted(set(scopes) & METER_BOUND_SCOPES)} need a meter")
+    claims: dict[str, object] = {
+        "sub": subject,
+        "scope": " ".join(sorted(scopes)),
+        "exp": int(time.time()) + ttl_s,
+    }
+    if meter:
+        claims["meter"] = meter
+    return jwt.encode(claims, key or _signing_key(), algorithm=ALGORITHM)
+
+
+def _signing_key() -> str:
+    key = get_settings().token_signing_key.get_secret_value()
+    if not key:
+        raise Unauthorized("token verification is not configured (secret token-signing-key is empty)")
+    return key
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode(token: str, key: str) -> Principal:
+    # Cached because signature checks dominate a cached read; expiry is rechecked per call.
+    try:
+        claims = jwt.decode(token, key, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("bearer token has expired") from exc
+    except jwt.InvalidTokenError as exc:
+        raise Unauthorized(f"bearer token is invalid: {exc}") from exc
+    scopes = frozenset(str(claims.get("scope", "")).split())
+    if not scopes or not scopes <= SCOPES:
+        raise Unauthorized(f"bearer token has unknown scopes {sorted(scopes - SCOPES)}")
+    meter = claims.get("meter")
+    if scopes & METER_BOUND_SCOPES and not scopes & {"admin"} and not meter:
+        raise Unauthorized("bearer token with a meter-bound scope names no meter")
+    return Principal(str(claims["sub"]), scopes, str(meter) if meter else None, float(claims["exp"]))
+
+
+def authenticate(authorization: str | None) -> Principal:
+    """Verify an ``Authorization: Bearer <token>`` header value."""
+    if not authorization:
+        raise Unauthorized("missing Authorization header (expected 'Bearer <token>')")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(f"Authorization scheme {scheme!r} is not 'Bearer'")
+    principal = _decode(token.strip(), _signing_key())
+    if principal.expires_at < time.time():
+        _decode.cache_clear()
+        raise Unauthorized("bearer token has expired")
+    return principal
+
+
+def authorize(principal: Principal, allowed: frozenset[str], meter_id: str | None = None) -> None:
+    """Raise :class:`Forbidden` unless ``principal`` may act here."""
+    if principal.scopes & {"admin", "service"}:
+        return
+    if not principal.scopes & allowed:
+        raise Forbidden(
+            f"scopes {sorted(principal.scopes)} do not include any of {sorted(allowed)}"
+        )
+    if meter_id is not None and not principal.allows_meter(meter_id):
+        raise Forbidden(f"token for meter {principal.meter!r} does not reach meter {meter_id!r}")
+    if meter_id is None and principal.meter is not None and principal.scopes <= METER_BOUND_SCOPES:
+        raise Forbidden("a meter-bound token cannot reach a route that spans meters")

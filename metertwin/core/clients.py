@@ -1,0 +1,111 @@
+"""Long-lived clients, created once per process and reused by every invocation.
+
+Handlers are stateless: all state is in Redis (and S3); these are connections,
+not state. They are thread-safe: the gateway runs sync handlers in a thread pool,
+as waitress does on OpenFaaS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import threading
+from typing import Any, TypeAlias
+
+import httpx
+import redis
+import redis.asyncio as aioredis
+
+from metertwin.core.mqtt import TwinMqtt
+from metertwin.core.settings import get_settings
+
+_lock = threading.Lock()
+
+#: A Redis client with ``decode_responses=True``. redis-py's annotations type every
+#: reply as ``bytes | str`` whatever that flag says, so ours is typed loosely, once, here.
+StrRedis: TypeAlias = Any
+
+
+@functools.cache
+def get_redis() -> StrRedis:
+    """The zone's Redis, with timeouts on connect and on every command."""
+    s = get_settings()
+    # A blocking pool: past redis_max_connections, callers queue for a connection (bounded by
+    # the timeout) instead of failing with "Too many connections" under a burst.
+    pool = redis.BlockingConnectionPool.from_url(
+        s.redis_url,
+        max_connections=s.redis_max_connections,
+        timeout=s.redis_timeout_s,
+        decode_responses=True,
+        socket_timeout=s.redis_timeout_s,
+        socket_connect_timeout=s.redis_timeout_s,
+        health_check_interval=30,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+_async_redis: tuple[asyncio.AbstractEventLoop, StrRedis] | None = None
+
+
+def get_async_redis() -> StrRedis:
+    """The zone's Redis for code running on the current event loop (a local gateway's async lane)."""
+    global _async_redis
+    loop = asyncio.get_running_loop()
+    if _async_redis is None or _async_redis[0] is not loop:
+        s = get_settings()
+        pool = aioredis.BlockingConnectionPool.from_url(
+            s.redis_url, max_connections=s.redis_max_connections, timeout=s.redis_timeout_s,
+            decode_responses=True, socket_timeout=s.redis_timeout_s,
+            socket_connect_timeout=s.redis_timeout_s, health_check_interval=30,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        _async_redis = (loop, client)
+    return _async_redis[1]
+
+
+@functools.cache
+def get_http() -> httpx.Client:
+    """Outbound HTTP (webhooks, peer functions), pooled, with a timeout on every phase."""
+    return httpx.Client(timeout=httpx.Timeout(get_settings().publish_timeout_s), follow_redirects=False)
+
+
+_mqtt: TwinMqtt | None = None
+
+
+def get_mqtt() -> TwinMqtt:
+    """The process's MQTT session to the zone's broker (connected on first use)."""
+    global _mqtt
+    with _lock:
+        if _mqtt is None:
+            s = get_settings()
+            client = TwinMqtt(
+                host=s.mqtt_host,
+                port=s.mqtt_port,
+                username=s.mqtt_username,
+                password=s.mqtt_password.get_secret_value(),
+                connect_timeout_s=s.mqtt_connect_timeout_s,
+            )
+            client.connect()
+            _mqtt = client
+        return _mqtt
+
+
+def close_all() -> None:
+    """Close every client this module created (process shutdown, tests)."""
+    global _mqtt, _async_redis
+    with _lock:
+        if _mqtt is not None:
+            _mqtt.close()
+            _mqtt = None
+        # The async client belongs to its event loop, which closes its connections.
+        _async_redis = None
+    if get_http.cache_info().currsize:
+        get_http().close()
+        get_http.cache_clear()
+    if get_redis.cache_info().currsize:
+        get_redis().close()
+        get_redis.cache_clear()
+
+
+atexit.register(close_all)

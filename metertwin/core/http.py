@@ -1,0 +1,250 @@
+"""The OpenFaaS python3-http contract, and a small router for the handlers built on it.
+
+A handler module exposes ``handle(event, context)``. ``event`` has ``body`` (bytes),
+``headers`` (case-insensitive mapping), ``method``, ``query`` (mapping) and ``path``
+(the part after ``/function/<name>``); the handler returns a dict with
+``statusCode``, ``body`` and ``headers``. On OpenFaaS the template's Flask app
+builds the event; locally our gateway does. Bodies must be ``dict`` (sent as JSON)
+or ``str``: the template would turn ``bytes`` or a ``list`` into their Python repr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from metertwin.core import auth
+from metertwin.core.errors import (
+    InvalidInput,
+    MeterTwinError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    http_status,
+)
+from metertwin.core.settings import get_settings
+
+log = logging.getLogger("metertwin.http")
+
+Response = dict[str, Any]
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: Meter ids become MQTT topic levels and Redis key parts: no ``/ + # { }`` or spaces.
+METER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class Event(Protocol):
+    body: bytes
+    headers: Mapping[str, str]
+    method: str
+    query: Mapping[str, str]
+    path: str
+
+
+class Context(Protocol):
+    hostname: str
+
+
+def json_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response in the template's shape (a dict body is serialised by the server)."""
+    return {"statusCode": status, "body": body, "headers": {**JSON_HEADERS, **(headers or {})}}
+
+
+def text_response(text: str, status: int = 200, content_type: str = "text/plain") -> Response:
+    return {"statusCode": status, "body": text, "headers": {"Content-Type": content_type}}
+
+
+def error_response(exc: MeterTwinError) -> Response:
+    return json_response(exc.to_dict(), http_status(exc))
+
+
+def validate_meter_id(meter_id: str) -> str:
+    if not METER_ID_RE.match(meter_id):
+        raise InvalidInput(
+            f"meter id {meter_id!r} is not valid: 1-64 characters of letters, digits and _.:- "
+            "starting with a letter or digit",
+            field="meter_id",
+        )
+    return meter_id
+
+
+def parse_json(body: bytes, model: type[ModelT], *, max_bytes: int | None = None) -> ModelT:
+    """Parse and validate a JSON body; errors name the offending field and value."""
+    limit = max_bytes if max_bytes is not None else get_settings().max_body_bytes
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit} bytes")
+    if not body.strip():
+        raise InvalidInput("request body is empty; expected a JSON object")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"body is not valid JSON: {exc}") from None
+    return validate(data, model)
+
+
+def validate(data: Any, model: type[ModelT]) -> ModelT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation_error(exc), errors=_errors(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        got = err.get("input")
+        shown = json.dumps(got, default=str)[:80] if not isinstance(got, dict) else "{...}"
+        parts.append(f"{where}: {err['msg']} (got {shown})")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()[:20]]
+
+
+def query_float(query: Mapping[str, str], name: str, default: float, *, lo: float, hi: float) -> float:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name}={raw!r} is not a number", field=name) from None
+    if not lo <= value <= hi or value != value:
+        raise InvalidInput(f"query parameter {name}={raw!r} is outside [{lo}, {hi}]", field=name)
+    return value
+
+
+def query_bool(query: Mapping[str, str], name: str) -> bool:
+    raw = (query.get(name) or "").lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise InvalidInput(f"query parameter {name}={raw!r} is not a boolean (true/false)", field=name)
+
+
+@dataclass(slots=True)
+class Request:
+    """What a route sees: the event, its path parameters and the verified caller."""
+
+    event: Event
+    params: dict[str, str]
+    principal: auth.Principal | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        return self.event.query
+
+    def header(self, name: str) -> str | None:
+        return self.event.headers.get(name)
+
+    def json(self, model: type[ModelT]) -> ModelT:
+        return parse_json(self.event.body, model)
+
+    def elapsed_ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 3)
+
+
+RouteFn = Callable[[Request], Response]
+
+
+@dataclass(slots=True)
+class _Route:
+    method: str
+    regex: re.Pattern[str]
+    fn: RouteFn
+    scopes: frozenset[str] | None
+
+
+class Router:
+    """Method + path routing inside one function, with auth per route.
+
+    Path templates use ``{name}`` segments; a ``{meter_id}`` segment is validated
+    and, for meter-bound tokens, checked against the token's meter.
+    ``scopes=None`` makes a route public (meters and connectors call those).
+    """
+
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+
+    def route(self, method: str, template: str, *, scopes: set[str] | None) -> Callable[[RouteFn], RouteFn]:
+        pattern = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template.rstrip("/") or "") + "/?$"
+
+        def register(fn: RouteFn) -> RouteFn:
+            self._routes.append(
+                _Route(method.upper(), re.compile(pattern), fn, frozenset(scopes) if scopes is not None else None)
+            )
+            return fn
+
+        return register
+
+    def get(self, template: str, *, scopes: set[str] | None) -> Callable[[RouteFn], RouteFn]:
+        return self.route("GET", template, scopes=scopes)
+
+    def post(self, template: str, *, scopes: set[str] | None) -> Callable[[RouteFn], RouteFn]:
+        return self.route("POST", template, scopes=scopes)
+
+    def put(self, template: str, *, scopes: set[str] | None) -> Callable[[RouteFn], RouteFn]:
+        return self.route("PUT", template, scopes=scopes)
+
+    def patch(self, template: str, *, scopes: set[str] | None) -> Callable[[RouteFn], RouteFn]:
+        return self.route("PATCH", template, scopes=scopes)
+
+    def delete(self, template: str, *, scopes: set[str] | None) -> Callable[[RouteFn], RouteFn]:
+        return self.route("DELETE", template, scopes=scopes)
+
+    def dispatch(self, event: Event, context: Context | None = None) -> Response:
+        """Route ``event``; every :class:`MeterTwinError` becomes its JSON response."""
+        try:
+            return self._dispatch(event)
+        except MeterTwinError as exc:
+            return error_response(exc)
+        except Exception:  # a bug must answer 500 with a JSON body, not kill the worker
+            log.exception("unhandled error in %s %s", event.method, event.path)
+            return json_response({"error": "internal_error", "message": "internal error; see function logs"}, 500)
+
+    def _dispatch(self, event: Event) -> Response:
+        fn, request = self.resolve(event)
+        return fn(request)
+
+    def resolve(self, event: Event) -> tuple[RouteFn, Request]:
+        """Match ``event`` to a route and authorise the caller; raises the matching error.
+
+        Shared by :meth:`dispatch` and by a handler's ``handle_async`` lane, so both
+        apply exactly the same authentication and validation.
+        """
+        path = event.path or "/"
+        method = event.method.upper()
+        allowed: list[str] = []
+        for route in self._routes:
+            m = route.regex.match(path)
+            if m is None:
+                continue
+            if route.method != method:
+                allowed.append(route.method)
+                continue
+            params = m.groupdict()
+            meter_id = params.get("meter_id")
+            principal = None
+            if route.scopes is not None:
+                principal = auth.authenticate(event.headers.get("Authorization"))
+            if meter_id is not None:
+                validate_meter_id(meter_id)
+            if principal is not None and route.scopes is not None:
+                auth.authorize(principal, route.scopes, meter_id)
+            return route.fn, Request(event, params, principal)
+        if allowed:
+            raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {sorted(set(allowed))}")
+        raise NotFound(f"no route for {method} {path}")

@@ -1,0 +1,92 @@
+"""Typed settings, loaded once per process from the environment and secret files.
+
+Environment variables carry endpoints and tunables (``METERTWIN_`` prefix is not
+used so that stack.yml's ``environment:`` stays short and OpenFaaS-idiomatic).
+Secrets come from files in ``secrets_dir`` (``/var/openfaas/secrets`` on OpenFaaS),
+one value per file, and are held as :class:`SecretStr` so they never print.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Where OpenFaaS mounts function secrets; override with ``SECRETS_DIR`` locally.
+OPENFAAS_SECRETS_DIR = "/var/openfaas/secrets"
+
+
+def _secrets_dir() -> str | None:
+    path = os.environ.get("SECRETS_DIR", OPENFAAS_SECRETS_DIR)
+    return path if Path(path).is_dir() else None
+
+
+def _secret(name: str) -> AliasChoices:
+    return AliasChoices(name, name.replace("_", "-"))
+
+
+class Settings(BaseSettings):
+    """Everything a function or service of one zone needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, populate_by_name=True)
+
+    zone: str = Field(default="edge", description="Zone this process serves: edge, fog or cloud.")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str = "twin-service"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "metertwin-cold"
+    s3_region: str = "us-east-1"
+
+    # Timeouts (seconds): every network wait has one.
+    redis_timeout_s: float = 2.0
+    mqtt_connect_timeout_s: float = 5.0
+    meter_read_timeout_s: float = 3.0
+    publish_timeout_s: float = 2.0
+
+    # Limits.
+    #: Connections per process to the zone's Redis; more callers wait (up to redis_timeout_s)
+    #: for a free one instead of failing.
+    redis_max_connections: int = Field(default=64, ge=1, le=10_000)
+    max_body_bytes: int = 1_048_576
+    max_bulk_meters: int = 10_000
+    default_read_max_age_s: float = 900.0
+    command_expiry_s: int = 3600
+
+    # Secrets: file names in secrets_dir (or env vars of the same name for local runs).
+    # Each is read from the file ``<secrets_dir>/<name-with-hyphens>`` (an OpenFaaS
+    # secret) or from the environment variable of the same name in upper snake case.
+    mqtt_password: SecretStr = Field(default=SecretStr(""), validation_alias=_secret("mqtt_password"))
+    token_signing_key: SecretStr = Field(
+        default=SecretStr(""), validation_alias=_secret("token_signing_key")
+    )
+    gateway_basic_auth_password: SecretStr = Field(
+        default=SecretStr(""), validation_alias=_secret("gateway_basic_auth_password")
+    )
+    s3_access_key_id: SecretStr = Field(
+        default=SecretStr("testing"), validation_alias=_secret("s3_access_key_id")
+    )
+    s3_secret_access_key: SecretStr = Field(
+        default=SecretStr("testing"), validation_alias=_secret("s3_secret_access_key")
+    )
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _empty_endpoint_is_aws(cls, value: str | None) -> str | None:
+        # stack.yml writes ${S3_ENDPOINT_URL:-}: empty means AWS's own endpoint.
+        return value or None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once on first use."""
+    return Settings(_secrets_dir=_secrets_dir())  # type: ignore[call-arg]
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests that change the environment call this)."""
+    get_settings.cache_clear()

@@ -1,0 +1,287 @@
+"""Twin state in the zone's Redis, modelled on device shadows.
+
+One Redis hash per meter (``keys.twin``), kept small so a typical twin stays well
+under 1 KB of Redis memory. Short field names because they are stored per twin:
+
+====  =====================================================================
+``v``  version, +1 on every change (optimistic concurrency, ``If-Match``)
+``z``  edge zone serving the meter
+``p``  meter profile (JSON)
+``m``  last measurement (JSON :class:`~metertwin.twin.messages.Measurement`)
+``s``  highest reading sequence number applied (QoS1 redelivery dedupe)
+``r``  reported settings: JSON ``{field: [value, ts]}``
+``d``  desired settings: JSON ``{field: [value, ts]}``
+``c``  created at (epoch s)
+====  =====================================================================
+
+``delta`` is derived on read (desired fields whose reported value differs), so it
+clears itself the moment the meter reports a matching value. Every update is one
+Lua script: atomic, and one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from metertwin.core.clients import StrRedis
+from metertwin.core.errors import BackendUnavailable, Conflict, UnknownMeter, VersionMismatch
+from metertwin.twin import keys
+
+# KEYS[1]=twin, KEYS[2]=index; ARGV: meter_id, zone, profile_json, now
+CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'v', 1, 'z', ARGV[2], 'p', ARGV[3], 'r', '{}', 'd', '{}', 's', -1, 'c', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS[1]=twin; ARGV: measurement_json, ts, seq (-1: none)
+# Returns {status, version}: status 1 applied, 0 duplicate sequence, -1 unknown twin.
+MEASURE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local seq = tonumber(ARGV[3])
+if seq >= 0 then
+  local last = tonumber(redis.call('HGET', KEYS[1], 's') or '-1')
+  if seq <= last then return {0, tonumber(redis.call('HGET', KEYS[1], 'v'))} end
+  redis.call('HSET', KEYS[1], 's', seq)
+end
+local ts = tonumber(ARGV[2])
+local cur = redis.call('HGET', KEYS[1], 'm')
+-- A reading buffered while offline may arrive after a newer one: keep the newest.
+if (not cur) or cjson.decode(cur)['ts'] <= ts then
+  redis.call('HSET', KEYS[1], 'm', ARGV[1])
+end
+return {1, redis.call('HINCRBY', KEYS[1], 'v', 1)}
+"""
+
+# KEYS[1]=twin; ARGV: field ('r' or 'd'), values_json, ts, if_match (-1: any)
+# Returns {status, version}: 1 ok, -1 unknown twin, -2 version mismatch.
+MERGE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local version = tonumber(redis.call('HGET', KEYS[1], 'v'))
+local if_match = tonumber(ARGV[4])
+if if_match >= 0 and if_match ~= version then return {-2, version} end
+local doc = cjson.decode(redis.call('HGET', KEYS[1], ARGV[1]) or '{}')
+local ts = tonumber(ARGV[3])
+for k, v in pairs(cjson.decode(ARGV[2])) do
+  local old = doc[k]
+  if v == cjson.null then
+    doc[k] = nil
+  elseif old == nil or old[2] <= ts then
+    doc[k] = {v, ts}
+  end
+end
+local enc = cjson.encode(doc)
+if enc == '[]' then enc = '{}' end
+redis.call('HSET', KEYS[1], ARGV[1], enc)
+return {1, redis.call('HINCRBY', KEYS[1], 'v', 1)}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Twin:
+    """A decoded twin document."""
+
+    meter_id: str
+    version: int
+    zone: str
+    profile: dict[str, Any]
+    measurement: dict[str, Any] | None
+    last_seq: int
+    reported: dict[str, list[Any]]
+    desired: dict[str, list[Any]]
+    created_at: float
+
+    @property
+    def delta(self) -> dict[str, Any]:
+        """Desired values the meter has not reported yet."""
+        out = {}
+        for name, (value, _ts) in self.desired.items():
+            rep = self.reported.get(name)
+            if rep is None or rep[0] != value:
+                out[name] = value
+        return out
+
+    def age_s(self, now: float | None = None) -> float | None:
+        if not self.measurement:
+            return None
+        return max(0.0, (now if now is not None else time.time()) - float(self.measurement["ts"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "meter_id": self.meter_id,
+            "version": self.version,
+            "zone": self.zone,
+            "profile": self.profile,
+            "state": {
+                "reported": {
+                    **{k: v[0] for k, v in self.reported.items()},
+                    **({"measurement": self.measurement} if self.measurement else {}),
+                },
+                "desired": {k: v[0] for k, v in self.desired.items()},
+                "delta": self.delta,
+            },
+            "metadata": {
+                "reported": {k: {"timestamp": v[1]} for k, v in self.reported.items()},
+                "desired": {k: {"timestamp": v[1]} for k, v in self.desired.items()},
+                "last_seq": self.last_seq,
+                "created_at": self.created_at,
+            },
+        }
+
+
+class TwinStore:
+    """Atomic operations on twins in one zone's Redis."""
+
+    def __init__(self, client: StrRedis) -> None:
+        self._r = client
+        self._create = client.register_script(CREATE_LUA)
+        self._measure = client.register_script(MEASURE_LUA)
+        self._merge = client.register_script(MERGE_LUA)
+
+    def create(self, meter_id: str, zone: str, profile: dict[str, Any]) -> bool:
+        """Create a twin; False if it already exists."""
+        now = time.time()
+        done = self._call(self._create, [keys.twin(meter_id), keys.TWIN_INDEX],
+                          [meter_id, zone, _dumps(profile), repr(now)])
+        return bool(done)
+
+    def get(self, meter_id: str) -> Twin:
+        try:
+            raw = self._r.hgetall(keys.twin(meter_id))
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable reading twin {meter_id!r}: {exc}") from exc
+        if not raw:
+            raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+        return _decode(meter_id, raw)
+
+    def reading(self, meter_id: str) -> Reading:
+        """Only version, last measurement and binding: the read capability's hot path, one HMGET."""
+        try:
+            fields = self._r.hmget(keys.twin(meter_id), READING_FIELDS)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable reading twin {meter_id!r}: {exc}") from exc
+        return decode_reading(meter_id, fields)
+
+    def exists(self, meter_id: str) -> bool:
+        try:
+            return bool(self._r.exists(keys.twin(meter_id)))
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+
+    def report_measurement(self, meter_id: str, measurement: dict[str, Any], seq: int | None) -> tuple[bool, int]:
+        """Store a measurement; returns (applied, version). ``applied`` is False for a duplicate seq."""
+        status, version = self._call(
+            self._measure, [keys.twin(meter_id)],
+            [_dumps(measurement), repr(float(measurement["ts"])), -1 if seq is None else seq],
+        )
+        if status == -1:
+            raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+        return status == 1, int(version)
+
+    def report(self, meter_id: str, values: dict[str, Any], ts: float | None = None) -> int:
+        """Merge reported settings (newer timestamps win); returns the new version."""
+        return self._merge_doc(meter_id, "r", values, ts, None)
+
+    def set_desired(self, meter_id: str, values: dict[str, Any], *, if_match: int | None = None) -> int:
+        """Merge desired settings (``None`` removes a field); returns the new version."""
+        return self._merge_doc(meter_id, "d", values, None, if_match)
+
+    def delete(self, meter_id: str) -> bool:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(keys.twin(meter_id))
+        pipe.srem(keys.TWIN_INDEX, meter_id)
+        try:
+            removed, _ = pipe.execute()
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+        return bool(removed)
+
+    def _merge_doc(
+        self, meter_id: str, field: str, values: dict[str, Any], ts: float | None, if_match: int | None
+    ) -> int:
+        stamp = ts if ts is not None else time.time()
+        status, version = self._call(
+            self._merge, [keys.twin(meter_id)],
+            [field, _dumps(values), repr(stamp), -1 if if_match is None else if_match],
+        )
+        if status == -1:
+            raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+        if status == -2:
+            raise VersionMismatch(
+                f"If-Match version {if_match} does not match twin {meter_id!r} version {version}",
+                meter_id=meter_id, current_version=version,
+            )
+        return int(version)
+
+    @staticmethod
+    def _call(script: Any, keys_: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=keys_, args=args)
+        except redis.ResponseError as exc:
+            raise Conflict(f"twin update failed: {exc}") from exc
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+#: The hash fields :meth:`TwinStore.reading` fetches (``b``: the release the twin is bound to).
+READING_FIELDS = ("v", "m", "b")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    version: int
+    measurement: dict[str, Any] | None
+    #: The release serving this twin; None for the base release.
+    bound: str | None
+
+
+def decode_reading(meter_id: str, fields: list[str | None]) -> Reading:
+    """A :class:`Reading` from an ``HMGET v m b`` reply; a missing version means no twin."""
+    version, measurement, bound = fields
+    if version is None:
+        raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+    return Reading(int(version), json.loads(measurement) if measurement else None, bound)
+
+
+async def reading_async(client: StrRedis, meter_id: str) -> Reading:
+    """:meth:`TwinStore.reading` for an asyncio Redis client."""
+    try:
+        fields = await client.hmget(keys.twin(meter_id), READING_FIELDS)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis unavailable reading twin {meter_id!r}: {exc}") from exc
+    return decode_reading(meter_id, fields)
+
+
+_stores: dict[int, TwinStore] = {}
+
+
+def twin_store(client: StrRedis) -> TwinStore:
+    """The :class:`TwinStore` of ``client``, built once (it registers its Lua scripts)."""
+    store = _stores.get(id(client))
+    if store is None or store._r is not client:
+        store = _stores[id(client)] = TwinStore(client)
+    return store
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _decode(meter_id: str, raw: dict[str, str]) -> Twin:
+    return Twin(
+        meter_id=meter_id,
+        version=int(raw.get("v", 0)),
+        zone=raw.get("z", ""),
+        profile=json.loads(raw.get("p") or "{}"),
+        measurement=json.loads(raw["m"]) if raw.get("m") else None,
+        last_seq=int(raw.get("s", -1)),
+        reported=json.loads(raw.get("r") or "{}"),
+        desired=json.loads(raw.get("d") or "{}"),
+        created_at=float(raw.get("c", 0)),
+    )

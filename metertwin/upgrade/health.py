@@ -1,0 +1,156 @@
+"""Health of a release from the gateway's Prometheus metrics: error rate and latency per function.
+
+The gateway exposes ``gateway_function_invocation_total{function_name,code}`` and the
+histogram ``gateway_functions_seconds{function_name}``. Counters are cumulative, so a
+canary is judged on the difference between a snapshot taken when it started and now.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class FunctionStats:
+    """Counts of one function: calls by status class, and its latency histogram (cumulative buckets)."""
+
+    calls: float = 0.0
+    errors: float = 0.0
+    seconds_sum: float = 0.0
+    buckets: dict[float, float] = field(default_factory=dict)
+
+    def minus(self, before: FunctionStats) -> FunctionStats:
+        return FunctionStats(
+            max(0.0, self.calls - before.calls), max(0.0, self.errors - before.errors),
+            max(0.0, self.seconds_sum - before.seconds_sum),
+            {le: max(0.0, n - before.buckets.get(le, 0.0)) for le, n in self.buckets.items()},
+        )
+
+    def plus(self, other: FunctionStats) -> FunctionStats:
+        les = set(self.buckets) | set(other.buckets)
+        return FunctionStats(self.calls + other.calls, self.errors + other.errors,
+                             self.seconds_sum + other.seconds_sum,
+                             {le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0) for le in les})
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.calls if self.calls else 0.0
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding the ``q`` quantile (seconds), None without data."""
+        total = self.buckets.get(math.inf, 0.0)
+        if total <= 0:
+            return None
+        for le in sorted(self.buckets):
+            if self.buckets[le] >= q * total:
+                return le if le != math.inf else max((b for b in self.buckets if b != math.inf), default=None)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "errors": self.errors, "seconds_sum": self.seconds_sum,
+                "buckets": {("+Inf" if le == math.inf else repr(le)): n for le, n in self.buckets.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FunctionStats:
+        buckets = {(math.inf if k == "+Inf" else float(k)): float(v) for k, v in data.get("buckets", {}).items()}
+        return cls(float(data.get("calls", 0)), float(data.get("errors", 0)), float(data.get("seconds_sum", 0)),
+                   buckets)
+
+
+def parse_metrics(text: str) -> dict[str, FunctionStats]:
+    """Per function: calls, 5xx answers, latency histogram, from the gateway's ``/metrics`` text."""
+    out: dict[str, FunctionStats] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if m is None:
+            continue
+        name = m.group("name")
+        if not name.startswith(("gateway_function_invocation_total", "gateway_functions_seconds")):
+            continue
+        labels = dict(_LABEL.findall(m.group("labels") or ""))
+        fn = labels.get("function_name")
+        if fn is None:
+            continue
+        try:
+            value = float(m.group("value"))
+        except ValueError:
+            continue
+        stats = out.setdefault(fn, FunctionStats())
+        if name == "gateway_function_invocation_total":
+            stats.calls += value
+            if labels.get("code", "").startswith("5"):
+                stats.errors += value
+        elif name == "gateway_functions_seconds_bucket":
+            le = labels.get("le", "+Inf")
+            stats.buckets[math.inf if le == "+Inf" else float(le)] = value
+        elif name == "gateway_functions_seconds_sum":
+            stats.seconds_sum = value
+    return out
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_error_rate: float = 0.01
+    max_p95_ratio: float = 1.5
+    latency_slack_ms: float = 50.0
+    min_calls: int = 20
+
+
+@dataclass
+class Verdict:
+    """``ok``, ``bad`` (with reasons) or ``insufficient`` (not enough calls to judge)."""
+
+    status: str
+    reasons: list[str]
+    candidate: dict[str, Any]
+    baseline: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "reasons": self.reasons, "candidate": self.candidate,
+                "baseline": self.baseline}
+
+
+def _summary(functions: list[str], stats: FunctionStats) -> dict[str, Any]:
+    p95 = stats.quantile(0.95)
+    return {"functions": functions, "calls": stats.calls, "errors": stats.errors,
+            "error_rate": round(stats.error_rate, 5),
+            "p95_ms": None if p95 is None else round(p95 * 1000, 2),
+            "mean_ms": round(stats.seconds_sum / stats.calls * 1000, 3) if stats.calls else None}
+
+
+def judge(
+    before: dict[str, FunctionStats], now: dict[str, FunctionStats],
+    candidate: list[str], baseline: list[str], limits: Thresholds,
+) -> Verdict:
+    """Compare the candidate release's functions with the baseline's over the window since ``before``."""
+    def window(names: list[str]) -> FunctionStats:
+        total = FunctionStats()
+        for name in names:
+            total = total.plus(now.get(name, FunctionStats()).minus(before.get(name, FunctionStats())))
+        return total
+
+    cand, base = window(candidate), window(baseline)
+    reasons: list[str] = []
+    if cand.calls < limits.min_calls:
+        return Verdict("insufficient", [f"{', '.join(candidate)}: {cand.calls:.0f} calls since the canary started, "
+                                        f"{limits.min_calls} needed to judge"],
+                       _summary(candidate, cand), _summary(baseline, base))
+    if cand.error_rate > limits.max_error_rate:
+        reasons.append(f"error rate {cand.error_rate:.2%} of {', '.join(candidate)} ({cand.errors:.0f} of "
+                       f"{cand.calls:.0f} calls answered 5xx) exceeds {limits.max_error_rate:.2%}")
+    c95, b95 = cand.quantile(0.95), base.quantile(0.95)
+    if c95 is not None and b95 is not None:
+        allowed = b95 * limits.max_p95_ratio + limits.latency_slack_ms / 1000
+        if c95 > allowed:
+            reasons.append(f"p95 latency {c95 * 1000:.1f} ms of {', '.join(candidate)} exceeds {allowed * 1000:.1f} ms "
+                           f"({limits.max_p95_ratio}x the baseline's {b95 * 1000:.1f} ms + "
+                           f"{limits.latency_slack_ms:.0f} ms)")
+    return Verdict("bad" if reasons else "ok", reasons, _summary(candidate, cand), _summary(baseline, base))
