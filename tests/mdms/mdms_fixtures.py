@@ -17,6 +17,7 @@ import redis
 from metertwin.core import auth
 from metertwin.core.settings import reset_settings
 from metertwin.mdms import cold_store, hot_store
+from metertwin.mdms import keys as mdms_keys
 from metertwin.mdms.settings import reset_mdms_settings
 from metertwin.twin import keys
 from storage.embedded import MotoS3
@@ -125,3 +126,16 @@ def query_rows(meter_id: str, lo: float, hi: float, tok: str | None = None, **pa
         cursor = body["next_cursor"]
         if not cursor:
             return out
+
+
+def counters(meter_id: str) -> dict[str, int]:
+    """The meter's MDMS counters (accepted, duplicates, rejected, ...) as integers."""
+    raw: dict[str, str] = hot().hgetall(mdms_keys.mdms_counters(meter_id))  # type: ignore[assignment]
+    return {k: int(v) for k, v in raw.items()}
+
+
+def dead_letters(meter_id: str) -> list[dict[str, Any]]:
+    """The meter's dead letters, through the ingest function's REST route."""
+    status, body = call(ingest_handler(), "GET", "/dead-letters", token=token("mdms"), query={"meter_id": meter_id})
+    assert status == 200, body
+    return list(body["dead_letters"])
