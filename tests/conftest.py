@@ -17,8 +17,16 @@ import redis
 from metertwin.core import clients
 from metertwin.core.settings import reset_settings
 from storage.embedded import Mosquitto, MotoS3, RedisServer
+from tests.script_keys import guard_script_keys
 
 TEST_SIGNING_KEY = "test-signing-key-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _script_keys_share_the_meter_hash_tag() -> Iterator[None]:
+    """Every in-process Lua script call is checked for Redis Cluster slot safety (tests/script_keys.py)."""
+    with guard_script_keys():
+        yield
 
 
 @pytest.fixture(scope="session")
