@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ZONE ?= edge
 
-.PHONY: setup demo test bench lint deploy compare clean
+.PHONY: setup demo test bench lint deploy secrets compare clean
 
 ## setup: idempotent; apt-installs redis-server and mosquitto when missing, builds the venv.
 setup: $(STAMP)
@@ -16,6 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	command -v mosquitto_ctrl >/dev/null || missing="$$missing mosquitto-clients"; \
+	command -v kustomize >/dev/null || ! apt-cache show kustomize >/dev/null 2>&1 || missing="$$missing kustomize"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -47,9 +48,21 @@ bench: setup
 compare: setup
 	$(BIN)/python -m loadtest.compare $(ARGS)
 
-## deploy: faas-cli deploy of one zone's functions (ZONE=edge|fog|cloud) to $$OPENFAAS_URL.
+## secrets: random values for every secret ZONE's functions and infrastructure need, written to
+## deploy/k8s/$(ZONE)/.secrets/ (mode 0600, git-ignored, never printed). Standard library only.
+secrets:
+	@case "$(ZONE)" in edge|fog|cloud) ;; *) echo "ZONE must be edge, fog or cloud (got '$(ZONE)')"; exit 2;; esac
+	$(PY) deploy/make_secrets.py --zone $(ZONE)
+
+## deploy: one zone (ZONE=edge|fog|cloud): its infrastructure with kubectl (kustomize overlay
+## deploy/k8s/$(ZONE), after `make secrets`), then its functions with faas-cli to $$OPENFAAS_URL.
+## See docs/deploy.md.
 deploy:
 	@case "$(ZONE)" in edge|fog|cloud) ;; *) echo "ZONE must be edge, fog or cloud (got '$(ZONE)')"; exit 2;; esac
+	@command -v faas-cli >/dev/null || { echo "faas-cli is not installed: curl -sSL https://cli.openfaas.com | sudo sh   (or: arkade get faas-cli)"; exit 2; }
+	@command -v kubectl >/dev/null || { echo "kubectl is not installed: https://kubernetes.io/docs/tasks/tools/   (or: arkade get kubectl)"; exit 2; }
+	@test -d deploy/k8s/$(ZONE)/.secrets || { echo "no secrets for zone $(ZONE) yet: run make secrets ZONE=$(ZONE) first"; exit 2; }
+	kubectl apply -k deploy/k8s/$(ZONE)
 	faas-cli template store pull python3-http
 	faas-cli up -f stack.yml --regex '^$(ZONE)-'
 
