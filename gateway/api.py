@@ -1,0 +1,49 @@
+"""The FastAPI part of the gateway: ``/healthz``, ``/metrics`` here, then ``/system``, ``/async-function`` and docs.
+
+Everything but ``/function/*`` (the app's raw-ASGI fast path) is served by this app.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.async_api import add_async_routes
+from gateway.openapi import add_function_docs
+from gateway.system import VERSION, add_system_routes
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
+
+
+def build_api(gw: GatewayApp) -> FastAPI:
+    """The FastAPI part: /system, /async-function, /healthz, /metrics and the OpenAPI document."""
+    api = FastAPI(
+        title=f"metertwin gateway ({gw.zone})",
+        version=VERSION,
+        description=(
+            "OpenFaaS-compatible gateway of one metertwin zone. `/system/*` needs basic auth "
+            "(user `admin`, secret `gateway-basic-auth-password`). Function routes are documented "
+            "under `/function/<name>/...` from each handler's `OPENAPI_PATHS`."
+        ),
+    )
+    pid_header = {"X-Gateway-Pid": str(os.getpid())}
+
+    @api.get("/healthz", response_class=PlainTextResponse, tags=["gateway"])
+    async def healthz() -> PlainTextResponse:
+        """Liveness: the gateway process is up (no auth). ``X-Gateway-Pid`` names the serving process."""
+        return PlainTextResponse("OK", headers=pid_header)
+
+    @api.get("/metrics", tags=["gateway"])
+    async def metrics() -> Response:
+        """Prometheus metrics: gateway_function_invocation_total, gateway_functions_seconds, ..."""
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    add_system_routes(api, gw)
+    add_async_routes(api, gw)
+    add_function_docs(api, gw)
+    return api

@@ -1,0 +1,75 @@
+"""``/async-function/<name>[/path]``: accept a call into the zone's durable queue (202 + ``X-Call-Id``).
+
+The queued call is run by :class:`gateway.asyncq.AsyncQueue`, which POSTs the result to
+``X-Callback-Url``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from gateway.asyncq import QueueFull
+from gateway.fastpath import new_call_id
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
+
+
+def add_async_routes(api: FastAPI, gw: GatewayApp) -> None:
+    """Add the two ``/async-function`` routes of ``gw`` to ``api``."""
+
+    async def enqueue(name: str, path: str, request: Request) -> Response:
+        if name not in gw.functions:
+            return PlainTextResponse(f"error finding function {name}: not found\n", status_code=404)
+        body = await _read_limited(request, gw.max_body_bytes)
+        if isinstance(body, Response):
+            return body
+        call_id = request.headers.get("x-call-id") or new_call_id().decode()
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        if "x-call-id" not in request.headers:
+            headers.append(("X-Call-Id", call_id))
+        assert gw.queue is not None, "gateway not started (use the ASGI lifespan or GatewayApp.running())"
+        try:
+            await gw.queue.enqueue(
+                call_id=call_id, function=name, method=request.method, path="/" + path,
+                query=request.url.query, headers=headers, body=body,
+                callback_url=request.headers.get("x-callback-url", ""),
+            )
+        except QueueFull as exc:
+            return JSONResponse(exc.to_dict(), status_code=503)
+        except Exception as exc:  # Redis unreachable: the call was NOT accepted
+            return JSONResponse({"error": "backend_unavailable", "message": f"cannot queue the call: {exc}"},
+                                status_code=503)
+        return Response(status_code=202, headers={"X-Call-Id": call_id})
+
+    @api.post("/async-function/{name}", status_code=202, tags=["functions"])
+    async def async_function(name: str, request: Request) -> Response:
+        """Queue a call durably; 202 with `X-Call-Id`. The result is POSTed to `X-Callback-Url`
+        with `X-Call-Id` and `X-Function-Status`."""
+        return await enqueue(name, "", request)
+
+    @api.post("/async-function/{name}/{path:path}", status_code=202, tags=["functions"])
+    async def async_function_path(name: str, path: str, request: Request) -> Response:
+        """As `/async-function/{name}`, with a function-relative path."""
+        return await enqueue(name, path, request)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | Response:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return _too_large_response(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return _too_large_response(f"body of more than {limit} bytes exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large_response(message: str) -> JSONResponse:
+    return JSONResponse({"error": "payload_too_large", "message": message}, status_code=413)

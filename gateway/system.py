@@ -1,0 +1,98 @@
+"""The gateway's ``/system`` API: basic auth, function status, info (OpenFaaS's shapes).
+
+Basic auth is checked by the app's dispatcher for every path under ``/system`` (also
+unknown ones) before any routing; the routes here only declare it for the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import platform
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBasic
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayApp
+
+VERSION = "0.1.0"
+BASIC_USER = b"admin"
+UNAUTHORIZED_BODY = b"Unauthorized\n"
+UNAUTHORIZED_HEADERS = [
+    (b"www-authenticate", b'Basic realm="OpenFaaS API"'),
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"content-length", str(len(UNAUTHORIZED_BODY)).encode()),
+]
+
+
+def basic_authorized(headers: list[tuple[bytes, bytes]], basic_password: bytes | None) -> bool:
+    """True when ``headers`` carry basic auth of user ``admin`` with ``basic_password`` (never when it is unset)."""
+    if basic_password is None:
+        return False
+    for key, value in headers:
+        if key == b"authorization":
+            scheme, _, encoded = value.partition(b" ")
+            if scheme.lower() != b"basic":
+                return False
+            try:
+                user, _, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                return False
+            # Compare both in full (no short-circuit) so timing tells nothing.
+            ok_user = hmac.compare_digest(user, BASIC_USER)
+            ok_password = hmac.compare_digest(password, basic_password)
+            return ok_user and ok_password
+    return False
+
+
+def add_system_routes(api: FastAPI, gw: GatewayApp) -> None:
+    """``/system/functions``, ``/system/function/{name}``, ``/system/scale-function/{name}``, ``/system/info``."""
+    # Basic auth is enforced by the dispatcher for every /system path; this only documents it.
+    basic = HTTPBasic(auto_error=False, realm="OpenFaaS API")
+    system = [Depends(basic)]
+
+    @api.get("/system/functions", dependencies=system, tags=["system"])
+    async def list_functions() -> JSONResponse:
+        """Every function of this zone with its invocation count (shared by the zone's workers)."""
+        counts = await gw.invocation_counts()
+        return JSONResponse([gw.function_status(fn, counts.get(name, 0)) for name, fn in gw.functions.items()])
+
+    async def change_functions() -> PlainTextResponse:
+        """Deploying, updating and removing functions is done by editing stack.yml and restarting."""
+        return PlainTextResponse("the local gateway serves stack.yml as loaded; restart it to change functions\n",
+                                 status_code=501)
+
+    for method in ("POST", "PUT", "DELETE"):
+        api.add_api_route("/system/functions", change_functions, methods=[method], dependencies=system,
+                          tags=["system"], status_code=501, name=f"{method.lower()}_functions")
+
+    @api.get("/system/function/{name}", dependencies=system, tags=["system"])
+    async def get_function(name: str) -> Response:
+        """One function's status; 404 when this zone has no such function."""
+        fn = gw.functions.get(name)
+        if fn is None:
+            return PlainTextResponse(f"error finding function {name}: not found\n", status_code=404)
+        counts = await gw.invocation_counts()
+        return JSONResponse(gw.function_status(fn, counts.get(name, 0)))
+
+    @api.post("/system/scale-function/{name}", dependencies=system, tags=["system"], status_code=501)
+    async def scale_function(name: str) -> PlainTextResponse:
+        """Scaling is fixed at one replica locally (run more gateway workers instead)."""
+        return PlainTextResponse("scaling is not supported by the local gateway\n", status_code=501)
+
+    @api.get("/system/info", dependencies=system, tags=["system"])
+    async def info() -> dict[str, Any]:
+        """Provider and version, in the shape of OpenFaaS's /system/info."""
+        return {
+            "provider": {"provider": "metertwin-local", "orchestration": "process",
+                         "version": {"release": VERSION, "sha": ""}},
+            "version": {"release": VERSION, "sha": "", "commit_message": ""},
+            "arch": platform.machine(),
+            "zone": gw.zone,
+            "instance": gw.instance,
+            "connectors": gw.connector_status(),
+        }
