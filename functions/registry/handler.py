@@ -6,8 +6,14 @@ Routes (after ``/function/<zone>-registry``):
 * ``POST /meters/bulk`` — provision up to ``max_bulk_meters`` twins.
 * ``GET /meters?cursor=&count=`` — list provisioned meter ids.
 * ``GET /meters/{meter_id}`` — the registry record (zone, profile, created).
-* ``DELETE /meters/{meter_id}`` — remove the twin and the meter's account.
+* ``DELETE /meters/{meter_id}`` — remove the twin and the meter's account (also an orphaned
+  account whose twin is gone; 404 only when neither exists).
 * ``POST /meters/bulk-delete`` — remove many.
+* ``POST /reconcile?fix=false|true`` — twins without accounts and accounts without twins
+  (``metertwin.twin.reconcile``); ``fix=true`` repairs both.
+
+Provisioning a meter whose twin is gone but whose account remains replaces the account
+(new password; the old one stops working).
 """
 
 from __future__ import annotations
@@ -26,11 +32,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from metertwin.core import topics
 from metertwin.core.clients import get_redis
-from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput
-from metertwin.core.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response, query_float
+from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, UnknownMeter
+from metertwin.core.http import (
+    METER_ID_RE,
+    Context,
+    Event,
+    Request,
+    Response,
+    Router,
+    json_response,
+    query_bool,
+    query_float,
+)
 from metertwin.core.settings import get_settings
 from metertwin.twin import keys
 from metertwin.twin.dynsec import get_dynsec, new_password
+from metertwin.twin.reconcile import reconcile
 from metertwin.twin.state import TwinStore, twin_store
 
 router = Router()
@@ -144,7 +161,7 @@ def provision_bulk(req: Request) -> Response:
     )
 
 
-@router.get("/meters", scopes=OPERATORS)
+@router.get("/meters", scopes=OPERATORS | {"billing"})  # billing apps find their meters (read-only)
 def list_meters(req: Request) -> Response:
     cursor = int(query_float(req.query, "cursor", 0, lo=0, hi=2**63))
     count = int(query_float(req.query, "count", 100, lo=1, hi=1000))
@@ -164,17 +181,18 @@ def get_meter(req: Request) -> Response:
 
 
 def _remove(meter_ids: list[str]) -> list[str]:
+    """Remove twins and accounts; returns the ids that had a twin or an (orphaned) account."""
     store = _store()
-    removed = [m for m in meter_ids if store.delete(m)]
-    get_dynsec().delete_meters(meter_ids)
-    return removed
+    removed = {m for m in meter_ids if store.delete(m)}
+    accounts = get_dynsec().delete_meters(meter_ids)
+    return [m for m in meter_ids if m in removed or accounts.get(m)]
 
 
 @router.delete("/meters/{meter_id}", scopes={"admin"})
 def remove_one(req: Request) -> Response:
     meter_id = req.params["meter_id"]
-    _store().get(meter_id)  # 404 for an unknown meter
-    _remove([meter_id])
+    if not _remove([meter_id]):
+        raise UnknownMeter(f"meter {meter_id!r} has no twin and no account in this zone", meter_id=meter_id)
     return json_response({"meter_id": meter_id, "removed": True})
 
 
@@ -186,6 +204,12 @@ def remove_bulk(req: Request) -> Response:
             raise InvalidInput(f"meter id {meter_id!r} is not valid", field="meter_ids")
     removed = _remove(body.meter_ids)
     return json_response({"removed": removed, "not_found": sorted(set(body.meter_ids) - set(removed))})
+
+
+@router.post("/reconcile", scopes={"admin"})
+def reconcile_accounts(req: Request) -> Response:
+    report = reconcile(get_redis(), get_dynsec(), fix=query_bool(req.query, "fix"))
+    return json_response({"zone": get_settings().zone, **report.as_dict()})
 
 
 def handle(event: Event, context: Context) -> Response:

@@ -27,6 +27,10 @@ BATCH = 200
 #: command, so each one gets slower as accounts accumulate (measured: 1,000 accounts in 10 s,
 #: the next 2,000 in 70 s); a fixed timeout per batch would fail past a few thousand meters.
 PER_COMMAND_TIMEOUT_S = 0.25
+#: The plugin's answer to createClient for a username it already has.
+CLIENT_EXISTS = "Client already exists"
+#: Names per listClients/listRoles page.
+LIST_PAGE = 1000
 
 
 def role_name(meter_id: str) -> str:
@@ -60,7 +64,21 @@ class DynSec:
         mqtt.listen(RESPONSE_TOPIC, self._on_response)
 
     def create_meters(self, accounts: dict[str, str]) -> dict[str, str | None]:
-        """Create accounts ``{meter_id: password}``; returns ``{meter_id: error or None}``."""
+        """Create accounts ``{meter_id: password}``; returns ``{meter_id: error or None}``.
+
+        Call it only for meters that have just been given a twin: an account that already
+        exists then belongs to no twin (an orphan, e.g. after the zone's Redis lost its
+        data) and is replaced, so its old password stops working and its sessions are
+        disconnected (``deleteClient`` kicks them).
+        """
+        results = self._create(accounts)
+        orphans = {m: accounts[m] for m, err in results.items() if err == CLIENT_EXISTS}
+        if orphans:
+            self.delete_meters(orphans)
+            results.update(self._create(orphans))
+        return results
+
+    def _create(self, accounts: dict[str, str]) -> dict[str, str | None]:
         commands: list[dict[str, Any]] = []
         for meter_id, password in accounts.items():
             commands += [
@@ -80,15 +98,40 @@ class DynSec:
                 out.setdefault(meter_id, None)
         return out
 
-    def delete_meters(self, meter_ids: Iterable[str]) -> None:
-        """Remove accounts and roles; missing ones are ignored (idempotent)."""
+    def delete_meters(self, meter_ids: Iterable[str]) -> dict[str, bool]:
+        """Remove accounts and roles; missing ones are ignored (idempotent).
+
+        Returns ``{meter_id: True if an account or a role existed and was removed}``.
+        """
+        ids = list(meter_ids)
         commands: list[dict[str, Any]] = []
-        for meter_id in meter_ids:
+        for meter_id in ids:
             commands += [
                 {"command": "deleteClient", "username": meter_id},
                 {"command": "deleteRole", "rolename": role_name(meter_id)},
             ]
-        self._run(commands)
+        results = self._run(commands)
+        return {m: not results[2 * i].get("error") or not results[2 * i + 1].get("error")
+                for i, m in enumerate(ids)}
+
+    def meter_accounts(self) -> set[str]:
+        """Meter ids that have an account in the broker, known by their own role (``meter-<id>``).
+
+        The role tells a meter's account from the platform's own (service, admin) accounts;
+        a role left without its client by an interrupted provisioning counts too.
+        """
+        return {r.removeprefix("meter-") for r in self._list("listRoles", "roles") if r.startswith("meter-")}
+
+    def _list(self, command: str, field: str) -> list[str]:
+        names: list[str] = []
+        while True:
+            res = self._run([{"command": command, "verbose": False, "count": LIST_PAGE, "offset": len(names)}])[0]
+            if res.get("error"):
+                raise BackendUnavailable(f"dynamic security {command} failed: {res['error']}")
+            page = [str(x) for x in (res.get("data") or {}).get(field, [])]
+            names += page
+            if len(page) < LIST_PAGE:
+                return names
 
     def _run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
