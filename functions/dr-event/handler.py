@@ -2,10 +2,10 @@
 
 The VEN bridge (``dr_bridge``) polls the utility's VTN for every twin and posts each
 delivery here; this function decides, stores the event on the twin and schedules its
-execution (see :mod:`metertwin.dr`). Routes (after ``/function/<zone>-dr-event``):
+execution (see :mod:`metertwin.dr.schedule`). Routes (after ``/function/<zone>-dr-event``):
 
 * ``POST /events`` (service) — one ``oadrDistributeEvent`` of one twin, normalised
-  (:class:`metertwin.dr.Delivery`); answers per event ``optIn``/``optOut`` with the OpenADR
+  (:class:`metertwin.dr.wire.Delivery`); answers per event ``optIn``/``optOut`` with the OpenADR
   response code (200, 452, 454, 460, 462, 469) and cancels (implied) missing events.
 * ``POST /due`` (service) — run due start/step/end actions and ack checks. The bridge
   calls it on its own timer (sub-second precision); ``POST /`` from the cron connector
@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from metertwin.core.clients import get_redis
 from metertwin.core.errors import InvalidInput, UnknownMeter
 from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
-from metertwin.dr import service as dr
+from metertwin.dr import decisions, execution, schedule, views, wire
+from metertwin.dr.store import DrStore
 from metertwin.twin.state import TwinStore
 
 router = Router()
@@ -50,8 +51,8 @@ class TelemetryRequest(BaseModel):
     meter_ids: list[str] = Field(min_length=1, max_length=10_000)
 
 
-def _store() -> dr.DrStore:
-    return dr.DrStore(get_redis())
+def _store() -> DrStore:
+    return DrStore(get_redis())
 
 
 def _require_twin(meter_id: str) -> None:
@@ -61,8 +62,8 @@ def _require_twin(meter_id: str) -> None:
 
 @router.post("/events", scopes={"service"})
 def deliver(req: Request) -> Response:
-    delivery = dr.validate_delivery(parse_json(req.event.body, _AnyObject).model_dump())
-    return json_response(dr.handle_delivery(_store(), delivery))
+    delivery = wire.validate_delivery(parse_json(req.event.body, _AnyObject).model_dump())
+    return json_response(schedule.handle_delivery(_store(), delivery))
 
 
 class _AnyObject(BaseModel):
@@ -72,7 +73,7 @@ class _AnyObject(BaseModel):
 @router.post("/due", scopes={"service"})
 def due(req: Request) -> Response:
     store = _store()
-    counts = dr.execute_due(store)
+    counts = execution.execute_due(store)
     nxt = store.next_due()
     return json_response({**counts, "next_due_in_s": None if nxt is None else round(max(0.0, nxt - time.time()), 3)})
 
@@ -81,13 +82,13 @@ def due(req: Request) -> Response:
 def connector(req: Request) -> Response:
     if req.header("X-Connector") != "cron-connector":
         raise InvalidInput("POST / is for the cron connector (X-Connector: cron-connector); the bridge uses POST /due")
-    return json_response(dr.execute_due(_store()))
+    return json_response(execution.execute_due(_store()))
 
 
 @router.post("/telemetry", scopes={"service"})
 def telemetry(req: Request) -> Response:
     body = req.json(TelemetryRequest)
-    return json_response({"meters": dr.telemetry(_store(), body.meter_ids)})
+    return json_response({"meters": views.telemetry(_store(), body.meter_ids)})
 
 
 @router.get("/meters/{meter_id}/events", scopes=VIEWERS)
@@ -95,14 +96,14 @@ def list_events(req: Request) -> Response:
     meter_id = req.params["meter_id"]
     _require_twin(meter_id)
     now = time.time()
-    events = sorted((dr.public(r, now) for r in _store().events(meter_id).values()), key=lambda r: -r["start"])
+    events = sorted((schedule.public(r, now) for r in _store().events(meter_id).values()), key=lambda r: -r["start"])
     return json_response({"meter_id": meter_id, "events": events, "load_control": _store().load_control(meter_id)})
 
 
 @router.get("/meters/{meter_id}/events/{event_id}", scopes=VIEWERS)
 def get_event(req: Request) -> Response:
     record = _store().event(req.params["meter_id"], req.params["event_id"])
-    return json_response({"meter_id": req.params["meter_id"], "event": dr.public(record)})
+    return json_response({"meter_id": req.params["meter_id"], "event": schedule.public(record)})
 
 
 @router.get("/meters/{meter_id}/dr-preferences", scopes=VIEWERS)
@@ -116,7 +117,7 @@ def get_preferences(req: Request) -> Response:
 def put_preferences(req: Request) -> Response:
     meter_id = req.params["meter_id"]
     _require_twin(meter_id)
-    prefs = req.json(dr.Preferences)
+    prefs = req.json(decisions.Preferences)
     _store().set_preferences(meter_id, prefs)
     return json_response({"meter_id": meter_id, "preferences": prefs.model_dump()})
 
@@ -124,12 +125,12 @@ def put_preferences(req: Request) -> Response:
 @router.get("/events", scopes=OPERATORS)
 def list_zone_events(req: Request) -> Response:
     limit = int(query_float(req.query, "limit", 50, lo=1, hi=1000))
-    return json_response({"events": dr.recent_events(_store(), limit)})
+    return json_response({"events": views.recent_events(_store(), limit)})
 
 
 @router.get("/events/{event_id}", scopes=OPERATORS)
 def event_summary(req: Request) -> Response:
-    return json_response(dr.event_summary(_store(), req.params["event_id"]))
+    return json_response(views.event_summary(_store(), req.params["event_id"]))
 
 
 def handle(event: Event, context: Context) -> Response:

@@ -17,7 +17,9 @@ from dr_bridge import Bridge, BridgeConfig, handler_invoker
 from dr_bridge.demo import UtilityVtn, wait_until
 from dr_bridge.invoke import Invoke
 from metertwin.core.clients import get_redis
-from metertwin.dr import service as dr
+from metertwin.dr import decisions
+from metertwin.dr.schedule import public
+from metertwin.dr.store import DrStore
 from tests.dr.test_dr_event import SERVICE, CommandObserver, commands_seen, dr_env, handler, make_twin, token
 from tests.invoke import call
 
@@ -27,7 +29,7 @@ POLL_S = 1.0
 
 
 def record(meter_id: str, event_id: str) -> dict[str, Any]:
-    return dr.public(dr.DrStore(get_redis()).event(meter_id, event_id))
+    return public(DrStore(get_redis()).event(meter_id, event_id))
 
 
 @pytest.fixture
@@ -171,9 +173,9 @@ async def test_mis_targeted_and_unsupported_and_malformed_events(vtn: UtilityVtn
     good = vtn.issue([meter_id], intervals=[(30.0, 5.0, 1)])
     await wait_until(lambda: all(vtn.answers_for(e) for e in (elsewhere, custom, bad_level, good)), 10)
     got = {e: vtn.answers_for(e)[meter_id] for e in (elsewhere, custom, bad_level, good)}
-    assert (got[elsewhere].opt_type, got[elsewhere].response_code) == ("optOut", dr.TARGET_MISMATCH)
-    assert (got[custom].opt_type, got[custom].response_code) == ("optOut", dr.SIGNAL_NOT_SUPPORTED)
-    assert (got[bad_level].opt_type, got[bad_level].response_code) == ("optOut", dr.INVALID_DATA)
+    assert (got[elsewhere].opt_type, got[elsewhere].response_code) == ("optOut", decisions.TARGET_MISMATCH)
+    assert (got[custom].opt_type, got[custom].response_code) == ("optOut", decisions.SIGNAL_NOT_SUPPORTED)
+    assert (got[bad_level].opt_type, got[bad_level].response_code) == ("optOut", decisions.INVALID_DATA)
     assert (got[good].opt_type, got[good].response_code) == ("optIn", 200)
 
 

@@ -19,7 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from metertwin.core import topics
 from metertwin.core.auth import issue_token
 from metertwin.core.clients import get_redis
-from metertwin.dr import service as dr
+from metertwin.dr import decisions, schedule, wire
+from metertwin.dr.settings import get_dr_settings
 from metertwin.twin.commands import get_commands
 from metertwin.twin.messages import CommandAck
 from metertwin.twin.state import TwinStore
@@ -81,9 +82,9 @@ def dr_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dic
     """The zone environment plus short DR timings (acks are checked after 0.4 s)."""
     monkeypatch.setenv("DR_ACK_TIMEOUT_S", "0.4")
     monkeypatch.setenv("DR_RESTORE_RETRY_S", "5")
-    dr.get_dr_settings.cache_clear()
+    get_dr_settings.cache_clear()
     yield env
-    dr.get_dr_settings.cache_clear()
+    get_dr_settings.cache_clear()
 
 
 @pytest.fixture
@@ -140,14 +141,14 @@ def record(meter_id: str, event_id: str) -> dict[str, Any]:
 
 # --- decisions (pure) ----------------------------------------------------------------
 def _decide(event: dict[str, Any], prefs: dict[str, Any] | None = None, power_w: float | None = 2000.0,
-            ven_id: str = "VEN-X") -> dr.Decision:
+            ven_id: str = "VEN-X") -> decisions.Decision:
     twin = None
     if power_w is not None:
         from metertwin.twin.state import Twin
 
         twin = Twin("m1", 1, "edge", {}, {"ts": time.time(), "power_w": power_w}, -1, {}, {}, 0.0)
-    return dr.decide(dr.EventIn.model_validate(event), dr.Preferences(**(prefs or {})), twin, "m1", ven_id,
-                     time.time())
+    return decisions.decide(wire.EventIn.model_validate(event), decisions.Preferences(**(prefs or {})), twin, "m1",
+                            ven_id, time.time())
 
 
 def test_simple_levels_map_to_load_limits_above_the_comfort_floor() -> None:
@@ -157,7 +158,7 @@ def test_simple_levels_map_to_load_limits_above_the_comfort_floor() -> None:
     assert _decide(ev(level=3)).steps[0][1] == 1000.0
     assert _decide(ev(level=3), {"flexible_load_w": 1800, "min_power_w": 600}).steps[0][1] == 600.0
     zero = _decide(ev(level=0))
-    assert zero.opt == dr.OPT_IN
+    assert zero.opt == decisions.OPT_IN
     assert zero.steps == []
 
 
@@ -173,18 +174,18 @@ def test_price_and_load_dispatch_signals() -> None:
 
 
 def test_opt_out_reasons_and_error_codes() -> None:
-    assert _decide(ev(), {"opt_out": True}).opt == dr.OPT_OUT
+    assert _decide(ev(), {"opt_out": True}).opt == decisions.OPT_OUT
     long_event = _decide(ev(duration_s=7200), {"max_event_duration_s": 3600})
-    assert (long_event.opt, long_event.code) == (dr.OPT_OUT, dr.OK)
+    assert (long_event.opt, long_event.code) == (decisions.OPT_OUT, decisions.OK)
     assert "comfort" in long_event.reason
-    assert _decide(ev(), {"flexible_load_w": 0}).opt == dr.OPT_OUT
+    assert _decide(ev(), {"flexible_load_w": 0}).opt == decisions.OPT_OUT
     bad = _decide(ev(name="BID_PRICE", type_="price"))
-    assert (bad.opt, bad.code) == (dr.OPT_OUT, dr.SIGNAL_NOT_SUPPORTED)
+    assert (bad.opt, bad.code) == (decisions.OPT_OUT, decisions.SIGNAL_NOT_SUPPORTED)
     elsewhere = _decide(ev(targets=[{"ven_id": "someone-else"}]))
-    assert (elsewhere.opt, elsewhere.code) == (dr.OPT_OUT, dr.TARGET_MISMATCH)
-    assert _decide(ev(targets=[{"resource_id": "m1"}])).opt == dr.OPT_IN
+    assert (elsewhere.opt, elsewhere.code) == (decisions.OPT_OUT, decisions.TARGET_MISMATCH)
+    assert _decide(ev(targets=[{"resource_id": "m1"}])).opt == decisions.OPT_IN
     level = _decide(ev(level=7))
-    assert (level.opt, level.code) == (dr.OPT_OUT, dr.INVALID_DATA)
+    assert (level.opt, level.code) == (decisions.OPT_OUT, decisions.INVALID_DATA)
     assert "level 7" in level.reason
 
 
@@ -211,20 +212,20 @@ def test_malformed_and_failing_events_do_not_spoil_the_others(dr_env: dict[str, 
     make_twin(meter_id)
     broken = {"event_id": "BAD", "modification_number": 0, "signals": []}
     answers = deliver(meter_id, broken, ev("GOOD", lead_s=600))
-    assert answers["BAD"] == {**answers["BAD"], "opt": "optOut", "response_code": dr.INVALID_DATA}
+    assert answers["BAD"] == {**answers["BAD"], "opt": "optOut", "response_code": decisions.INVALID_DATA}
     assert answers["GOOD"]["opt"] == "optIn"
 
-    real_decide = dr.decide
+    real_decide = decisions.decide
 
-    def flaky(event: dr.EventIn, *a: Any, **kw: Any) -> dr.Decision:
+    def flaky(event: wire.EventIn, *a: Any, **kw: Any) -> decisions.Decision:
         if event.event_id == "BOOM":
             raise RuntimeError("simulated bug")
         return real_decide(event, *a, **kw)
 
-    monkeypatch.setattr(dr, "decide", flaky)
+    monkeypatch.setattr(schedule, "decide", flaky)
     answers = deliver(meter_id, ev("GOOD", lead_s=600), ev("BOOM", lead_s=600), ev("NEW", lead_s=600))
     assert answers["BOOM"]["opt"] == "optOut"
-    assert answers["BOOM"]["response_code"] == dr.OTHER_ERROR
+    assert answers["BOOM"]["response_code"] == decisions.OTHER_ERROR
     assert answers["GOOD"]["opt"] == "optIn"
     assert answers["NEW"]["opt"] == "optIn"
     assert record(meter_id, "GOOD")["cancelled"] is None
@@ -232,7 +233,7 @@ def test_malformed_and_failing_events_do_not_spoil_the_others(dr_env: dict[str, 
 
 def test_unknown_meter_and_bad_delivery(dr_env: dict[str, str]) -> None:
     answers = deliver("ghost", ev("E1"))
-    assert answers["E1"]["response_code"] == dr.INVALID_ID
+    assert answers["E1"]["response_code"] == decisions.INVALID_ID
     status, body = call(handler, "POST", "/events", token=SERVICE, body={"meter_id": "m"})
     assert status == 400
     assert "events" in body["message"]

@@ -20,7 +20,8 @@ from gateway.server import GatewayProcess
 from meter_sim import FleetThread
 from metertwin.core.auth import issue_token
 from metertwin.core.clients import get_redis
-from metertwin.dr import service as dr
+from metertwin.dr.store import DrStore
+from metertwin.dr.views import telemetry
 from storage.embedded import Mosquitto
 from tests.conftest import TEST_SIGNING_KEY
 from tests.dr.test_dr_event import dr_env
@@ -84,9 +85,9 @@ async def test_simulated_meters_shed_load_during_the_event(zone_gateway: str, mo
     fleet = FleetThread(mosquitto.host, mosquitto.port, credentials, reporting_interval_s=1.0, prosumer_share=0.0,
                         seed=7).start(timeout_s=30)
     try:
-        store = dr.DrStore(get_redis())
+        store = DrStore(get_redis())
         deadline = time.monotonic() + 20
-        while not all(dr.telemetry(store, meters)[m] and dr.telemetry(store, meters)[m]["power_w"] for m in meters):
+        while not all(telemetry(store, meters)[m] and telemetry(store, meters)[m]["power_w"] for m in meters):
             assert time.monotonic() < deadline, "no readings reached the twins"
             time.sleep(0.2)
         service = issue_token("dr-bridge", {"service"}, key=TEST_SIGNING_KEY)
