@@ -1,19 +1,23 @@
 """Bearer tokens with scopes (JWT, HS256, signed with the ``token-signing-key`` secret).
 
 Claims: ``sub`` (who), ``scope`` (space-separated scopes, as OAuth 2 writes them),
-``meter`` (the one meter a consumer or home-EMS token is bound to) and ``exp``.
+``meter`` (the one meter a consumer or home-EMS token is bound to), ``exp``, ``iat`` and
+``jti`` (the token's id, which :mod:`metertwin.core.revocation` deny-lists).
 ``admin`` (operators) and ``service`` (platform components) reach everything.
+Operators mint, inspect and revoke tokens with ``python -m metertwin.tokens``.
 """
 
 from __future__ import annotations
 
 import functools
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Final
 
 import jwt
 
+from metertwin.core import clients, revocation
 from metertwin.core.errors import Forbidden, Unauthorized
 from metertwin.core.settings import get_settings
 
@@ -32,6 +36,8 @@ class Principal:
     scopes: frozenset[str]
     meter: str | None
     expires_at: float
+    #: The token's ``jti`` (``None`` for tokens minted before ids existed: not revocable one by one).
+    token_id: str | None = None
 
     def allows_meter(self, meter_id: str) -> bool:
         return self.meter is None or self.meter == meter_id
@@ -51,10 +57,13 @@ def issue_token(
         raise ValueError(f"unknown scope(s) {sorted(unknown)}; known: {sorted(SCOPES)}")
     if set(scopes) & METER_BOUND_SCOPES and not meter:
         raise ValueError(f"scope(s) {sorted(set(scopes) & METER_BOUND_SCOPES)} need a meter")
+    now = int(time.time())
     claims: dict[str, object] = {
         "sub": subject,
         "scope": " ".join(sorted(scopes)),
-        "exp": int(time.time()) + ttl_s,
+        "iat": now,
+        "exp": now + ttl_s,
+        "jti": secrets.token_hex(12),
     }
     if meter:
         claims["meter"] = meter
@@ -83,7 +92,18 @@ def _decode(token: str, key: str) -> Principal:
     meter = claims.get("meter")
     if scopes & METER_BOUND_SCOPES and not scopes & {"admin"} and not meter:
         raise Unauthorized("bearer token with a meter-bound scope names no meter")
-    return Principal(str(claims["sub"]), scopes, str(meter) if meter else None, float(claims["exp"]))
+    jti = claims.get("jti")
+    return Principal(str(claims["sub"]), scopes, str(meter) if meter else None, float(claims["exp"]),
+                     str(jti) if jti else None)
+
+
+def verify_token(token: str, key: str | None = None) -> Principal:
+    """Verify a bare token's signature, expiry and claims (not the deny-list)."""
+    principal = _decode(token.strip(), key or _signing_key())
+    if principal.expires_at < time.time():
+        _decode.cache_clear()
+        raise Unauthorized("bearer token has expired")
+    return principal
 
 
 def authenticate(authorization: str | None) -> Principal:
@@ -93,10 +113,12 @@ def authenticate(authorization: str | None) -> Principal:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized(f"Authorization scheme {scheme!r} is not 'Bearer'")
-    principal = _decode(token.strip(), _signing_key())
-    if principal.expires_at < time.time():
-        _decode.cache_clear()
-        raise Unauthorized("bearer token has expired")
+    principal = verify_token(token)
+    if principal.token_id is not None:
+        reason = revocation.revocation_reason(clients.get_redis(), principal.token_id,
+                                              cache_s=get_settings().token_revocation_cache_s)
+        if reason is not None:
+            raise Unauthorized(f"bearer token {principal.token_id} was revoked: {reason}", reason=reason)
     return principal
 
 

@@ -3,3 +3,8 @@
 from __future__ import annotations
 
 PREFIX = "mt"
+
+
+def revoked_token(token_id: str) -> str:
+    """String: the reason a token (its JWT ``jti``) was revoked; expires with the token (TTL = its remaining life)."""
+    return f"{PREFIX}:auth:revoked:{token_id}"

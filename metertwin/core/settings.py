@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         # stack.yml writes ${S3_ENDPOINT_URL:-}: empty means AWS's own endpoint.
         return value or None
 
+    # --- token deny-list (metertwin.core.revocation) ---
+    #: How long a process trusts its last deny-list answer for a token (seconds; 0: ask Redis every call).
+    #: A revocation takes effect within this time.
+    token_revocation_cache_s: float = Field(default=1.0, ge=0, le=60)
+
 
 @functools.cache
 def get_settings() -> Settings:
