@@ -21,7 +21,7 @@ from typing import Any, cast
 from pydantic import BaseModel, ConfigDict, Field
 
 from metertwin.core.http import Context, Event, Request, Response, Router, json_response
-from metertwin.mdms import keys, tiering
+from metertwin.mdms import keys, load_profile, tiering
 from metertwin.mdms import query as mdms_query
 from metertwin.mdms.hot_store import get_hot_redis
 from metertwin.mdms.intervals import iso_ms
@@ -56,6 +56,10 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "parameters": [_MID, *_RANGE, _q("tariff", desc="built-in tariff name"), _FORMAT]},
         "post": {"summary": "TOU billing determinants and bill under {from, to, tariff}", "parameters": [_MID]},
     },
+    "/meters/{meter_id}/load-profile": {"get": {
+        "summary": "kWh import/export and average/maximum kW per 15m, 30m or 1h interval, each with its quality "
+                   "(valid, estimated, edited, suspect, missing); JSON, or CSV with format=csv or Accept: text/csv",
+        "parameters": [_MID, *_RANGE, _q("interval", desc="15m, 30m or 1h (default 15m)"), _FORMAT]}},
     "/tariffs": {"get": {"summary": "Built-in tariffs"}},
     "/meters/{meter_id}/latest": {"get": {"summary": "Latest registers and counters", "parameters": [_MID]}},
     "/meters/{meter_id}/tiers": {"get": {"summary": "Hot and cold days of a meter and the archive decisions",
@@ -107,6 +111,21 @@ def energy(req: Request) -> Response:
                 "missing_intervals")
         return {"statusCode": 200, "body": mdms_query.dicts_csv(result["periods"], cols),
                 "headers": {"Content-Type": "text/csv"}}
+    return json_response(result)
+
+
+@router.get("/meters/{meter_id}/load-profile", scopes=READERS)
+def meter_load_profile(req: Request) -> Response:
+    """Energy and demand per interval (``interval=15m|30m|1h``) over ``from``..``to``, hot and cold merged."""
+    meter = req.params["meter_id"]
+    lo, hi = mdms_query.time_range(req.query)
+    fmt = mdms_query.format_of(req.query, req.header("Accept"))
+    step_s = load_profile.interval_s_of(req.query.get("interval"))
+    load_profile.check_range(lo, hi, step_s)
+    mdms_query.require_known([meter])
+    result = load_profile.load_profile(meter, lo, hi, req.query.get("interval"))
+    if fmt == "csv":
+        return {"statusCode": 200, "body": load_profile.profile_csv(result), "headers": {"Content-Type": "text/csv"}}
     return json_response(result)
 
 

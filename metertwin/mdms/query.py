@@ -76,8 +76,10 @@ def limit_of(query: Mapping[str, str]) -> int:
     return value
 
 
-def format_of(query: Mapping[str, str]) -> Literal["json", "csv"]:
-    fmt = (query.get("format") or "json").lower()
+def format_of(query: Mapping[str, str], accept: str | None = None) -> Literal["json", "csv"]:
+    """``format=json|csv``; without it, ``accept`` (the Accept header, where a route honours it) may ask for CSV."""
+    default = "csv" if accept and "text/csv" in accept.lower() else "json"
+    fmt = (query.get("format") or default).lower()
     if fmt not in ("json", "csv"):
         raise InvalidInput(f"format={fmt!r} is not json or csv", field="format")
     return "csv" if fmt == "csv" else "json"
