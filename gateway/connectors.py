@@ -13,6 +13,18 @@ and stays unacknowledged meanwhile); the session is persistent
 crashed worker comes back; the broker sends at most ``concurrency`` unacknowledged
 messages at a time (MQTT v5 Receive Maximum), which bounds the work in flight.
 
+The session's client id is ``gw-<zone>-<instance>-<digest of the topic filters>``
+(:func:`session_client_id`): a restarted worker with the same instance name and the same
+annotations resumes its session and gets its unacknowledged and queued QoS1 messages;
+a worker whose annotations changed starts a fresh session instead of inheriting
+subscriptions it does not know about. The tradeoff: messages held by the old session
+(queued while it was offline, or unacknowledged) are not redelivered to the new one and
+are dropped by the broker when the old session expires (``session_expiry_s``, 300 s by
+default). Change a zone's topic annotations after its workers have drained (a graceful
+stop acknowledges everything received and ends the session), not across a crash. An
+instance name must also be stable across restarts for redelivery (``--instance``; the
+default, ``<host>-<pid>``, changes with every process).
+
 Cron (annotation ``schedule``): 5-field cron, or 6 fields with seconds last
 (``*/1 * * * * *``; a local extension that the real cron-connector does not accept).
 At each tick every worker tries a compare-and-set on ``keys.schedule_lock(zone, fn)``
@@ -25,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -108,6 +121,20 @@ if last >= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
+
+
+def session_client_id(base: str, filters: list[str]) -> str:
+    """The MQTT client id (the session's key) of a connector: ``<base>-<digest of its filters>``.
+
+    A session resumed with ``clean_start=False`` keeps the subscriptions it had, and MQTT has
+    no way to list them: a gateway with other topic annotations that took over the session
+    would inherit the old subscriptions, receive the messages queued for them, and route
+    them by subscription identifier to its own functions (issue 10, item 12). With the
+    filters in the id, only a gateway subscribing to the same filters, in the same order
+    (so the same identifiers), resumes a session.
+    """
+    digest = hashlib.sha256("\n".join(filters).encode()).hexdigest()[:10]
+    return f"{base}-{digest}"
 
 
 class CronConnector:
@@ -205,8 +232,9 @@ class MqttConnector:
         self._thread: threading.Thread | None = None
         self._tasks: set[concurrent.futures.Future[None]] = set()
         speed_up_paho()  # one ReasonCode per acknowledged message: keep it cheap
+        self.client_id = session_client_id(client_id, self.filters)
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )
         if username:
             self.client.username_pw_set(username, password or None)
@@ -317,7 +345,9 @@ class MqttConnector:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         ids = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
         if ids:
-            names = [n for i in ids if 0 < i <= len(self.filters) for n in self.routes[self.filters[i - 1]]]
+            # The filter is checked too: an identifier never routes a topic its filter does not match.
+            matched = [self.filters[i - 1] for i in ids if 0 < i <= len(self.filters)]
+            names = [n for t in matched if mqtt.topic_matches_sub(t, msg.topic) for n in self.routes[t]]
         else:  # a broker without subscription identifiers: match the filters ourselves
             names = [n for t in self.filters if mqtt.topic_matches_sub(t, msg.topic) for n in self.routes[t]]
         assert self._loop is not None

@@ -183,6 +183,14 @@ async def test_graceful_stop_keeps_the_session_for_unfinished_messages(
 
         await await_until(redelivered, 10, "message redelivered to the same instance")
 
+    # The first gateway's handler thread outlives its gateway (a pool thread cannot be stopped)
+    # and records its "done" ECHO_SLOW_S after it started: wait for it here, or it lands in the
+    # next test's Redis (the flaky ['done', 'rejected'] of issue 10, item 12).
+    async def first_handler_finished() -> bool:
+        return sum(c["phase"] == "done" for c in calls(redis_url)) >= 2
+
+    await await_until(first_handler_finished, 10, "the first gateway's handler to finish")
+
 
 async def test_backend_failure_is_retried_and_acknowledged_once_processed(
     env: dict[str, str], redis_url: str, mosquitto: Mosquitto, topics: str
