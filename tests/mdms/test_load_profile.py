@@ -47,8 +47,8 @@ def _history(meter_id: str) -> float:
     return d0
 
 
-def _profile(meter_id: str, tok: str | None = None, headers: dict[str, str] | None = None,
-             **q: str) -> tuple[int, Any]:
+def _profile(meter_id: str, q: dict[str, str], tok: str | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Any]:
     return call(query_handler(), "GET", f"/meters/{meter_id}/load-profile", token=tok or token("billing"),
                 query=q, headers=headers)
 
@@ -56,7 +56,7 @@ def _profile(meter_id: str, tok: str | None = None, headers: dict[str, str] | No
 def test_fifteen_minutes_across_cold_and_hot_with_quality_and_missing(meter_id: str) -> None:
     d0 = _history(meter_id)
     # One hour before the first read and two after the last one: 4 + 8 missing intervals.
-    status, body = _profile(meter_id, **{"from": str(d0 - 3600), "to": str(d0 + 152 * INTERVAL_S)})
+    status, body = _profile(meter_id, {"from": str(d0 - 3600), "to": str(d0 + 152 * INTERVAL_S)})
     assert status == 200, body
     ivs = body["intervals"]
     assert (body["interval"], body["interval_s"], body["count"], len(ivs)) == ("15m", 900, 156, 156)
@@ -82,15 +82,15 @@ def test_fifteen_minutes_across_cold_and_hot_with_quality_and_missing(meter_id: 
 def test_longer_intervals_add_up_and_take_the_worst_quality(meter_id: str) -> None:
     d0 = _history(meter_id)
     span = {"from": str(d0), "to": str(d0 + 144 * INTERVAL_S)}
-    fifteen = _profile(meter_id, **span)[1]
+    fifteen = _profile(meter_id, span)[1]
     for name, n in (("30m", 2), ("1h", 4)):
-        status, body = _profile(meter_id, interval=name, **span)
+        status, body = _profile(meter_id, {**span, "interval": name})
         assert status == 200, body
         assert body["count"] == 144 // n
         assert body["totals"]["import_kwh"] == pytest.approx(fifteen["totals"]["import_kwh"])
         first = body["intervals"][0]
         assert first["import_kwh"] == pytest.approx(0.25 * n)
-    hourly = _profile(meter_id, interval="1h", **span)[1]["intervals"]
+    hourly = _profile(meter_id, {**span, "interval": "1h"})[1]["intervals"]
     assert hourly[18]["quality"] == "valid"
     assert hourly[18]["import_kwh"] == pytest.approx(2.75)
     assert hourly[18]["avg_kw"] == pytest.approx(2.75)
@@ -102,8 +102,8 @@ def test_longer_intervals_add_up_and_take_the_worst_quality(meter_id: str) -> No
 def test_csv_by_format_and_by_accept_header(meter_id: str) -> None:
     d0 = _history(meter_id)
     span = {"from": str(d0), "to": str(d0 + 8 * INTERVAL_S)}
-    by_format = _profile(meter_id, format="csv", **span)
-    by_accept = _profile(meter_id, headers={"Accept": "text/csv"}, **span)
+    by_format = _profile(meter_id, {**span, "format": "csv"})
+    by_accept = _profile(meter_id, span, headers={"Accept": "text/csv"})
     assert by_format == by_accept
     status, text = by_format
     assert status == 200
@@ -124,7 +124,7 @@ def test_csv_by_format_and_by_accept_header(meter_id: str) -> None:
 def test_bad_input_names_the_value(meter_id: str, query: dict[str, str], needle: str) -> None:
     register(meter_id)
     q = {"from": "1000", "to": str(1000 + 86_400), **query}
-    status, body = _profile(meter_id, **q)
+    status, body = _profile(meter_id, q)
     assert status == 400, body
     assert needle in body["message"]
 
@@ -132,8 +132,8 @@ def test_bad_input_names_the_value(meter_id: str, query: dict[str, str], needle:
 def test_access_and_unknown_meters(meter_id: str) -> None:
     d0 = _history(meter_id)
     span = {"from": str(d0), "to": str(d0 + 4 * INTERVAL_S)}
-    assert _profile(meter_id, token("consumer", meter=meter_id), **span)[0] == 200
-    assert _profile(meter_id, token("consumer", meter="someone-else"), **span)[0] == 403
-    status, body = _profile("never-seen", **span)
+    assert _profile(meter_id, span, token("consumer", meter=meter_id))[0] == 200
+    assert _profile(meter_id, span, token("consumer", meter="someone-else"))[0] == 403
+    status, body = _profile("never-seen", span)
     assert status == 404
     assert "never-seen" in body["message"]
