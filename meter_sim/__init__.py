@@ -6,8 +6,9 @@ background thread for synchronous code), :class:`LinkProfile` and the named
 ``python -m meter_sim run ...``; see docs/meter_sim.md.
 """
 
+from meter_sim.config import FleetConfig
 from meter_sim.fleet import FleetStats, FleetThread, MeterFleet, raise_nofile_limit
-from meter_sim.meter import FleetConfig, MeterStats, SimMeter
+from meter_sim.meter import MeterStats, SimMeter
 from meter_sim.profile import LINKS, LinkProfile, LoadModel
 
 __all__ = [

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
-from meter_sim.meter import FleetConfig, MeterStats, SimMeter
+from meter_sim.config import FleetConfig
+from meter_sim.meter import MeterStats, SimMeter
 from meter_sim.profile import LinkProfile
 from metertwin.core.paho_fast import speed_up_paho
 

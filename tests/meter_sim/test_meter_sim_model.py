@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from meter_sim import LINKS, FleetConfig, LinkProfile, LoadModel, SimMeter
-from meter_sim.meter import Rejected
+from meter_sim.device import Rejected
 
 DAY = 86400.0
 MIDNIGHT = 1_780_000_000 - 1_780_000_000 % 86400  # a UTC midnight
