@@ -2,7 +2,8 @@
 
 The gateway exposes ``gateway_function_invocation_total{function_name,code}`` and the
 histogram ``gateway_functions_seconds{function_name}``. Counters are cumulative, so a
-canary is judged on the difference between a snapshot taken when it started and now.
+canary is judged on the difference between a snapshot taken when it started and now, on
+the functions its release changes (:func:`canary_functions`) against the ones they replace.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
+
+from metertwin.core.clients import get_http
+from metertwin.core.errors import BackendUnavailable
+from metertwin.upgrade.migrations import RELEASES, release
 
 _LINE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -154,3 +161,22 @@ def judge(
                            f"({limits.max_p95_ratio}x the baseline's {b95 * 1000:.1f} ms + "
                            f"{limits.latency_slack_ms:.0f} ms)")
     return Verdict("bad" if reasons else "ok", reasons, _summary(candidate, cand), _summary(baseline, base))
+
+
+def canary_functions(source: str, to: str, zone: str) -> tuple[list[str], list[str]]:
+    """(candidate, baseline): the functions release ``to`` changes, and ``source``'s for the same capabilities."""
+    prefix = f"{zone}-"
+    changed = release(to).changed(RELEASES)
+    old = release(source).functions
+    return [prefix + fn for fn in changed.values()], [prefix + old[cap] for cap in changed if cap in old]
+
+
+def fetch_metrics(url: str) -> str:
+    """The gateway's ``/metrics`` text; :class:`BackendUnavailable` if it cannot be read."""
+    try:
+        resp = get_http().get(url, timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise BackendUnavailable(f"cannot read metrics from {url}: {exc}") from exc
+    if resp.status_code != 200:
+        raise BackendUnavailable(f"metrics at {url} answered {resp.status_code}")
+    return resp.text
