@@ -23,7 +23,7 @@ if (Path(__file__).parent / "metertwin").is_dir():
 
 from metertwin.core.http import Context, Event, Response, Router
 from metertwin.twin.uplink import register_reading_routes
-from metertwin.upgrade.binding import register_inbox_route
+from metertwin.upgrade.inbox import register_inbox_route
 from metertwin.upgrade.twin_v2 import v2_ingest
 
 router = Router()

@@ -22,7 +22,7 @@ if (Path(__file__).parent / "metertwin").is_dir():
 
 from metertwin.core.http import Context, Event, Response, Router
 from metertwin.twin.uplink import register_reading_routes
-from metertwin.upgrade.binding import register_inbox_route, v1_ingest
+from metertwin.upgrade.inbox import register_inbox_route, v1_ingest
 
 router = Router()
 # Readings of meters bound to another release are parked for it and it is nudged (metertwin.upgrade.binding).

@@ -40,8 +40,9 @@ from metertwin.core.errors import BackendUnavailable, InvalidInput
 from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json
 from metertwin.twin.messages import CommandAck
 from metertwin.upgrade import keys, twin_v2
-from metertwin.upgrade.binding import bound_release, function_for, v1_ingest
-from metertwin.upgrade.binding import drain_inboxes as drain_release
+from metertwin.upgrade.binding import bound_release, function_for
+from metertwin.upgrade.inbox import drain_inboxes as drain_release
+from metertwin.upgrade.inbox import v1_ingest
 from metertwin.upgrade.migrations import RELEASES, publish_manifests
 from metertwin.upgrade.operations import OperationSpec, UpgradeManager
 

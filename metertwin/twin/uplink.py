@@ -16,7 +16,7 @@ from metertwin.core.errors import InvalidInput
 from metertwin.core.http import Request, Response, Router, json_response, parse_json
 from metertwin.twin.messages import Reading
 from metertwin.twin.state import twin_store
-from metertwin.upgrade.binding import IngestScript
+from metertwin.upgrade.inbox import IngestScript
 
 MAX_READING_BYTES = 4096
 

@@ -31,7 +31,8 @@ from metertwin.core.clients import StrRedis
 from metertwin.core.errors import BackendUnavailable, InvalidInput
 from metertwin.twin import keys as twin_keys
 from metertwin.upgrade import keys, twin_v2
-from metertwin.upgrade.binding import DEFAULT_RELEASE, LUA_COMMON
+from metertwin.upgrade.binding import DEFAULT_RELEASE
+from metertwin.upgrade.inbox import LUA_COMMON
 
 
 @dataclass(frozen=True, slots=True)

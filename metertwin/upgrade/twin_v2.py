@@ -33,7 +33,7 @@ import redis
 from metertwin.core.clients import StrRedis
 from metertwin.core.errors import BackendUnavailable, UnknownMeter
 from metertwin.upgrade import keys
-from metertwin.upgrade.binding import IngestScript, ingest_script
+from metertwin.upgrade.inbox import IngestScript, ingest_script
 
 RELEASE = "v2"
 SCHEMA_VERSION = 2

@@ -21,7 +21,8 @@ from metertwin.twin.messages import CommandAck
 from metertwin.twin.state import twin_store
 from metertwin.upgrade import keys as upgrade_keys
 from metertwin.upgrade import twin_v2
-from metertwin.upgrade.binding import DRAIN_ONLY, BindingMoved, bound_reading, v1_ingest
+from metertwin.upgrade.binding import BindingMoved, bound_reading
+from metertwin.upgrade.inbox import DRAIN_ONLY, v1_ingest
 from metertwin.upgrade.migrations import migration
 from metertwin.upgrade.operations import InjectedCrash, OperationSpec, UpgradeManager, stable_bucket
 
