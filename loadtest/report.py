@@ -7,13 +7,10 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from loadtest import capacity
+from loadtest.results import ArchResult, Row, RunConfig
 from loadtest.topology import ZONE_LABEL
-
-if TYPE_CHECKING:
-    from loadtest.compare import ArchResult, Row, RunConfig
 
 #: Seed 001 section 5 (Figs. 8-10): FC-EC's improvement over CC and TC, percent.
 SEED_CLAIMS: dict[str, tuple[float, float]] = {

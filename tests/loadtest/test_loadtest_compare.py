@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtest.compare import Endpoint, RunConfig, Wiring, percentile, rows_from_locust
+from loadtest.results import RunConfig, percentile, rows_from_locust
 from loadtest.topology import TOPOLOGY_DIR, load_topology, parse_topology
+from loadtest.wiring import Endpoint, Wiring
 
 ROOT = Path(__file__).resolve().parents[2]
 
