@@ -9,8 +9,8 @@ file), then measures, in one run, side by side:
   recorded in Redis. Timed from the client: the whole HTTP call.
 * **twins, HTTP bids**: the same, but the twins are registered in zone ``fog`` so every round
   asks them through the gateway (``/function/fog-p2p-bid/bid``): what a twin in another zone costs.
-* **twins, in memory**: :func:`metertwin.p2p.market.negotiate` alone (no Redis, no HTTP).
-* **meters in the loop**: the same negotiation (:class:`metertwin.p2p.market.Negotiation`), but
+* **twins, in memory**: :func:`metertwin.p2p.negotiation.negotiate` alone (no Redis, no HTTP).
+* **meters in the loop**: the same negotiation (:class:`metertwin.p2p.negotiation.Negotiation`), but
   each round asks the two *meters* over MQTT v5 request/response through Mosquitto; a minimal
   in-process responder per meter delays each leg (request and answer) by the link profile
   (``meter_sim.profile.LINKS``: NB-IoT-like 0.4-0.8 s, WiFi-like 60-140 ms, LAN 0). To keep
@@ -52,6 +52,9 @@ from metertwin.core.errors import MeterTimeout
 from metertwin.core.mqtt import TwinMqtt
 from metertwin.core.settings import reset_settings
 from metertwin.p2p import market
+from metertwin.p2p.clearing import clear
+from metertwin.p2p.negotiation import Negotiation, negotiate
+from metertwin.p2p.participants import ParticipantIn
 from storage.embedded import Mosquitto, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,10 +71,10 @@ class Broker(Mosquitto):
     inflate the meter-in-the-loop baseline with an artefact that is not the link.
     """
 
-    def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(self, argv: list[str]) -> None:
         conf = Path(argv[argv.index("-c") + 1])
         conf.write_text(conf.read_text() + "set_tcp_nodelay true\n")
-        super()._spawn(argv, env)
+        super()._spawn(argv)
 
 
 def nodelay(client: mqtt.Client) -> None:
@@ -92,7 +95,7 @@ TWO = [
 
 
 def two_bidders(params: market.MarketParams) -> list[market.Bidder]:
-    return [market.ParticipantIn.model_validate(p).to_bidder(str(p["meter_id"]), params, None) for p in TWO]
+    return [ParticipantIn.model_validate(p).to_bidder(str(p["meter_id"]), params, None) for p in TWO]
 
 
 # --- random markets -------------------------------------------------------------------------
@@ -119,7 +122,7 @@ def random_market(rng: random.Random, n: int) -> tuple[list[dict[str, Any]], mar
 
 
 def to_bidders(parts: list[dict[str, Any]], params: market.MarketParams) -> list[market.Bidder]:
-    return [market.ParticipantIn.model_validate(p).to_bidder(p["meter_id"], params, None) for p in parts]
+    return [ParticipantIn.model_validate(p).to_bidder(p["meter_id"], params, None) for p in parts]
 
 
 def rounds_to_converge(count: int, seed: int) -> dict[str, float]:
@@ -127,7 +130,7 @@ def rounds_to_converge(count: int, seed: int) -> dict[str, float]:
     rounds, capped = [], 0
     for _ in range(count):
         parts, params = random_market(rng, rng.randint(2, 50))
-        neg = market.negotiate(to_bidders(parts, params), params)
+        neg = negotiate(to_bidders(parts, params), params)
         rounds.append(len(neg.rounds))
         capped += neg.status == "max_rounds"
     rounds.sort()
@@ -141,8 +144,8 @@ def markets_per_second_in_memory(count: int, seed: int) -> float:
     prepared = [(to_bidders(parts, params), params) for parts, params in cases]
     t0 = time.perf_counter()
     for bs, params in prepared:
-        neg = market.negotiate(bs, params)
-        market.clear(neg.price, neg.final_answers)
+        neg = negotiate(bs, params)
+        clear(neg.price, neg.final_answers)
     return count / (time.perf_counter() - t0)
 
 
@@ -250,7 +253,7 @@ def _later(delay_s: float, fn: Callable[[], Any]) -> None:
 def meters_in_the_loop(twin: TwinMqtt, bidders: list[market.Bidder], rounds: int, timeout_s: float) -> list[float]:
     """Per-round times of a negotiation whose every round asks the meters themselves."""
     params = market.MarketParams(FEED_IN, RETAIL, min_rounds=rounds, max_rounds=rounds)
-    neg = market.Negotiation(params, frozenset(b.meter_id for b in bidders),
+    neg = Negotiation(params, frozenset(b.meter_id for b in bidders),
                              capacity_kwh=math.fsum(b.capacity_kwh() for b in bidders))
     per_round = []
     with ThreadPoolExecutor(max_workers=len(bidders)) as pool:
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            market.negotiate(two_bidders(params), params)
+            negotiate(two_bidders(params), params)
             mem.append(time.perf_counter() - t0)
 
         twin = TwinMqtt(broker.host, broker.port, username=broker.service_user, password=broker.service_password)

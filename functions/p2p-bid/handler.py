@@ -12,7 +12,7 @@ Routes (after ``/function/<zone>-p2p-bid``), for the market coordinator (``servi
 
 The coordinator calls this function through the gateway for twins of *other* zones; for
 twins of its own zone it runs the same code (:func:`metertwin.p2p.market.bid`,
-:func:`metertwin.p2p.store.deliver_trades`) as a library call, which saves an HTTP hop per round.
+:func:`metertwin.p2p.settlement.deliver_trades`) as a library call, which saves an HTTP hop per round.
 """
 
 from __future__ import annotations
@@ -31,19 +31,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from metertwin.core.clients import get_redis
 from metertwin.core.errors import InvalidInput
 from metertwin.core.http import METER_ID_RE, Context, Event, Request, Response, Router, json_response
-from metertwin.p2p import market
-from metertwin.p2p.store import deliver_trades, resolve_bidder, twin_forecast_kwh
+from metertwin.p2p.forecast import resolve_bidder, twin_forecast_kwh
+from metertwin.p2p.market import MarketParams, bid
+from metertwin.p2p.participants import ParticipantIn, Price
+from metertwin.p2p.settlement import deliver_trades
 
 router = Router()
 COORDINATOR = {"service"}
 
 
-class Profile(market.ParticipantIn):
+class Profile(ParticipantIn):
     """A participant as the coordinator forwards it: limits resolved, forecast maybe not."""
 
     meter_id: str = Field(min_length=1, max_length=64)
-    max_buy_price: market.Price
-    min_sell_price: market.Price
+    max_buy_price: Price
+    min_sell_price: Price
 
 
 class ForecastRequest(BaseModel):
@@ -58,7 +60,7 @@ class BidRequest(BaseModel):
 
     market_id: str = Field(min_length=1, max_length=64)
     round: int = Field(ge=1, le=10_000)
-    price: market.Price
+    price: Price
     slot_minutes: int = Field(default=15, ge=1, le=1440)
     participants: list[Profile] = Field(max_length=10_000)
 
@@ -68,7 +70,7 @@ class TradeOut(BaseModel):
 
     meter_id: str = Field(min_length=1, max_length=64)
     kwh: Annotated[float, Field(ge=-10_000, le=10_000, allow_inf_nan=False)]
-    price: market.Price
+    price: Price
 
 
 class OutcomeRequest(BaseModel):
@@ -84,13 +86,13 @@ class OutcomeRequest(BaseModel):
 def bid_route(req: Request) -> Response:
     body = req.json(BidRequest)
     # Only the price range matters to resolve defaults; limits arrive resolved.
-    params = market.MarketParams(0.0, 10.0)
+    params = MarketParams(0.0, 10.0)
     bidders = []
     for p in body.participants:
         if not METER_ID_RE.match(p.meter_id):
             raise InvalidInput(f"participants: meter id {p.meter_id!r} is not valid", field="meter_id")
         bidders.append(resolve_bidder(get_redis(), p, p.meter_id, body.slot_minutes, params))
-    answers = {b.meter_id: market.bid(b, body.price) for b in bidders}
+    answers = {b.meter_id: bid(b, body.price) for b in bidders}
     return json_response({"market_id": body.market_id, "round": body.round, "answers": answers})
 
 

@@ -15,10 +15,8 @@ from typing import Any, TypeAlias
 
 import redis
 
-from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, MeterTwinError, NotFound
+from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from metertwin.p2p import keys
-from metertwin.p2p.market import Bidder, MarketParams, ParticipantIn
-from metertwin.twin import keys as twin_keys
 
 # KEYS: market, participants; ARGV: meter id, profile json, max participants
 _PUT_PARTICIPANT = """
@@ -294,65 +292,3 @@ def get_store() -> MarketStore:
     if _store is None or _store.redis is not client:
         _store = MarketStore(client)
     return _store
-
-
-def twin_forecast_kwh(client: StrRedis, meter_id: str, slot_minutes: int) -> tuple[float, float] | None:
-    """Persistence forecast ``(load_kwh, pv_kwh)`` for one slot from the twin's last net power.
-
-    Reads the twin hash (``twin_keys.twin``): the last measurement ``m`` (JSON with ``power_w``),
-    or a reported ``power_w`` in ``r``/``rep`` (JSON ``{field: [value, ts]}``). ``None`` if
-    the twin has no power figure. Positive power imports (load), negative exports (PV).
-    """
-    try:
-        m, r, rep = client.hmget(twin_keys.twin(meter_id), ["m", "r", "rep"])
-    except redis.RedisError as exc:
-        raise BackendUnavailable(f"Redis unavailable reading the twin of {meter_id!r}: {exc}") from exc
-    power: float | None = None
-    try:
-        if m:
-            value = json.loads(m).get("power_w")
-            power = float(value) if value is not None else None
-        for doc in (r, rep):
-            if power is None and doc:
-                entry = json.loads(doc).get("power_w")
-                power = float(entry[0] if isinstance(entry, list) else entry) if entry is not None else None
-    except (ValueError, TypeError, AttributeError, IndexError):
-        return None
-    if power is None or power != power or abs(power) == float("inf"):
-        return None
-    kwh = power / 1000.0 * slot_minutes / 60.0
-    return (kwh, 0.0) if kwh >= 0 else (0.0, -kwh)
-
-
-def resolve_bidder(
-    client: StrRedis, profile: ParticipantIn, meter_id: str, slot_minutes: int, params: MarketParams
-) -> Bidder:
-    """The twin's bidder for a slot: its declared profile; the forecast from its twin data if not declared."""
-    forecast = None
-    if profile.forecast_load_kwh is None and profile.forecast_pv_kwh is None:
-        forecast = twin_forecast_kwh(client, meter_id, slot_minutes)
-    try:
-        return profile.to_bidder(meter_id, params, forecast)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), field="forecast_load_kwh", meter_id=meter_id) from None
-
-
-def deliver_trades(
-    market_id: str, slot_start: float, trades: list[tuple[str, float, float]], *, expiry_s: int
-) -> dict[str, dict[str, Any]]:
-    """Each twin sends only its final trade ``(meter_id, kwh, price)`` to its meter (write capability).
-
-    A meter that cannot be reached now keeps its command ``pending`` in the write
-    capability (republished by its sweeper); an error here never undoes a trade.
-    """
-    from metertwin.twin import commands  # imported here: bidding and clearing need no MQTT
-
-    out: dict[str, dict[str, Any]] = {}
-    for meter_id, kwh, price in trades:
-        params = {"market_id": market_id, "slot_start": slot_start, "kwh": kwh, "price": price}
-        try:
-            cmd = commands.submit(meter_id, "trade", params, expiry_s=expiry_s, actor=f"p2p-market:{market_id}")
-            out[meter_id] = {"command_id": cmd["id"], "status": cmd["status"]}
-        except MeterTwinError as exc:
-            out[meter_id] = {"status": "not_sent", "error": exc.code, "message": exc.message}
-    return out

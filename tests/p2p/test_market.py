@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from metertwin.p2p import market
-from metertwin.p2p.market import Battery, Bidder, MarketParams, bid, clear, negotiate, reference_clearing
+from metertwin.p2p.clearing import Allocation, clear, reference_clearing
+from metertwin.p2p.market import Battery, Bidder, MarketParams, bid
+from metertwin.p2p.negotiation import Negotiation, negotiate
 
 PROPS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EPS = 1e-9
@@ -63,7 +65,7 @@ def _z(bs: list[Bidder], p: float) -> float:
     return market.excess_demand(bid(b, p) for b in bs)
 
 
-def _check_outcome(bs: list[Bidder], params: MarketParams, neg: market.Negotiation) -> list[market.Allocation]:
+def _check_outcome(bs: list[Bidder], params: MarketParams, neg: Negotiation) -> list[Allocation]:
     """Every safety property of a final outcome; returns the allocations."""
     price = neg.price
     by_id = {b.meter_id: b for b in bs}
@@ -104,7 +106,7 @@ def _check_outcome(bs: list[Bidder], params: MarketParams, neg: market.Negotiati
     return allocs
 
 
-def _check_matches_reference(bs: list[Bidder], params: MarketParams, neg: market.Negotiation) -> None:
+def _check_matches_reference(bs: list[Bidder], params: MarketParams, neg: Negotiation) -> None:
     ref = reference_clearing(bs, params)
     tol = params.tolerance_kwh
     scale = 1 + math.fsum(b.capacity_kwh() for b in bs)

@@ -23,6 +23,8 @@ from metertwin.core.auth import issue_token
 from metertwin.core.settings import reset_settings
 from metertwin.p2p import keys as p2p_keys
 from metertwin.p2p import market
+from metertwin.p2p.clearing import reference_clearing
+from metertwin.p2p.participants import ParticipantIn
 from metertwin.twin import keys as twin_keys
 from storage.embedded import Mosquitto
 from tests.invoke import Context, Event, call, load_handler
@@ -89,7 +91,7 @@ def _market_with(token: str, rds: redis.Redis, meters: list[str], zones: dict[st
 
 def _bidders(meters: list[str], params: market.MarketParams) -> list[market.Bidder]:
     return [
-        market.ParticipantIn.model_validate(p).to_bidder(m, params, None)
+        ParticipantIn.model_validate(p).to_bidder(m, params, None)
         for m, p in zip(meters, PROFILES * (len(meters) // len(PROFILES) + 1), strict=False)
     ]
 
@@ -111,7 +113,7 @@ def test_open_join_run_follow_and_settle(utility: str, rds: redis.Redis) -> None
     # the same as an independent reference clearing
     params = market.MarketParams(0.08, 0.30)
     bs = _bidders(meters, params)
-    ref = market.reference_clearing(bs, params)
+    ref = reference_clearing(bs, params)
     z = market.excess_demand(market.bid(b, res["price"]) for b in bs)
     assert abs(z) <= 1e-3 or abs(res["price"] - ref.price) <= 1e-5
 
@@ -378,7 +380,7 @@ def test_twins_that_time_out_count_as_zero(utility: str, rds: redis.Redis, monke
     params = market.MarketParams(0.08, 0.30)
     alive = [b for b in _bidders(meters, params) if b.meter_id not in late]
     z = market.excess_demand(market.bid(b, res["price"]) for b in alive)
-    ref = market.reference_clearing(alive, params)
+    ref = reference_clearing(alive, params)
     assert abs(z) <= 1e-3 or abs(res["price"] - ref.price) <= 1e-5
     assert math.fsum(k for k, _ in trades.values()) == pytest.approx(0, abs=1e-9)
 

@@ -1,8 +1,8 @@
 """The coordinator's round gathering on random markets: zones, answer order and timeouts do not change the result.
 
-Each zone is one bid channel of ``functions/p2p-market`` (here the in-zone library channel for
-each; the HTTP channel to another zone's gateway is exercised in ``test_p2p.py``). With several
-channels the coordinator gathers them concurrently, so answers arrive in varying order.
+Each zone is one bid channel of the coordinator (:mod:`metertwin.p2p.channels`; here the in-zone
+library channel for each; the HTTP channel to another zone's gateway is exercised in ``test_p2p.py``).
+With several channels the coordinator gathers them concurrently, so answers arrive in varying order.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metertwin.p2p import market
-from tests.invoke import load_handler
+from metertwin.p2p.channels import BidChannel, LocalChannel, gather
+from metertwin.p2p.clearing import clear
+from metertwin.p2p.negotiation import Negotiation, negotiate
 from tests.p2p.test_market import _check_outcome, markets
 
-MKT = load_handler("p2p-market")
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ZONES = ["edge", "fog", "cloud", "edge-2"]
 
@@ -40,22 +41,22 @@ class SlowChannel:
         return {}
 
 
-def _run(bs: list[market.Bidder], params: market.MarketParams, channels: list[object],
-         timeout_s: float = 5.0) -> market.Negotiation:
+def _run(bs: list[market.Bidder], params: market.MarketParams, channels: list[BidChannel],
+         timeout_s: float = 5.0) -> Negotiation:
     cap = math.fsum(b.capacity_kwh() for b in bs)
-    neg = market.Negotiation(params, frozenset(b.meter_id for b in bs), capacity_kwh=cap)
+    neg = Negotiation(params, frozenset(b.meter_id for b in bs), capacity_kwh=cap)
     while not neg.done:
-        neg.observe(MKT.gather(channels, len(neg.rounds) + 1, neg.price, timeout_s))
+        neg.observe(gather(channels, len(neg.rounds) + 1, neg.price, timeout_s))
     return neg
 
 
-def _channels(bs: list[market.Bidder], zone_of: dict[str, str], rnd: random.Random) -> list[object]:
+def _channels(bs: list[market.Bidder], zone_of: dict[str, str], rnd: random.Random) -> list[BidChannel]:
     groups: dict[str, list[market.Bidder]] = {}
     for b in bs:
         groups.setdefault(zone_of[b.meter_id], []).append(b)
     order = list(groups)
     rnd.shuffle(order)
-    return [MKT.LocalChannel("m", rnd.sample(groups[z], len(groups[z]))) for z in order]
+    return [LocalChannel("m", rnd.sample(groups[z], len(groups[z]))) for z in order]
 
 
 @given(markets(), st.data(), st.randoms(use_true_random=False))
@@ -65,11 +66,11 @@ def test_same_result_whichever_zone_the_twins_run_in(
 ) -> None:
     bs, params = case
     zone_of = {b.meter_id: data.draw(st.sampled_from(ZONES)) for b in bs}
-    one_zone = market.negotiate(bs, params)
+    one_zone = negotiate(bs, params)
     spread = _run(bs, params, _channels(bs, zone_of, rnd))
     assert spread.price == one_zone.price
     assert [r.price for r in spread.rounds] == [r.price for r in one_zone.rounds]
-    assert market.clear(spread.price, spread.final_answers) == market.clear(one_zone.price, one_zone.final_answers)
+    assert clear(spread.price, spread.final_answers) == clear(one_zone.price, one_zone.final_answers)
 
 
 @given(markets(max_n=8), st.data(), st.randoms(use_true_random=False))
