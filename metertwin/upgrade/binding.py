@@ -34,12 +34,13 @@ import httpx
 import redis
 
 from metertwin.core.clients import StrRedis, get_http, get_redis
-from metertwin.core.errors import BackendUnavailable, Conflict, UnknownMeter
-from metertwin.core.http import Context, Event, Response, Router, json_response
+from metertwin.core.errors import BackendUnavailable, Conflict, MeterTwinError, UnknownMeter
+from metertwin.core.http import Context, Event, Response, Router, error_response, json_response
 from metertwin.core.settings import get_settings
 from metertwin.twin import keys as twin_keys
 from metertwin.upgrade import keys
 
+log = logging.getLogger("metertwin.binding")
 # httpx logs every request at INFO: one line per nudge and per forward would drown the function log.
 logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
 
@@ -52,6 +53,8 @@ BINDING_HEADER = "X-Twin-Binding"
 _HOP_BY_HOP = frozenset({"host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade",
                          "te", "trailer", "proxy-authorization", "accept-encoding"})
 _PASS_BACK = ("content-type", "etag", "x-twin-source", "cache-control", "location", "retry-after")
+#: What the caller sees for a bug in the forward path (as ``Router.dispatch`` answers one).
+INTERNAL_ERROR = {"error": "internal_error", "message": "internal error; see function logs"}
 
 
 class BindingMoved(Conflict):
@@ -175,7 +178,11 @@ def _slots() -> threading.BoundedSemaphore:
 
 
 def serve(router: Router, event: Event, context: Context | None, *, capability: str, release: str) -> Response:
-    """``router.dispatch``; a :class:`BindingMoved` answer is forwarded to the bound version once."""
+    """``router.dispatch``; a :class:`BindingMoved` answer is forwarded to the bound version once.
+
+    Never raises, like ``dispatch``: an exception leaving ``handle`` is Flask's HTML 500 under
+    the real python3-http template, so every error is answered as its JSON error body.
+    """
     response = router.dispatch(event, context)
     if response.get("statusCode") != 409:
         return response
@@ -197,7 +204,22 @@ def gateway_base(event: Event | None) -> str | None:
 
 
 def forward(event: Event, function: str, bound: str, *, via: str) -> Response:
-    """Call ``function`` through the gateway with the same method, path, query, headers and body."""
+    """Call ``function`` through the gateway with the same method, path, query, headers and body.
+
+    Never raises (it runs outside ``Router.dispatch``): a :class:`MeterTwinError` is answered
+    as its JSON error body (503 when the bound version cannot be reached), anything else as
+    the JSON 500 that ``dispatch`` gives a bug.
+    """
+    try:
+        return _forward(event, function, bound, via=via)
+    except MeterTwinError as exc:
+        return error_response(exc)
+    except Exception:
+        log.exception("forwarding %s %s to %s failed", event.method, event.path, function)
+        return json_response(dict(INTERNAL_ERROR), 500)
+
+
+def _forward(event: Event, function: str, bound: str, *, via: str) -> Response:
     base = gateway_base(event)
     if base is None:
         return json_response(
