@@ -16,7 +16,7 @@ def dr_events(meter_id: str) -> str:
 
 
 def dr_preferences(meter_id: str) -> str:
-    """String: the consumer's demand-response preferences (JSON, metertwin.dr.Preferences)."""
+    """String: the consumer's demand-response preferences (JSON, metertwin.dr.decisions.Preferences)."""
     return f"{PREFIX}:dr:pref:{{{meter_id}}}"
 
 
