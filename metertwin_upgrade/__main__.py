@@ -1,7 +1,7 @@
-"""``python -m metertwin_upgrade``: see :mod:`metertwin_upgrade.cli`."""
+"""``python -m metertwin_upgrade``: the operator's CLI, :mod:`metertwin.upgrade.cli`."""
 
 import sys
 
-from metertwin_upgrade.cli import run
+from metertwin.upgrade.cli import run
 
 sys.exit(run(sys.argv[1:]))

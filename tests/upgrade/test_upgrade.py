@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from meter_sim import FleetThread
-from metertwin_upgrade import cli
+from metertwin.upgrade import cli
 from metertwin_upgrade.local import UpgradeZone
 from storage.embedded import Mosquitto
 

@@ -9,6 +9,9 @@
 
 The token is ``--token``, ``$METERTWIN_TOKEN``, or minted from ``--signing-key-file`` (admin scope).
 Exit status: 0 done, 1 the manager refused (its message says what blocked), 2 bad usage or unreachable.
+
+The entry point is ``metertwin_upgrade/__main__.py`` (outside the shared package, beside the
+local-zone helper); this module needs only HTTP and a token, so it is part of the upgrade capability.
 """
 
 from __future__ import annotations
