@@ -54,6 +54,9 @@ def call(
     resp = handler.handle(event, Context())
     status = resp.get("statusCode", 200)
     out = resp.get("body", "")
+    # The template sends only an exact dict as JSON and str() of anything else (tests/python3_http.py):
+    # a bytes or list body would reach a real caller as Python repr, so a direct call must not accept it.
+    assert type(out) is dict or isinstance(out, str), f"{method} {path}: body of type {type(out).__name__}"
     if isinstance(out, str) and resp.get("headers", {}).get("Content-Type", "").startswith("application/json"):
         out = json.loads(out)
     return status, out

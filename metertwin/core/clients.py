@@ -3,6 +3,12 @@
 Handlers are stateless: all state is in Redis (and S3); these are connections,
 not state. They are thread-safe: the gateway runs sync handlers in a thread pool,
 as waitress does on OpenFaaS.
+
+Only ``redis`` is imported at load time (every function talks to its zone's Redis).
+httpx, paho-mqtt (through :mod:`metertwin.core.mqtt`) and ``redis.asyncio`` are imported
+by the getter that needs them, so a function's image installs only what that function
+uses: each image pip-installs just the template's requirements and the function's own
+``requirements.txt`` (tests/deploy/test_function_envs.py checks every function that way).
 """
 
 from __future__ import annotations
@@ -11,14 +17,16 @@ import asyncio
 import atexit
 import functools
 import threading
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import httpx
 import redis
-import redis.asyncio as aioredis
 
-from metertwin.core.mqtt import TwinMqtt
 from metertwin.core.settings import get_settings
+
+if TYPE_CHECKING:
+    import httpx
+
+    from metertwin.core.mqtt import TwinMqtt
 
 _lock = threading.Lock()
 
@@ -53,6 +61,8 @@ def get_async_redis() -> StrRedis:
     global _async_redis
     loop = asyncio.get_running_loop()
     if _async_redis is None or _async_redis[0] is not loop:
+        import redis.asyncio as aioredis  # only the local gateway's async lane needs it
+
         s = get_settings()
         pool = aioredis.BlockingConnectionPool.from_url(
             s.redis_url, max_connections=s.redis_max_connections, timeout=s.redis_timeout_s,
@@ -67,6 +77,8 @@ def get_async_redis() -> StrRedis:
 @functools.cache
 def get_http() -> httpx.Client:
     """Outbound HTTP (webhooks, peer functions), pooled, with a timeout on every phase."""
+    import httpx  # a function that never calls out needs no httpx in its image
+
     return httpx.Client(timeout=httpx.Timeout(get_settings().publish_timeout_s), follow_redirects=False)
 
 
@@ -78,6 +90,8 @@ def get_mqtt() -> TwinMqtt:
     global _mqtt
     with _lock:
         if _mqtt is None:
+            from metertwin.core.mqtt import TwinMqtt  # paho-mqtt: only functions that publish need it
+
             s = get_settings()
             client = TwinMqtt(
                 host=s.mqtt_host,

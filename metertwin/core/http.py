@@ -6,10 +6,17 @@ A handler module exposes ``handle(event, context)``. ``event`` has ``body`` (byt
 ``statusCode``, ``body`` and ``headers``. On OpenFaaS the template's Flask app
 builds the event; locally our gateway does. Bodies must be ``dict`` (sent as JSON)
 or ``str``: the template would turn ``bytes`` or a ``list`` into their Python repr.
+
+The handler boundary: an exception that leaves ``handle`` becomes Flask's HTML 500 page
+under the real template (the local gateway would answer JSON, hiding it). So
+:meth:`Router.dispatch` and :func:`guard` (for a ``handle`` that does more than dispatch)
+turn every exception, and every answer the template could not send as JSON or text, into
+the JSON error body.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -18,10 +25,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import redis
 from pydantic import BaseModel, ValidationError
 
 from metertwin.core import auth
 from metertwin.core.errors import (
+    BackendUnavailable,
     InvalidInput,
     MeterTwinError,
     MethodNotAllowed,
@@ -64,6 +73,63 @@ def text_response(text: str, status: int = 200, content_type: str = "text/plain"
 
 def error_response(exc: MeterTwinError) -> Response:
     return json_response(exc.to_dict(), http_status(exc))
+
+
+#: What the caller sees for a bug; the traceback goes to the function's log.
+INTERNAL_ERROR = {"error": "internal_error", "message": "internal error; see function logs"}
+#: Lost connections that no capability turned into BackendUnavailable: still the backend's fault.
+_BACKEND_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+
+
+def _where(event: object) -> str:
+    # Never let the error path itself raise: the event may be anything a caller built.
+    return f"{getattr(event, 'method', '?')} {getattr(event, 'path', '?')}"
+
+
+def exception_response(exc: Exception, event: object = None) -> Response:
+    """The JSON answer for an exception that reached the handler boundary (never raises)."""
+    try:
+        if isinstance(exc, MeterTwinError):
+            return error_response(exc)
+        if isinstance(exc, _BACKEND_ERRORS):
+            log.warning("backend unreachable in %s: %r", _where(event), exc)
+            return error_response(BackendUnavailable(f"backend unreachable: {type(exc).__name__}"))
+    except Exception:  # an error whose to_dict() fails is a bug like any other
+        log.exception("could not build the error answer in %s", _where(event))
+    log.error("unhandled error in %s", _where(event), exc_info=exc)
+    return json_response(dict(INTERNAL_ERROR), 500)
+
+
+def checked_response(response: Any, event: object = None) -> Response:
+    """``response`` if the template sends it as JSON or text; a logged JSON 500 otherwise.
+
+    The template sends only a ``dict`` body as JSON and ``str()`` of anything else, so a
+    ``bytes`` or ``list`` body (or a non-dict answer) would reach the caller as Python repr.
+    """
+    if isinstance(response, dict) and isinstance(response.get("statusCode", 200), int):
+        body = response.get("body", "")
+        if type(body) is dict or isinstance(body, str):
+            return response
+    log.error("handler answered %s in %s: not a dict with a dict or str body", type(response).__name__,
+              _where(event))
+    return json_response(dict(INTERNAL_ERROR), 500)
+
+
+HandleFn = Callable[[Any, Any], Response]
+
+
+def guard(handle: HandleFn) -> HandleFn:
+    """Wrap a python3-http ``handle`` so that no exception and no unsendable answer leaves it."""
+
+    @functools.wraps(handle)
+    def guarded(event: Any, context: Any) -> Response:
+        try:
+            response = handle(event, context)
+        except Exception as exc:
+            return exception_response(exc, event)
+        return checked_response(response, event)
+
+    return guarded
 
 
 def validate_meter_id(meter_id: str) -> str:
@@ -206,14 +272,12 @@ class Router:
         return self.route("DELETE", template, scopes=scopes)
 
     def dispatch(self, event: Event, context: Context | None = None) -> Response:
-        """Route ``event``; every :class:`MeterTwinError` becomes its JSON response."""
+        """Route ``event``; every exception becomes a JSON error answer (see :func:`guard`)."""
         try:
-            return self._dispatch(event)
-        except MeterTwinError as exc:
-            return error_response(exc)
-        except Exception:  # a bug must answer 500 with a JSON body, not kill the worker
-            log.exception("unhandled error in %s %s", event.method, event.path)
-            return json_response({"error": "internal_error", "message": "internal error; see function logs"}, 500)
+            response = self._dispatch(event)
+        except Exception as exc:  # a bug must answer 500 with a JSON body, not Flask's HTML page
+            return exception_response(exc, event)
+        return checked_response(response, event)
 
     def _dispatch(self, event: Event) -> Response:
         fn, request = self.resolve(event)

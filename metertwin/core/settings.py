@@ -2,8 +2,12 @@
 
 Environment variables carry endpoints and tunables (``METERTWIN_`` prefix is not
 used so that stack.yml's ``environment:`` stays short and OpenFaaS-idiomatic).
-Secrets come from files in ``secrets_dir`` (``/var/openfaas/secrets`` on OpenFaaS),
-one value per file, and are held as :class:`SecretStr` so they never print.
+Secrets come from ``secrets_dir`` (``/var/openfaas/secrets`` on OpenFaaS) and are held
+as :class:`SecretStr` so they never print. Two layouts are read: OpenFaaS mounts each
+secret as a file, ``<secrets_dir>/<name>``; Knative (``faas-cli generate
+--api=serving.knative.dev/v1``) mounts each Kubernetes Secret as a directory of its keys,
+``<secrets_dir>/<name>/<key>``, where ``faas-cli secret create`` names the key after the
+secret.
 """
 
 from __future__ import annotations
@@ -11,9 +15,17 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 #: Where OpenFaaS mounts function secrets; override with ``SECRETS_DIR`` locally.
 OPENFAAS_SECRETS_DIR = "/var/openfaas/secrets"
@@ -26,6 +38,48 @@ def _secrets_dir() -> str | None:
 
 def _secret(name: str) -> AliasChoices:
     return AliasChoices(name, name.replace("_", "-"))
+
+
+def secret_key_file(directory: Path, name: str) -> Path:
+    """The file holding secret ``name`` inside its Knative mount ``directory``.
+
+    A Secret volume lists each key as an entry (a symlink into ``..data/``); the entries
+    starting with ``..`` are the kubelet's own. The key named like the secret wins (what
+    ``faas-cli secret create`` and our kustomize secretGenerator make); a Secret with one
+    key of another name is read too; several keys, none named so, is an error rather than
+    a guess.
+    """
+    keys = sorted(p for p in directory.iterdir() if not p.name.startswith("..") and p.is_file())
+    for key in keys:
+        if key.name.lower() == name.lower():
+            return key
+    if len(keys) == 1:
+        return keys[0]
+    raise SettingsError(
+        f"secret directory {str(directory)!r} holds keys {[k.name for k in keys]}; expected one key, "
+        f"or a key named {name!r}"
+    )
+
+
+class _SecretFilesOrDirs(SecretsSettingsSource):
+    """pydantic-settings' secrets source, reading a directory mount as its key file.
+
+    The stock source warns "found a directory instead" and leaves the field at its default,
+    which on Knative meant an empty signing key (every token rejected) and no MQTT password.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        field_key, value_is_complex = field_name, False
+        for field_key, env_name, value_is_complex in self._extract_field_info(field, field_name):
+            for root in reversed(self.secrets_paths):  # the last directory wins, as upstream
+                path = self.find_case_path(root, env_name, self.case_sensitive)
+                if path is None:
+                    continue
+                target = secret_key_file(path, env_name) if path.is_dir() else path
+                if not target.is_file() or root.resolve() not in target.resolve().parents:
+                    continue  # a dangling link, or a link out of the secrets directory: not a secret
+                return target.read_text(encoding="utf-8").strip(), field_key, value_is_complex
+        return None, field_key, value_is_complex
 
 
 class Settings(BaseSettings):
@@ -73,6 +127,19 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr = Field(
         default=SecretStr("testing"), validation_alias=_secret("s3_secret_access_key")
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The stock order (init, environment, .env, secrets), with secrets read from files or directories."""
+        secrets_dir = getattr(file_secret_settings, "secrets_dir", None)
+        return init_settings, env_settings, dotenv_settings, _SecretFilesOrDirs(settings_cls, secrets_dir)
 
     @field_validator("s3_endpoint_url")
     @classmethod
