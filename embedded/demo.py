@@ -352,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print("starting the embedded stack: Mosquitto, Redis x3, S3 (moto), gateways edge/fog/cloud ...", flush=True)
-    with EmbeddedStack() as stack:
+    # Everything is on loopback here, callback receivers included: allow it (production must not).
+    with EmbeddedStack(extra_env={"DESTINATION_ALLOWED_CIDRS": "127.0.0.1/32"}) as stack:
         for zone in stack.gateways:
             print(f"  {zone:<6} gateway {stack.url(zone)}   (functions: {stack.url(zone)}/system/functions)")
         meters = [f"demo-{i:04d}" for i in range(args.meters)]

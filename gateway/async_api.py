@@ -1,21 +1,37 @@
 """``/async-function/<name>[/path]``: accept a call into the zone's durable queue (202 + ``X-Call-Id``).
 
 The queued call is run by :class:`gateway.asyncq.AsyncQueue`, which POSTs the result to
-``X-Callback-Url``.
+``X-Callback-Url``. Before a call is accepted (issue 10, items 2 and 1):
+
+* the caller is authenticated exactly as the function's own router would for that method
+  and path (a function built on :class:`metertwin.core.http.Router`): no token, or one
+  without the route's scope, is answered 401/403 now rather than in the callback, so an
+  anonymous caller cannot make the gateway call out at all;
+* ``X-Callback-Url`` must pass the zone's destination policy
+  (:mod:`metertwin.core.destinations`): a refused destination is a 400 that names it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.datastructures import Headers
 
 from gateway.asyncq import QueueFull
 from gateway.fastpath import new_call_id
+from gateway.functions import Event, LoadedFunction
+from metertwin.core.destinations import DestinationRefused
+from metertwin.core.errors import Forbidden, MeterTwinError, Unauthorized, http_status
+from metertwin.core.http import Router
 
 if TYPE_CHECKING:
     from gateway.app import GatewayApp
+
+log = logging.getLogger("gateway.async")
 
 
 def add_async_routes(api: FastAPI, gw: GatewayApp) -> None:
@@ -27,16 +43,25 @@ def add_async_routes(api: FastAPI, gw: GatewayApp) -> None:
         body = await _read_limited(request, gw.max_body_bytes)
         if isinstance(body, Response):
             return body
+        assert gw.queue is not None, "gateway not started (use the ASGI lifespan or GatewayApp.running())"
+        refused = await _authorize(gw.functions[name], request, "/" + path)
+        if refused is not None:
+            return refused
+        callback_url = request.headers.get("x-callback-url", "")
+        if callback_url:
+            try:  # resolves the name: off the event loop
+                await asyncio.to_thread(gw.queue.policy.check_url, callback_url, "X-Callback-Url")
+            except DestinationRefused as exc:
+                return JSONResponse(exc.to_dict(), status_code=400)
         call_id = request.headers.get("x-call-id") or new_call_id().decode()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         if "x-call-id" not in request.headers:
             headers.append(("X-Call-Id", call_id))
-        assert gw.queue is not None, "gateway not started (use the ASGI lifespan or GatewayApp.running())"
         try:
             await gw.queue.enqueue(
                 call_id=call_id, function=name, method=request.method, path="/" + path,
                 query=request.url.query, headers=headers, body=body,
-                callback_url=request.headers.get("x-callback-url", ""),
+                callback_url=callback_url,
             )
         except QueueFull as exc:
             return JSONResponse(exc.to_dict(), status_code=503)
@@ -55,6 +80,30 @@ def add_async_routes(api: FastAPI, gw: GatewayApp) -> None:
     async def async_function_path(name: str, path: str, request: Request) -> Response:
         """As `/async-function/{name}`, with a function-relative path."""
         return await enqueue(name, path, request)
+
+
+async def _authorize(fn: LoadedFunction, request: Request, path: str) -> Response | None:
+    """The 401/403 the function's router would answer for this call, or None to accept it.
+
+    Other verdicts (unknown route, bad meter id) are the function's to give: they come back in
+    the callback, as before. A function without a :class:`Router` authenticates nothing itself,
+    on ``/function`` as here.
+    """
+    router = getattr(fn.module, "router", None)
+    if not isinstance(router, Router):
+        return None
+    event = Event(b"", Headers(raw=list(request.headers.raw)), request.method, request.url.query, path)
+    try:
+        await asyncio.to_thread(router.resolve, event)  # type: ignore[arg-type]
+    except (Unauthorized, Forbidden) as exc:
+        return JSONResponse(exc.to_dict(), status_code=http_status(exc))
+    except MeterTwinError:
+        return None
+    except Exception as exc:  # the token check could not run (deny-list backend down): not accepted
+        log.warning("async call of %s %s: token check failed: %r", fn.name, path, exc)
+        return JSONResponse({"error": "backend_unavailable", "message": f"cannot check the token: {exc}"},
+                            status_code=503)
+    return None
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | Response:

@@ -11,12 +11,19 @@ retries). Nothing accepted is lost when a gateway dies:
   ``claim_idle_s`` (``XAUTOCLAIM``), at startup and then periodically.
 
 Delivery is therefore at-least-once, as with OpenFaaS's NATS queue-worker.
+
+Callbacks go through :mod:`metertwin.core.destinations`: the URL was checked when the call
+was accepted, and the address is checked again when the callback connects (DNS rebinding);
+a refused destination is not called, the refusal is logged and counted
+(``callbacks_refused`` in ``/system/info``), and the entry is acknowledged. No redirects are
+followed and at most ``destination_max_response_bytes`` of the answer is read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -30,6 +37,7 @@ from starlette.datastructures import Headers
 
 from gateway import keys
 from gateway.functions import Event, Result
+from metertwin.core.destinations import DestinationPolicy, DestinationRefused, guarded_async_client, post_async
 from metertwin.core.errors import BackendUnavailable
 
 log = logging.getLogger("gateway.async")
@@ -55,6 +63,7 @@ class AsyncQueue:
         callback_timeout_s: float = 10.0,
         callback_attempts: int = 3,
         retry_base_s: float = 0.5,
+        policy: DestinationPolicy | None = None,
     ) -> None:
         self.zone = zone
         self.stream = keys.async_queue(zone)
@@ -66,11 +75,14 @@ class AsyncQueue:
         self.callback_timeout_s = callback_timeout_s
         self.callback_attempts = callback_attempts
         self.retry_base_s = retry_base_s
+        #: Where callbacks may go; its resolver is looked up at every connection.
+        self.policy = dataclasses.replace(policy or DestinationPolicy(), timeout_s=callback_timeout_s)
         self._slots = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
         self._inflight_ids: set[bytes] = set()
         self._http: httpx.AsyncClient | None = None
         self.processed = 0
+        self.callbacks_refused = 0
 
     # -- producer -------------------------------------------------------------------------
     async def enqueue(
@@ -112,7 +124,7 @@ class AsyncQueue:
 
     async def run(self) -> None:
         """Consume until cancelled: own pending entries, then claimed ones, then new ones."""
-        self._http = httpx.AsyncClient(timeout=self.callback_timeout_s)
+        self._http = guarded_async_client(self.policy)
         try:
             while True:
                 try:
@@ -224,13 +236,18 @@ class AsyncQueue:
         })
         for attempt in range(1, self.callback_attempts + 1):
             try:
-                resp = await self._http.post(url, content=result.body, headers=headers)
-            except httpx.HTTPError as exc:
+                status, _ = await post_async(self._http, self.policy, url, content=result.body, headers=headers)
+            except DestinationRefused as exc:
+                # Resolved to a refused address at connect time (rebinding): never called, never retried.
+                self.callbacks_refused += 1
+                log.warning("callback for call %s of %s not sent: %s", call_id, function, exc.message)
+                return
+            except (httpx.HTTPError, TimeoutError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
-                if resp.status_code < 500 and resp.status_code != 429:
+                if status < 500 and status != 429:
                     return
-                problem = f"HTTP {resp.status_code}"
+                problem = f"HTTP {status}"
             if attempt < self.callback_attempts:
                 await asyncio.sleep(self.retry_base_s * 2 ** (attempt - 1))
         log.warning("callback for call %s of %s to %s failed %d times (last: %s); dropping the result",
@@ -248,7 +265,8 @@ class AsyncQueue:
                 await task
 
     def stats(self) -> dict[str, Any]:
-        return {"consumer": self.consumer, "inflight": len(self._inflight), "processed": self.processed}
+        return {"consumer": self.consumer, "inflight": len(self._inflight), "processed": self.processed,
+                "callbacks_refused": self.callbacks_refused}
 
 
 def _entries(reply: Any) -> list[tuple[bytes, Fields]]:

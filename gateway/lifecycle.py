@@ -22,6 +22,7 @@ from gateway.connectors import CronConnector, MqttConnector, ServiceToken
 from gateway.fastpath import FunctionInvoker, Receive, Send
 from gateway.stack import FunctionSpec, StackError
 from metertwin.core import clients
+from metertwin.core.destinations import policy_from_settings
 from metertwin.core.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -108,6 +109,7 @@ class GatewayLifecycle(FunctionInvoker):
             concurrency=self.options.async_concurrency,
             callback_timeout_s=self.options.callback_timeout_s,
             callback_attempts=self.options.callback_attempts,
+            policy=policy_from_settings(self.settings),
         )
         if not self.options.background:
             return

@@ -4,7 +4,9 @@ The twin does not interpret the payload; it routes it and records delivery.
 Routes (after ``/function/<zone>-forward``):
 
 * ``PUT /meters/{meter_id}/ems/route`` ``{"kind": "mqtt"|"webhook", "target"}`` — where
-  meter->EMS messages go: an MQTT topic (default ``ems/<id>/inbox``) or an http(s) URL.
+  meter->EMS messages go: an MQTT topic in the meter's own ``ems/<id>/`` namespace (default
+  ``ems/<id>/inbox``) or an operator-approved one, or an http(s) URL that passes the outbound
+  destination policy (checked here and at every send: :mod:`metertwin.twin.ems_routes`).
 * ``GET /meters/{meter_id}/ems/route``
 * ``POST /meters/{meter_id}/ems/messages`` ``{"id"?, "payload"}`` — EMS -> meter.
 * ``GET /meters/{meter_id}/ems/messages?limit=`` — both directions, with delivery status.
@@ -20,21 +22,19 @@ from pathlib import Path
 if (Path(__file__).parent / "metertwin").is_dir():
     sys.path.insert(0, str(Path(__file__).parent))
 
-import json
 import time
 import uuid
 from typing import Any, Literal
 
-import httpx
 import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from metertwin.core import topics
-from metertwin.core.clients import get_http, get_mqtt, get_redis
+from metertwin.core.clients import get_mqtt, get_redis
 from metertwin.core.errors import BackendUnavailable, InvalidInput, NotFound
 from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
 from metertwin.core.settings import get_settings
-from metertwin.twin import keys
+from metertwin.twin import ems_routes, keys
 from metertwin.twin.messages import EmsMessage
 from metertwin.twin.state import twin_store
 from metertwin.twin.uplink import meter_topic
@@ -87,7 +87,7 @@ def set_route(req: Request) -> Response:
     meter_id = req.params["meter_id"]
     _require_twin(meter_id)
     route = req.json(Route)
-    target = route.target or topics.ems_inbox(meter_id)
+    target = ems_routes.check_route(meter_id, route.kind, route.target)
     get_redis().hset(keys.ems_route(meter_id), mapping={"kind": route.kind, "target": target})
     return json_response({"meter_id": meter_id, "kind": route.kind, "target": target})
 
@@ -143,20 +143,18 @@ def from_meter(req: Request) -> Response:
 def _deliver(meter_id: str, message: EmsMessage, route: dict[str, str]) -> dict[str, Any]:
     data = message.model_dump()
     if route["kind"] == "mqtt":
+        # Checked again: a route stored before the namespace rule (or the approved list changed).
+        refusal = ems_routes.mqtt_target_refusal(meter_id, route["target"])
+        if refusal is not None:
+            return _log(meter_id, "meter->ems", message.id, "failed", refusal)
         try:
             get_mqtt().publish(route["target"], data, timeout_s=get_settings().publish_timeout_s)
         except BackendUnavailable as exc:
             return _log(meter_id, "meter->ems", message.id, "failed", exc.message)
         return _log(meter_id, "meter->ems", message.id, "delivered")
-    try:
-        resp = get_http().post(
-            route["target"], content=json.dumps(data), headers={"Content-Type": "application/json",
-                                                                "X-Meter-Id": meter_id}
-        )
-    except httpx.HTTPError as exc:
-        return _log(meter_id, "meter->ems", message.id, "failed", f"webhook {route['target']}: {exc!r}")
-    if resp.status_code >= 300:
-        return _log(meter_id, "meter->ems", message.id, "failed", f"webhook answered {resp.status_code}")
+    problem = ems_routes.send_webhook(meter_id, route["target"], data)
+    if problem is not None:
+        return _log(meter_id, "meter->ems", message.id, "failed", problem)
     return _log(meter_id, "meter->ems", message.id, "delivered")
 
 

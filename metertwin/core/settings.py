@@ -152,6 +152,18 @@ class Settings(BaseSettings):
     #: A revocation takes effect within this time.
     token_revocation_cache_s: float = Field(default=1.0, ge=0, le=60)
 
+    # --- outbound destinations (metertwin.core.destinations; docs/security.md) ---
+    #: Lists are comma- or space-separated. Schemes an async callback or EMS webhook may use.
+    destination_allowed_schemes: str = "https,http"
+    #: When set, the only host names allowed (``*.example.com`` for subdomains); addresses are still checked.
+    destination_allowed_hosts: str = ""
+    #: Ranges allowed although non-public (loopback, private, link-local, ...), e.g. ``127.0.0.1/32``.
+    destination_allowed_cidrs: str = ""
+    destination_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    destination_max_response_bytes: int = Field(default=65_536, ge=0, le=16_777_216)
+    #: MQTT EMS targets allowed beyond the meter's own ``ems/<meter_id>/...`` (exact topics, or ``prefix/#``).
+    ems_mqtt_approved_topics: str = ""
+
 
 @functools.cache
 def get_settings() -> Settings:

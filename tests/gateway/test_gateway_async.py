@@ -16,7 +16,9 @@ from tests.waiting import await_until, wait_until
 
 
 @pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[CallbackReceiver]:
+    # The receiver listens on loopback, which the callback destination policy refuses by default.
+    monkeypatch.setenv("DESTINATION_ALLOWED_CIDRS", "127.0.0.1/32")
     rx = CallbackReceiver()
     yield rx
     rx.close()

@@ -147,7 +147,8 @@ def test_s3_unreachable_leaves_data_hot_and_the_next_run_completes(
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MDMS_S3_TIMEOUT_S", "1")
     reset_mdms()
-    status, body = call(archive_handler(), "POST", "/", headers={"X-Connector": "cron-connector"})
+    status, body = call(archive_handler(), "POST", "/", token=token("service"),
+                        headers={"X-Connector": "cron-connector"})
     assert status == 503
     assert body["status"] == "failed"
     assert "cold store" in body["failed"][0]["error"]
@@ -155,7 +156,8 @@ def test_s3_unreachable_leaves_data_hot_and_the_next_run_completes(
     assert _strip(query_rows(meter_id, day_start(3), day_start(2))) == before
     monkeypatch.setenv("S3_ENDPOINT_URL", url)
     reset_mdms()
-    status, body = call(archive_handler(), "POST", "/", headers={"X-Connector": "cron-connector"})
+    status, body = call(archive_handler(), "POST", "/", token=token("service"),
+                        headers={"X-Connector": "cron-connector"})
     assert (status, body["status"], body["rows_archived"]) == (200, "ok", 96)
     assert _hot_count(meter_id) == 0
     assert _strip(query_rows(meter_id, day_start(3), day_start(2))) == before
@@ -264,8 +266,9 @@ def test_archive_run_lock_and_routes(meter_id: str) -> None:
     assert call(h, "POST", "/")[0] == 401
     assert call(h, "POST", "/", token=token("billing"))[0] == 403
     assert call(h, "POST", "/", headers={"X-Connector": "somebody"})[0] == 401
+    assert call(h, "POST", "/", headers={"X-Connector": "cron-connector"})[0] == 401  # a header is no credential
     hot().set(keys.MDMS_ARCHIVE_LOCK, "other-run")
-    status, body = call(h, "POST", "/", headers={"X-Connector": "cron-connector"})
+    status, body = call(h, "POST", "/", token=token("service"), headers={"X-Connector": "cron-connector"})
     assert (status, body["status"]) == (200, "skipped")
     hot().delete(keys.MDMS_ARCHIVE_LOCK)
     status, plan = call(h, "GET", "/plan", token=token("mdms"))

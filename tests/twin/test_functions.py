@@ -376,9 +376,13 @@ def test_meter_to_ems_without_route_is_recorded_undeliverable(provisioned: dict[
     assert body["message"]["status"] == "undeliverable"
 
 
-def test_failed_webhook_is_recorded(provisioned: dict[str, Any], meter_id: str) -> None:
+def test_failed_webhook_is_recorded(provisioned: dict[str, Any], meter_id: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from metertwin.core.settings import reset_settings
     from storage.embedded import free_port
 
+    monkeypatch.setenv("DESTINATION_ALLOWED_CIDRS", "127.0.0.1/32")  # loopback webhooks are refused by default
+    reset_settings()
     ems = token("ems", meter=meter_id)
     url = f"http://127.0.0.1:{free_port()}/hook"
     call(forward, "PUT", f"/meters/{meter_id}/ems/route", token=ems, body={"kind": "webhook", "target": url})
