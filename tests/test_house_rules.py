@@ -1,0 +1,168 @@
+"""The rules of the house (docs/ARCHITECTURE.md), checked over the source tree itself.
+
+* who may import whom: the shared package is copied into every function image, so nothing
+  under ``metertwin/`` imports the local platform (gateway, storage, embedded, meter_sim,
+  loadtest); ``metertwin.core`` imports no capability; a capability reaches another one only
+  through that capability's named interface modules;
+* each capability owns its Redis keys: no two capabilities share a key prefix, and every
+  key of one meter carries the meter's hash tag (one Redis Cluster slot per meter);
+* module sizes: one concept per module (at most ~450 lines), thin handlers (at most 250).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade")
+LOCAL_PLATFORM = ("gateway", "storage", "embedded", "meter_sim", "loadtest", "dr_bridge", "metertwin_upgrade", "tests")
+
+#: The modules through which one capability may use another. Anything else is private to
+#: its capability. The twin core is what every capability builds on; the upgrade
+#: capability's binding and inbox decide which release of a twin's functions serves a call.
+INTERFACES: dict[str, frozenset[str]] = {
+    "twin": frozenset({"state", "commands", "messages", "keys", "read_query", "uplink"}),
+    "upgrade": frozenset({"binding", "inbox"}),
+    "mdms": frozenset(),
+    "dr": frozenset(),
+    "p2p": frozenset(),
+}
+
+MAX_MODULE_LINES = 450
+MAX_HANDLER_LINES = 250
+
+
+def _python_files(*folders: str) -> Iterator[Path]:
+    for folder in folders:
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def _imports(path: Path) -> Iterator[tuple[int, str]]:
+    """Every absolute module name ``path`` imports (``from a.b import c`` yields ``a.b.c`` and ``a.b``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
+
+
+def _capability_of(path: Path) -> str | None:
+    rel = path.relative_to(ROOT / "metertwin").parts
+    return rel[0] if len(rel) > 1 and rel[0] in (*CAPABILITIES, "core") else None
+
+
+def test_shared_package_imports_nothing_of_the_local_platform() -> None:
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}"
+           for p in _python_files("metertwin") for line, name in _imports(p)
+           if name.split(".")[0] in LOCAL_PLATFORM]
+    assert not bad, "\n".join(bad)
+
+
+def test_core_imports_no_capability() -> None:
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}"
+           for p in _python_files("metertwin/core") for line, name in _imports(p)
+           if name.startswith("metertwin.") and name.split(".")[1] in CAPABILITIES]
+    assert not bad, "\n".join(bad)
+
+
+def test_capabilities_meet_only_through_named_interfaces() -> None:
+    bad = []
+    for path in _python_files("metertwin"):
+        own = _capability_of(path)
+        if own in (None, "core"):
+            continue
+        for line, name in _imports(path):
+            parts = name.split(".")
+            if parts[0] != "metertwin" or len(parts) < 3 or parts[1] in ("core", own):
+                continue
+            if parts[1] in CAPABILITIES and parts[2] not in INTERFACES[parts[1]]:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}, not an interface of {parts[1]}")
+    assert not bad, "\n".join(bad)
+
+
+def test_import_rule_check_can_fail(tmp_path: Path) -> None:
+    """The checks above read real imports: a planted violation is seen."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("from gateway import keys\nimport metertwin.dr.keys\n")
+    assert [name for _, name in _imports(planted)] == ["gateway", "gateway.keys", "metertwin.dr.keys"]
+
+
+# --- keys --------------------------------------------------------------------------------
+KEY_MODULES = {cap: f"metertwin.{cap}.keys" for cap in CAPABILITIES} | {"gateway": "gateway.keys"}
+SAMPLE_METER = "m-0042"
+
+
+def _sample_args(fn: object) -> dict[str, object]:
+    args: dict[str, object] = {}
+    for name, param in inspect.signature(fn).parameters.items():  # type: ignore[arg-type]
+        args[name] = 7 if param.annotation in (int, "int") else (SAMPLE_METER if name == "meter_id" else f"<{name}>")
+    return args
+
+
+def _keys_of(module: ModuleType) -> Iterator[tuple[str, str, bool]]:
+    """(name, key, per_meter) for every key (function or string constant) a keys module defines."""
+    for name, value in vars(module).items():
+        if name.startswith("_") or getattr(value, "__module__", module.__name__) != module.__name__:
+            continue
+        if inspect.isfunction(value):
+            args = _sample_args(value)
+            yield name, value(**args), "meter_id" in args
+        elif isinstance(value, str) and value.startswith("mt:"):
+            yield name, value, False
+
+
+def _prefix(key: str) -> str:
+    return key.split(":")[1]
+
+
+def test_no_two_capabilities_share_a_key_prefix() -> None:
+    owners: dict[str, set[str]] = {}
+    for cap, module_name in KEY_MODULES.items():
+        for _name, key, _ in _keys_of(importlib.import_module(module_name)):
+            owners.setdefault(_prefix(key), set()).add(cap)
+    shared = {prefix: caps for prefix, caps in owners.items() if len(caps) > 1}
+    assert not shared, f"key prefixes used by more than one capability: {shared}"
+    assert len(owners) >= len(KEY_MODULES)
+
+
+@pytest.mark.parametrize("cap", sorted(KEY_MODULES))
+def test_every_key_of_one_meter_carries_its_hash_tag(cap: str) -> None:
+    module = importlib.import_module(KEY_MODULES[cap])
+    per_meter = [(name, key) for name, key, meter in _keys_of(module) if meter]
+    bad = [f"{name} -> {key}" for name, key in per_meter if re.search(r"\{([^}]*)\}", key) is None
+           or re.search(r"\{([^}]*)\}", key).group(1) != SAMPLE_METER]  # type: ignore[union-attr]
+    assert not bad, f"{cap}: per-meter keys without the meter's hash tag: {bad}"
+
+
+# --- sizes -----------------------------------------------------------------------------------
+def test_no_module_is_over_the_size_limit() -> None:
+    big = []
+    for path in _python_files("metertwin", *[f for f in LOCAL_PLATFORM if f != "tests"], "functions", "tests"):
+        if ".venv" in path.parts:
+            continue
+        lines = len(path.read_text().splitlines())
+        limit = MAX_HANDLER_LINES if path.parent.parent.name == "functions" and path.name == "handler.py" \
+            else MAX_MODULE_LINES
+        if lines > limit:
+            big.append(f"{path.relative_to(ROOT)}: {lines} lines (limit {limit})")
+    assert not big, "split by concept:\n" + "\n".join(big)
+
+
+def test_script_key_guard_sees_a_meter_outside_its_hash_tag() -> None:
+    from tests.script_keys import untagged_mentions
+
+    assert untagged_mentions(["mt:twin:{m-1}", "mt:seen:{m-1}", "mt:twins"]) == []
+    assert untagged_mentions(["mt:twin:{m-1}", "mt:seen:m-1"]) == ["mt:seen:m-1"]
+    assert untagged_mentions(["mt:p2p:{mk}:market", "mt:p2p:mtrades:{m-1}"]) == []
