@@ -1,12 +1,15 @@
 """``make demo``: a three-zone metertwin on this machine, simulated meters, and a scenario through every capability.
 
 Starts the embedded stack (Mosquitto, a Redis per zone, S3, a gateway per zone),
-provisions twins, starts a fleet of simulated meters, then exercises read (cache,
+prints and writes every address and credential to ``.run/demo.env``, provisions twins,
+back-loads ~35 days of history per meter into the MDMS (``embedded.history``), starts a
+fleet of simulated meters continuing from that history, then exercises read (cache,
 meter, timeout), write (command, desired state with If-Match, an offline meter
 catching up), forward (EMS both ways), ingest, access control, async invocation,
 and — where those functions are deployed — MDMS storage, P2P trading and demand
-response. Prints a summary; then keeps the stack running until Ctrl-C, or exits
-at once with ``--once``. Every process it started is stopped on the way out.
+response. Prints a summary and a time-of-use bill by period; then keeps the stack
+running until Ctrl-C, or exits at once with ``--once``. Every process it started is
+stopped on the way out. Every call goes through :mod:`metertwin.client`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import http.server
 import json
 import logging
+import os
 import random
 import signal
 import statistics
@@ -26,12 +31,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-import httpx
-
+from embedded import demo_env, history
 from embedded.stack import EmbeddedStack
+from metertwin.client import ApiError, Client
 from storage.embedded import free_port
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,24 +66,38 @@ class Tally:
 
 
 class Demo:
-    def __init__(self, stack: EmbeddedStack, fleet: Any, meters: list[str], tally: Tally) -> None:
+    def __init__(self, stack: EmbeddedStack, fleet: Any, meters: list[str], tally: Tally, api: Client) -> None:
         self.stack, self.fleet, self.meters, self.tally = stack, fleet, meters, tally
-        self.utility = stack.token("utility", subject="utility-app")
+        self.api = api.with_token(stack.token("utility", subject="utility-app"))
+        self.billing = api.with_token(stack.token("billing", subject="billing-app"))
+        self.mdms_app = api.with_token(stack.token("mdms", subject="mdms-app"))
+        self.history: history.History | None = None
+        self.bill_text = ""
 
-    def call(
-        self, capability: str, zone: str, function: str, method: str, path: str, *, token: str | None,
-        expect: tuple[int, ...] = (200,), outcome: Callable[[httpx.Response], str] | None = None, **kwargs: Any,
-    ) -> httpx.Response:
+    def call(self, capability: str, fn: Callable[[], T], *, outcome: Callable[[T], str] | None = None) -> T:
+        """One client call, timed and tallied under ``capability``."""
         t0 = time.perf_counter()
-        resp = self.stack.call(zone, function, method, path, token=token, **kwargs)
-        ms = (time.perf_counter() - t0) * 1000
-        label = outcome(resp) if outcome and resp.status_code in expect else str(resp.status_code)
-        self.tally.record(capability, label, ms)
-        if resp.status_code not in expect:
-            raise RuntimeError(
-                f"{capability}: {method} {function}{path} answered {resp.status_code}: {resp.text[:300]}"
-            )
-        return resp
+        try:
+            value = fn()
+        except ApiError as exc:
+            self.tally.record(capability, str(exc.status), (time.perf_counter() - t0) * 1000)
+            raise RuntimeError(f"{capability}: {exc}") from exc
+        self.tally.record(capability, outcome(value) if outcome else "200", (time.perf_counter() - t0) * 1000)
+        return value
+
+    def refused(self, capability: str, fn: Callable[[], Any], status: int,
+                outcome: Callable[[ApiError], str] | None = None) -> ApiError:
+        """A call that must fail with ``status``; returns the typed error."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except ApiError as exc:
+            self.tally.record(capability, outcome(exc) if outcome and exc.status == status else str(exc.status),
+                              (time.perf_counter() - t0) * 1000)
+            if exc.status != status:
+                raise RuntimeError(f"{capability}: expected {status}, got {exc}") from exc
+            return exc
+        raise RuntimeError(f"{capability}: expected {status}, the call succeeded")
 
     def wait(self, what: str, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -94,45 +116,44 @@ class Demo:
         self.tally.notes.append(f"ingest: {len(self.meters)} twins updated over MQTT; highest seq {max(seqs)}")
 
     def twin(self, meter: str) -> dict[str, Any]:
-        resp = self.stack.call("edge", "edge-read", "GET", f"/meters/{meter}/twin", token=self.utility)
-        resp.raise_for_status()
-        return dict(resp.json())
+        return self.api.read.twin(meter)
 
     def reads(self) -> None:
-        source = lambda r: r.json()["source"]  # noqa: E731
+        read = self.api.read
+
+        def source(r: dict[str, Any]) -> str:
+            return str(r["source"])
+
         for meter in self.meters:
-            self.call("read (cached)", "edge", "edge-read", "GET", f"/meters/{meter}/reading", token=self.utility,
-                      params={"max_age": "300"}, outcome=source)
+            self.call("read (cached)", functools.partial(read.reading, meter, max_age=300), outcome=source)
         for meter in self.meters[:5]:
-            self.call("read (live, meter)", "edge", "edge-read", "GET", f"/meters/{meter}/reading",
-                      token=self.utility, params={"live": "true", "timeout": "5"}, outcome=source)
+            self.call("read (live, meter)", functools.partial(read.reading, meter, live=True, timeout=5),
+                      outcome=source)
         offline = self.meters[-1]
         self.fleet.go_offline(offline, 20)
-        resp = self.call("read (meter offline)", "edge", "edge-read", "GET", f"/meters/{offline}/reading",
-                         token=self.utility, params={"live": "true", "timeout": "1"}, expect=(504,),
-                         outcome=lambda r: "504 with stale value" if "stale" in r.json() else "504")
-        self.tally.notes.append(f"read timeout: {resp.json()['message']}")
+        err = self.refused("read (meter offline)", lambda: self.api.read.reading(offline, live=True, timeout=1), 504,
+                           lambda e: "504 with stale value" if "stale" in e.details else "504")
+        self.tally.notes.append(f"read timeout: {err.message}")
 
     def writes(self) -> None:
-        meter = self.meters[0]
-        resp = self.call("write (command)", "edge", "edge-write", "POST", f"/meters/{meter}/commands",
-                         token=self.utility, json={"kind": "load_limit", "params": {"watts": 3500}, "expiry_s": 120},
-                         expect=(202,), outcome=lambda r: r.json()["command"]["status"])
-        self.await_command(meter, resp.json()["command"]["id"], "acknowledged")
+        meter, write = self.meters[0], self.api.write
+        state = lambda r: r["command"]["status"]  # noqa: E731
+        resp = self.call("write (command)", lambda: write.command(meter, "load_limit", {"watts": 3500}, expiry_s=120),
+                         outcome=state)
+        self.await_command(meter, resp["command"]["id"], "acknowledged")
         version = self.twin(meter)["version"]
-        resp = self.call("write (desired, If-Match)", "edge", "edge-write", "PATCH", f"/meters/{meter}/desired",
-                         token=self.utility, json={"reporting_interval_s": 5},
-                         headers={"If-Match": f'"{version}"'}, expect=(202,), outcome=lambda r: "accepted")
-        self.await_command(meter, resp.json()["command"]["id"], "acknowledged")
+        resp = self.call("write (desired, If-Match)",
+                         lambda: write.set_desired(meter, {"reporting_interval_s": 5}, if_match=version),
+                         outcome=lambda r: "accepted")
+        self.await_command(meter, resp["command"]["id"], "acknowledged")
         self.wait("the delta to clear", lambda: self.twin(meter)["state"]["delta"] == {})
-        self.call("write (stale If-Match)", "edge", "edge-write", "PATCH", f"/meters/{meter}/desired",
-                  token=self.utility, json={"reporting_interval_s": 10}, headers={"If-Match": f'"{version}"'},
-                  expect=(412,), outcome=lambda r: "412 version_mismatch")
+        self.refused("write (stale If-Match)",
+                     lambda: write.set_desired(meter, {"reporting_interval_s": 10}, if_match=version), 412,
+                     lambda e: f"412 {e.code}")
         offline = self.meters[-1]
-        resp = self.call("write (meter offline)", "edge", "edge-write", "POST", f"/meters/{offline}/commands",
-                         token=self.utility, json={"kind": "relay", "params": {"state": "open"}, "expiry_s": 300},
-                         expect=(202,), outcome=lambda r: r.json()["command"]["status"])
-        command_id = resp.json()["command"]["id"]
+        resp = self.call("write (meter offline)",
+                         lambda: write.command(offline, "relay", {"state": "open"}, expiry_s=300), outcome=state)
+        command_id = resp["command"]["id"]
         time.sleep(0.5)  # let it sit in the broker's session for the offline meter
         self.fleet.go_online(offline)
         status = self.await_command(offline, command_id, "acknowledged")
@@ -143,9 +164,7 @@ class Demo:
         got: dict[str, str] = {}
 
         def done() -> bool:
-            resp = self.stack.call("edge", "edge-write", "GET", f"/meters/{meter}/commands/{command_id}",
-                                   token=self.utility)
-            got["status"] = resp.json()["command"]["status"]
+            got["status"] = self.api.write.get_command(meter, command_id)["command"]["status"]
             return got["status"] in final
 
         self.wait(f"command {command_id} to be answered", done, 30)
@@ -155,20 +174,17 @@ class Demo:
 
     def forward(self) -> None:
         meter = self.meters[1]
-        ems = self.stack.token("ems", meter=meter, subject="home-ems")
-        self.call("forward (EMS route)", "edge", "edge-forward", "PUT", f"/meters/{meter}/ems/route", token=ems,
-                  json={"kind": "mqtt"}, outcome=lambda r: r.json()["target"])
+        ems = self.api.with_token(self.stack.token("ems", meter=meter, subject="home-ems")).forward
+        self.call("forward (EMS route)", lambda: ems.set_route(meter, "mqtt"), outcome=lambda r: r["target"])
         before = len(self.fleet.ems_inbox(meter))
-        self.call("forward (EMS -> meter)", "edge", "edge-forward", "POST", f"/meters/{meter}/ems/messages",
-                  token=ems, json={"payload": {"heat_pump": "eco", "until": "18:00"}}, expect=(202,),
-                  outcome=lambda r: r.json()["message"]["status"])
+        self.call("forward (EMS -> meter)", lambda: ems.send(meter, {"heat_pump": "eco", "until": "18:00"}),
+                  outcome=lambda r: r["message"]["status"])
         self.wait("the meter to receive the EMS message", lambda: len(self.fleet.ems_inbox(meter)) > before)
         t0 = time.perf_counter()
         message_id = self.fleet.send_ems(meter, {"appliance": "ev", "state": "charging"})
 
         def forwarded() -> bool:
-            resp = self.stack.call("edge", "edge-forward", "GET", f"/meters/{meter}/ems/messages", token=ems)
-            return any(m["id"] == message_id and m["status"] == "delivered" for m in resp.json()["messages"])
+            return any(m["id"] == message_id and m["status"] == "delivered" for m in ems.messages(meter)["messages"])
 
         self.wait("the meter's EMS message to be forwarded", forwarded)
         # Includes the polling of the delivery log (every ~50 ms), so it is an upper bound.
@@ -176,26 +192,19 @@ class Demo:
 
     def access(self) -> None:
         meter, other = self.meters[2], self.meters[3]
-        consumer = self.stack.token("consumer", meter=meter, subject="household")
-        self.call("auth (own meter)", "edge", "edge-read", "GET", f"/meters/{meter}/reading", token=consumer,
-                  outcome=lambda r: "200")
-        self.call("auth (other meter)", "edge", "edge-read", "GET", f"/meters/{other}/reading", token=consumer,
-                  expect=(403,), outcome=lambda r: "403")
-        self.call("auth (no token)", "edge", "edge-read", "GET", f"/meters/{meter}/reading", token=None,
-                  expect=(401,), outcome=lambda r: "401")
+        consumer = self.api.with_token(self.stack.token("consumer", meter=meter, subject="household")).read
+        self.call("auth (own meter)", lambda: consumer.reading(meter))
+        self.refused("auth (other meter)", lambda: consumer.reading(other), 403)
+        self.refused("auth (no token)", lambda: self.api.with_token("").read.reading(meter), 401)
 
     def async_call(self) -> None:
         received: list[dict[str, Any]] = []
         with callback_receiver(received) as url:
             t0 = time.perf_counter()
             # OpenFaaS async invocations are POSTs: queue a command, get the answer by callback.
-            resp = self.stack.http.post(
-                f"{self.stack.url('edge')}/async-function/edge-write/meters/{self.meters[0]}/commands",
-                headers={"Authorization": f"Bearer {self.utility}", "X-Callback-Url": url},
-                json={"kind": "tariff", "params": {"tariff_id": "tou-2026"}},
-            )
-            if resp.status_code != 202:
-                raise RuntimeError(f"async invocation answered {resp.status_code}: {resp.text[:200]}")
+            self.api.system("edge").invoke_async("edge-write", f"/meters/{self.meters[0]}/commands",
+                                                 callback_url=url,
+                                                 json={"kind": "tariff", "params": {"tariff_id": "tou-2026"}})
             self.wait("the async call's callback", lambda: bool(received))
             self.tally.record("async invocation", f"202 + callback {received[0]['status']}",
                               (time.perf_counter() - t0) * 1000)
@@ -204,9 +213,10 @@ class Demo:
         """A community market for the next 15-minute slot; only the final trades reach the meters."""
         rng = random.Random(7)
         slot = int(time.time() // 900 + 1) * 900
-        market = self.call("p2p (open market)", "edge", "edge-p2p-market", "POST", "/markets", token=self.utility,
-                           json={"slot_start": slot, "feed_in_tariff": 0.08, "retail_tariff": 0.32},
-                           expect=(201,), outcome=lambda r: r.json()["status"]).json()
+        p2p = self.api.p2p
+        market = self.call("p2p (open market)",
+                           lambda: p2p.open_market(slot, feed_in_tariff=0.08, retail_tariff=0.32),
+                           outcome=lambda r: r["status"])
         market_id = market["id"]
         participants = []
         for i, meter in enumerate(self.meters):
@@ -218,13 +228,10 @@ class Demo:
                 "max_buy_price": round(rng.uniform(0.2, 0.32), 3),
                 "min_sell_price": round(rng.uniform(0.08, 0.18), 3),
             })
-        self.call("p2p (join)", "edge", "edge-p2p-market", "POST", f"/markets/{market_id}/participants",
-                  token=self.utility, json={"participants": participants}, expect=(201,),
-                  outcome=lambda r: f"{r.json()['added']} joined")
-        result = self.call("p2p (negotiate)", "edge", "edge-p2p-market", "POST", f"/markets/{market_id}/run",
-                           token=self.utility, outcome=lambda r: r.json()["status"]).json()
-        trades = self.stack.call("edge", "edge-p2p-market", "GET", f"/markets/{market_id}/trades",
-                                 token=self.utility).json()["trades"]
+        self.call("p2p (join)", lambda: p2p.add_participants(market_id, participants),
+                  outcome=lambda r: f"{r['added']} joined")
+        result = self.call("p2p (negotiate)", lambda: p2p.run(market_id), outcome=lambda r: r["status"])
+        trades = p2p.trades(market_id)["trades"]
         traders = [t for t in trades if t["kwh"] > 0]
 
         def meters_got_their_trade() -> bool:
@@ -239,29 +246,36 @@ class Demo:
 
     def mdms(self) -> None:
         """The fog MDMS took the same readings through VEE; billing reads them; the cloud archive plans tiers."""
-        meter = self.meters[0]
-        mdms = self.stack.token("mdms", subject="mdms-app")
-        billing = self.stack.token("billing", subject="billing-app")
+        meter, billing, mdms = self.meters[0], self.billing, self.mdms_app
+        assert self.history is not None
+        past = self.history
 
         def has_rows() -> bool:
-            resp = self.stack.call("fog", "fog-mdms-query", "GET", f"/meters/{meter}/latest", token=mdms)
-            return resp.status_code == 200 and bool(resp.json().get("registers"))
+            try:
+                return bool(mdms.mdms.latest(meter).get("registers", {}).get("seq", 0) > past.final[meter][2])
+            except ApiError:
+                return False
 
-        self.wait("the fog MDMS to hold validated readings", has_rows, 30)
+        self.wait("the fog MDMS to hold live readings after the history", has_rows, 30)
         now = time.time()
-        span = {"from": str(int(now - 3600)), "to": str(int(now + 60))}
-        rows = self.call("mdms (intervals)", "fog", "fog-mdms-query", "GET", f"/meters/{meter}/intervals",
-                         token=billing, params=span, outcome=lambda r: f"{r.json()['count']} rows").json()["rows"]
+        lo, hi = int(now - 3600), int(now + 60)
+        rows = self.call("mdms (intervals)", lambda: billing.mdms.intervals(meter, lo, hi),
+                         outcome=lambda r: f"{r['count']} rows")["rows"]
         qualities = sorted({(r["quality"], r["tier"]) for r in rows})
-        bill = self.call("mdms (TOU bill)", "fog", "fog-mdms-query", "GET", f"/meters/{meter}/billing",
-                         token=billing, params=span, outcome=lambda r: "billed").json()
-        self.call("mdms (CSV export)", "fog", "fog-mdms-query", "GET", f"/meters/{meter}/intervals", token=billing,
-                  params={**span, "format": "csv"}, outcome=lambda r: r.headers["content-type"].split(";")[0])
-        plan = self.call("mdms (archive plan)", "cloud", "cloud-mdms-archive", "GET", "/plan", token=mdms,
-                         outcome=lambda r: "planned").json()
+        self.call("mdms (CSV export)", lambda: billing.mdms.intervals_csv(meter, lo, hi),
+                  outcome=lambda r: "text/csv" if r.startswith("meter_id,") else "?")
+        run = self.call("mdms (archive run)", mdms.archive.run, outcome=lambda r: str(r.get("status")))
+        start, end = past.start_s, (int(now) // 900) * 900
+        bill = self.call("mdms (TOU bill)", lambda: billing.mdms.bill(meter, start, end), outcome=lambda r: "billed")
+        profile = self.call("mdms (load profile)", lambda: billing.mdms.load_profile(meter, start, end, interval="1h"),
+                            outcome=lambda r: f"{r['count']} intervals")
+        tiers = mdms.mdms.tiers(meter)
+        plan = self.call("mdms (archive plan)", mdms.archive.plan, outcome=lambda r: "planned")
+        self.bill_text = history.bill_text(meter, bill, profile, tiers)
         self.tally.notes.append(
-            f"mdms: {len(rows)} validated rows for {meter} (quality, tier: {qualities}); "
-            f"TOU bill {json.dumps(bill.get('bill', {}).get('total', bill.get('bill')))[:60]}; "
+            f"mdms: {len(rows)} validated rows for {meter} in the last hour (quality, tier: {qualities}); "
+            f"archive run {json.dumps({k: run.get(k) for k in ('status', 'moved', 'meter_days')})[:120]}; "
+            f"TOU bill total {bill['bill']['total']} {bill['bill']['currency']}; "
             f"archive plan per meter-day (action:reason): {plan['summary']}"
         )
 
@@ -287,30 +301,26 @@ class Demo:
 
     def upgrade(self) -> None:
         """Move a canary of twins to release v2 while their meters keep reporting; then promote the rest."""
-        admin = self.stack.token("admin", subject="operator")
+        ops = self.api.with_token(self.stack.token("admin", subject="operator")).upgrades
         chosen = self.meters[:6]
-        op = self.call("upgrade (start canary)", "edge", "edge-upgrade-manager", "POST", "/operations",
-                       token=admin, json={"to": "v2", "select": {"meters": chosen}, "canary": 2, "drain_s": 1,
-                                          "min_calls": 1},
-                       expect=(201,), outcome=lambda r: r.json()["state"]).json()
+        op = self.call("upgrade (start canary)", lambda: ops.start({"to": "v2", "select": {"meters": chosen},
+                                                                    "canary": 2, "drain_s": 1, "min_calls": 1}),
+                       outcome=lambda r: r["state"])
         op_id = op["id"]
 
         def state() -> dict[str, Any]:
-            self.stack.call("edge", "edge-upgrade-manager", "POST", f"/operations/{op_id}/advance", token=admin,
-                            json={"budget_s": 2})
-            return dict(self.stack.call("edge", "edge-upgrade-manager", "GET", f"/operations/{op_id}",
-                                        token=admin).json())
+            ops.advance(op_id, budget_s=2)
+            return ops.operation(op_id)
 
         self.wait("the canary to switch and wait for observation", lambda: state()["state"] == "observing", 60)
-        self.call("upgrade (promote)", "edge", "edge-upgrade-manager", "POST", f"/operations/{op_id}/promote",
-                  token=admin, json={"force": True}, outcome=lambda r: "promoted")
+        self.call("upgrade (promote)", lambda: ops.promote(op_id, force=True), outcome=lambda r: "promoted")
         self.wait("every chosen twin to be on v2", lambda: state()["state"] == "completed", 90)
         final = state()
-        self.call("read after upgrade", "edge", "edge-read", "GET", f"/meters/{chosen[0]}/reading",
-                  token=self.utility, params={"max_age": "300"},
+        edge = self.api.zones["edge"].transport
+        self.call("read after upgrade",  # the header says which release answered, so the raw response
+                  lambda: edge.send("GET", f"/function/edge-read/meters/{chosen[0]}/reading", params={"max_age": 300}),
                   outcome=lambda r: f"answered by {r.headers.get('x-twin-binding', 'v1')}")
-        bound = self.stack.call("edge", "edge-upgrade-manager", "GET", f"/meters/{chosen[0]}/binding",
-                                token=admin).json()
+        bound = ops.binding(chosen[0])
         self.tally.notes.append(
             f"upgrade: {final['progress']['done']}/{final['progress']['selected']} twins moved v1 -> v2 "
             f"(canary of 2, then promoted) while their meters reported; readings applied by v1 "
@@ -352,13 +362,23 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print("starting the embedded stack: Mosquitto, Redis x3, S3 (moto), gateways edge/fog/cloud ...", flush=True)
+    # A demo fleet fits one cold-tier object per day (the default 16 buckets are for large fleets): the
+    # archive of 35 days of history then takes seconds against moto, not minutes. The gateways inherit it.
+    os.environ.setdefault("MDMS_METER_BUCKETS", "1")
     # Everything is on loopback here, callback receivers included: allow it (production must not).
     with EmbeddedStack(extra_env={"DESTINATION_ALLOWED_CIDRS": "127.0.0.1/32"}) as stack:
-        for zone in stack.gateways:
-            print(f"  {zone:<6} gateway {stack.url(zone)}   (functions: {stack.url(zone)}/system/functions)")
+        env = demo_env.values(stack, admin_token=stack.token("admin", subject="demo-admin"),
+                              billing_token=stack.token("billing", subject="demo-billing"))
+        print(demo_env.describe(env, demo_env.write(env, args.env_file)), flush=True)
+        api = Client(edge=stack.url("edge"), fog=stack.url("fog"), cloud=stack.url("cloud"),
+                     token=env["ADMIN_TOKEN"], basic_auth=(demo_env.GATEWAY_USER, stack.basic_auth_password))
         meters = [f"demo-{i:04d}" for i in range(args.meters)]
         t0 = time.perf_counter()
-        credentials = stack.provision(meters, profile={"kind": "household", "link": args.link})
+        credentials: dict[str, str] = {}
+        for first in range(0, len(meters), 5000):
+            made = api.registry.provision_bulk([{"meter_id": m, "profile": {"kind": "household", "link": args.link}}
+                                                for m in meters[first:first + 5000]])
+            credentials.update({m["meter_id"]: m["password"] for m in made["meters"]})
         print(f"provisioned {len(meters)} twins and meter accounts in {time.perf_counter() - t0:.2f} s")
         assert stack.broker is not None
         fleet = FleetThread(
@@ -366,14 +386,21 @@ def run(args: argparse.Namespace) -> int:
             reporting_interval_s=args.interval, link=args.link, prosumer_share=0.3, seed=args.seed,
             ems_interval_s=None,
         )
+        sims = {m: fleet.fleet.meters[m] for m in meters}
+        past = history.back_load(api.with_token(stack.token("mdms", subject="head-end")), sims, days=args.history_days)
+        history.continue_meters(sims, past)
+        print(f"back-loaded {past.accepted}/{past.readings} readings ({args.history_days:g} days x {len(meters)} "
+              f"meters, 15 min) through fog-mdms-ingest /readings/batch in {past.seconds:.1f} s", flush=True)
         fleet.start(timeout_s=60)
         try:
-            demo = Demo(stack, fleet, meters, tally)
+            demo = Demo(stack, fleet, meters, tally, api)
+            demo.history = past
             for step in (demo.ingest, demo.reads, demo.writes, demo.forward, demo.access, demo.async_call, demo.p2p,
                          demo.mdms, demo.demand_response, demo.upgrade):
                 print(f"-- {step.__name__}", flush=True)
                 step()
-            print_summary(stack, fleet, tally)
+            print_summary(api, fleet, tally)
+            print(demo.bill_text)
             if not args.once:
                 print("\nstack running; Ctrl-C to stop", flush=True)
                 with contextlib.suppress(KeyboardInterrupt):
@@ -387,12 +414,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(stack: EmbeddedStack, fleet: Any, tally: Tally) -> None:
+def print_summary(api: Client, fleet: Any, tally: Tally) -> None:
     print("\n================ metertwin demo summary ================")
     print(tally.table())
     stats = fleet.stats()
     print(f"\nmeters: {stats.connected} connected; {stats.messages_total} MQTT messages")
-    counts = stack.http.get(f"{stack.url('edge')}/system/functions", auth=("admin", stack.basic_auth_password)).json()
+    counts = api.system("edge").functions()
     print("edge invocations: " + ", ".join(f"{f['name']}={f['invocationCount']}" for f in counts))
     for note in tally.notes:
         print(f"  * {note}")
@@ -405,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=2.0, help="meters' reporting interval, seconds")
     parser.add_argument("--link", default="wifi", choices=["lan", "wifi", "nbiot"])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--history-days", type=float, default=35.0, help="days of readings back-loaded per meter")
+    parser.add_argument("--env-file", type=Path, default=demo_env.DEFAULT_PATH,
+                        help="where to write the addresses and credentials (a sourceable shell file)")
     args = parser.parse_args(argv)
     if args.meters < 5:
         parser.error(f"--meters {args.meters} is too few for the scenario (at least 5)")
