@@ -35,7 +35,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.options import GatewayOptions
 from gateway.pool import HandlerPool
 from gateway.stack import FunctionSpec, load_stack
-from gateway.system import UNAUTHORIZED_BODY, UNAUTHORIZED_HEADERS, basic_authorized
+from gateway.system import UNAUTHORIZED_BODY, UNAUTHORIZED_HEADERS, basic_authorized, redact_environment
 from metertwin.core import clients
 from metertwin.core.settings import Settings, get_settings, reset_settings
 
@@ -137,7 +137,7 @@ class GatewayApp(GatewayLifecycle):
             "replicas": 1,
             "availableReplicas": 1,
             "envProcess": "",
-            "envVars": dict(spec.environment),
+            "envVars": redact_environment(dict(spec.environment)),
             "labels": dict(spec.labels),
             "annotations": dict(spec.annotations),
             "secrets": list(spec.secrets),

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hmac
 import platform
+import re
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Response
@@ -27,6 +28,32 @@ UNAUTHORIZED_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
     (b"content-length", str(len(UNAUTHORIZED_BODY)).encode()),
 ]
+
+
+REDACTED = "[redacted]"
+#: Variable names that hold a secret whatever their value looks like.
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY|CREDENTIAL", re.IGNORECASE)
+#: ``scheme://user:password@host``: the user-info part of a URL.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+#: ``?password=...`` / ``&token=...`` inside a URL's query.
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;][^=&;#\s]*(?:password|passwd|secret|token|key)[^=&;#\s]*=)[^&;#\s]*",
+                           re.IGNORECASE)
+
+
+def redact_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` as ``/system/functions`` shows it: secret-named values and URL credentials replaced.
+
+    A Redis or broker URL may carry ``user:password@``; the deployment's own values are not
+    the caller's business even behind basic auth (issue 10, item 10).
+    """
+    out: dict[str, str] = {}
+    for name, value in env.items():
+        if _SECRET_NAME.search(name):
+            out[name] = REDACTED if value else value
+            continue
+        value = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", value)
+        out[name] = _SECRET_QUERY.sub(lambda m: f"{m['key']}{REDACTED}", value)
+    return out
 
 
 def basic_authorized(headers: list[tuple[bytes, bytes]], basic_password: bytes | None) -> bool:

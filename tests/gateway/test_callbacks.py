@@ -3,7 +3,8 @@
 Through the real local gateway (``python -m gateway``) where it matters: a connector header
 alone gets 401, the service token works; an ``X-Callback-Url`` on loopback, link-local,
 private or metadata ranges gets a 400 naming it unless the allow-list names it; a name whose
-second resolution (at connect time) points at loopback is never called.
+second resolution (at connect time) points at loopback is never called. And
+``/system/functions`` shows no credential (item 10).
 """
 
 from __future__ import annotations
@@ -18,13 +19,22 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.app import create_app
 from gateway.server import GatewayProcess
+from gateway.system import redact_environment
 from metertwin.core import destinations
 from metertwin.core.auth import issue_token
 from metertwin.core.destinations import DestinationPolicy, DestinationRefused
 from storage.embedded import Mosquitto, MotoS3
 from tests.conftest import TEST_SIGNING_KEY
-from tests.fixtures.gateway_support import STACK, CallbackReceiver, gateway_client, write_basic_auth
+from tests.fixtures.gateway_support import (
+    PASSWORD,
+    STACK,
+    CallbackReceiver,
+    gateway_client,
+    saved_environ,
+    write_basic_auth,
+)
 from tests.waiting import await_until, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +174,7 @@ async def test_name_rebound_to_loopback_is_not_called(env: dict[str, str], recei
 
         await await_until(refused, 10, "the callback refused at connect time")
         assert app.queue.processed == 1  # the entry is acknowledged, not retried
-        status = await client.get("/system/info", auth=("admin", "gw-test-password"))
+        status = await client.get("/system/info", auth=("admin", PASSWORD))
         assert status.json()["connectors"]["async"]["callbacks_refused"] == 1
     assert receiver.calls == []
 
@@ -191,3 +201,23 @@ def test_connector_header_is_no_credential(
         assert resp.status_code == 401, resp.text
         assert httpx.post(queued, headers={**cron, **bearer("billing")}, timeout=10).status_code == 403
         assert httpx.post(queued, headers=bearer("service"), timeout=10).status_code == 202
+
+
+# --- /system/functions shows no credentials --------------------------------------------------------
+async def test_system_functions_redacts_credentials(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    write_basic_auth(env)
+    monkeypatch.setenv("REDIS_URL", "redis://twin:hunter2@127.0.0.1:1/0?password=hunter3")
+    monkeypatch.setenv("ECHO_GREETING", "hello")
+    with saved_environ():
+        app = create_app(STACK, "edge")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+            resp = await client.get("/system/functions", auth=("admin", PASSWORD))
+            one = await client.get("/system/function/edge-echo", auth=("admin", PASSWORD))
+    assert resp.status_code == 200
+    assert "hunter" not in resp.text
+    assert "hunter" not in one.text
+    env_vars = one.json()["envVars"]
+    assert env_vars["REDIS_URL"] == "redis://[redacted]@127.0.0.1:1/0?password=[redacted]"
+    assert env_vars["ECHO_GREETING"] == "hello"
+    assert redact_environment({"S3_SECRET_ACCESS_KEY": "x", "API_TOKEN": "y", "MQTT_PASSWORD": "z"}) == {
+        "S3_SECRET_ACCESS_KEY": "[redacted]", "API_TOKEN": "[redacted]", "MQTT_PASSWORD": "[redacted]"}
