@@ -69,6 +69,20 @@ class ToMeter(BaseModel):
     payload: dict[str, Any]
 
 
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/meters/{meter_id}/ems/route": {"put": {
+        "summary": "Set where the meter's EMS messages go (own ems/<id>/ topics, or a webhook the policy allows)",
+        "requestBody": _json_body(Route)}},
+    "/meters/{meter_id}/ems/messages": {"post": {"summary": "EMS -> meter", "requestBody": _json_body(ToMeter)}},
+    "/": {"post": {"summary": "Meter -> EMS (MQTT connector, X-Topic meters/<id>/up/ems)",
+                   "requestBody": _json_body(EmsMessage)}},
+}
+
+
 def _require_twin(meter_id: str) -> None:
     twin_store(get_redis()).get(meter_id)
 

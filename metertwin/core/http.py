@@ -72,7 +72,11 @@ def text_response(text: str, status: int = 200, content_type: str = "text/plain"
 
 
 def error_response(exc: MeterTwinError) -> Response:
-    return json_response(exc.to_dict(), http_status(exc))
+    response = json_response(exc.to_dict(), http_status(exc))
+    if isinstance(exc, MethodNotAllowed) and exc.details.get("allowed"):
+        # RFC 9110: a 405 names the methods the resource supports.
+        response["headers"]["Allow"] = ", ".join(exc.details["allowed"])
+    return response
 
 
 #: What the caller sees for a bug; the traceback goes to the function's log.
@@ -310,5 +314,6 @@ class Router:
                 auth.authorize(principal, route.scopes, meter_id)
             return route.fn, Request(event, params, principal)
         if allowed:
-            raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {sorted(set(allowed))}")
+            methods = sorted(set(allowed))
+            raise MethodNotAllowed(f"method {method} is not allowed on {path}; allowed: {methods}", allowed=methods)
         raise NotFound(f"no route for {method} {path}")
