@@ -123,6 +123,9 @@ class EmbeddedStack:
             # A stable instance name is a stable MQTT session: a restarted gateway gets the
             # messages its predecessor had not acknowledged.
             args += ["--instance", f"stack-{zone}"]
+        if "--workers" not in args:
+            # One worker per zone: plain subscriptions, which survive a broker restart.
+            args.append("--mqtt-no-share")
         self.gateways[zone] = factory(
             self.stack_path, zone, port=self.ports[zone], secrets_dir=self.secrets_dir, env=env,
             args=args, log_path=self.dir / f"gateway-{zone}.log",

@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="async calls run at once per worker")
     p.add_argument("--mqtt-concurrency", type=int, default=defaults.mqtt_concurrency,
                    help="MQTT messages in flight per worker (the session's Receive Maximum)")
+    p.add_argument("--mqtt-no-share", action="store_true",
+                   help="subscribe plainly instead of in the zone's shared group: only for a zone served by "
+                   "one worker; survives broker restarts (Mosquitto 2.0 does not restore shared subscriptions)")
     p.add_argument("--no-background", action="store_true",
                    help="serve HTTP only: no async worker, MQTT or cron connectors")
     p.add_argument("--log-level", default="info")
@@ -50,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background,
                "async_concurrency": args.async_concurrency,
-               "mqtt_concurrency": args.mqtt_concurrency, "exec_timeout_s": args.exec_timeout}
+               "mqtt_concurrency": args.mqtt_concurrency, "exec_timeout_s": args.exec_timeout,
+               "mqtt_shared": not args.mqtt_no_share}
     try:
         if args.workers > 1:
             if args.port == 0:
                 print("gateway: --port 0 needs --workers 1", file=sys.stderr)
+                return 2
+            if args.mqtt_no_share:
+                print("gateway: --mqtt-no-share needs --workers 1 (every worker would get every message)",
+                      file=sys.stderr)
                 return 2
             instance = args.instance or f"{socket.gethostname()}-{args.zone}-{args.port}"
             # Each worker process builds its own app through the factory; names must differ per worker.

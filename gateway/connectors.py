@@ -1,7 +1,9 @@
 """Event connectors, as OpenFaaS's mqtt-connector and cron-connector do it, inside the gateway.
 
 MQTT (annotation ``topic``, comma-separated filters): one MQTT v5 session per gateway
-worker subscribes to ``$share/gw-<zone>/<filter>`` (the zone's workers split the load)
+worker subscribes to ``$share/gw-<zone>/<filter>`` (the zone's workers split the load; a
+zone served by one worker may subscribe plainly, ``--mqtt-no-share``, which survives a
+broker restart: Mosquitto 2.0 does not restore shared subscriptions of persistent sessions)
 with a subscription identifier per filter, so a message is routed to exactly the
 functions whose filter it matched. Each message invokes the function with the payload as
 body, ``POST /``, headers ``X-Topic``, ``Content-Type: application/json`` and the
@@ -205,6 +207,7 @@ class MqttConnector:
         client_id: str,
         concurrency: int = 16,
         session_expiry_s: int = 300,
+        shared: bool = True,
     ) -> None:
         self.zone = zone
         self.invoke = invoke
@@ -212,6 +215,10 @@ class MqttConnector:
         self.host, self.port = host, port
         self.concurrency = concurrency
         self.session_expiry_s = session_expiry_s
+        #: Subscribe as ``$share/gw-<zone>/...`` (workers split the load) or plainly (one worker
+        #: per zone). Mosquitto 2.0 restores a persistent session's plain subscriptions after a
+        #: broker restart but not its shared ones, so a lone worker loses nothing across one.
+        self.share = shared
         self.filters: list[str] = []
         self.routes: dict[str, list[str]] = {}
         for spec in specs:
@@ -232,7 +239,7 @@ class MqttConnector:
         self._thread: threading.Thread | None = None
         self._tasks: set[concurrent.futures.Future[None]] = set()
         speed_up_paho()  # one ReasonCode per acknowledged message: keep it cheap
-        self.client_id = session_client_id(client_id, self.filters)
+        self.client_id = session_client_id(client_id, [self.shared(t) for t in self.filters])
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )
@@ -253,7 +260,8 @@ class MqttConnector:
         return self._ready.is_set()
 
     def shared(self, topic: str) -> str:
-        return f"$share/gw-{self.zone}/{topic}"
+        """The filter this worker subscribes to for ``topic`` (shared group or plain)."""
+        return f"$share/gw-{self.zone}/{topic}" if self.share else topic
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:

@@ -123,6 +123,7 @@ class GatewayLifecycle(FunctionInvoker):
             host=s.mqtt_host, port=s.mqtt_port, username=s.mqtt_username,
             password=s.mqtt_password.get_secret_value(), client_id=f"gw-{self.zone}-{self.instance}",
             concurrency=self.options.mqtt_concurrency, session_expiry_s=self.options.mqtt_session_expiry_s,
+            shared=self.options.mqtt_shared,
         )
         self.mqtt.start()
 

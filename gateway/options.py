@@ -24,6 +24,8 @@ class GatewayOptions:
     #: MQTT messages in flight per worker (the session's Receive Maximum).
     mqtt_concurrency: int = 16
     mqtt_session_expiry_s: int = 300
+    #: Subscribe in the zone's shared group (several workers) or plainly (one worker per zone).
+    mqtt_shared: bool = True
     token_ttl_s: int = 3600
     #: Run the async worker, MQTT and cron connectors (off for a pure HTTP benchmark).
     background: bool = True

@@ -127,13 +127,6 @@ def test_no_reading_lost_or_applied_twice_through_faults(stack: EmbeddedStack) -
         run.stop()
     print(table(list(results.values())))
     assert len(results) == 7
-    broker = results.pop("restart mosquitto")
     for r in results.values():
         assert r.sent > 0, r
         assert (r.fault, r.lost, r.duplicated, r.edge_caught_up) == (r.fault, 0, 0, True), r
-    # Mosquitto 2.0.11 restores persistent sessions but not their shared subscriptions: what a
-    # meter publishes after the restart and before the gateways have subscribed again has no
-    # subscriber (docs/security.md, "Persistence and secrets"). Nothing is applied twice, and
-    # the loss is bounded by that window: at most a reading or two per meter.
-    assert broker.duplicated == 0, broker
-    assert broker.lost <= 2 * len(run.meter_ids), broker
