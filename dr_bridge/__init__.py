@@ -13,8 +13,9 @@ never imports :mod:`metertwin.dr`: it calls the ``dr-event`` function through th
 in-process, for tests and the demo), and that function holds the decisions, event state and execution.
 """
 
-from dr_bridge.bridge import Bridge, BridgeConfig, TwinVen
+from dr_bridge.bridge import Bridge, BridgeConfig
 from dr_bridge.invoke import HttpInvoker, Invoke, handler_invoker
 from dr_bridge.shard import in_shard, shard_of
+from dr_bridge.ven import TwinVen
 
 __all__ = ["Bridge", "BridgeConfig", "HttpInvoker", "Invoke", "TwinVen", "handler_invoker", "in_shard", "shard_of"]

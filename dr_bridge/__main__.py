@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--due-poll", type=float, default=0.5, help="seconds between POST /due calls")
     p.add_argument("--telemetry-refresh", type=float, default=5.0, help="seconds between telemetry refreshes")
     p.add_argument("--register-concurrency", type=int, default=50)
+    p.add_argument("--register-jitter", type=float, default=10.0,
+                   help="each VEN registers after a random delay within this many seconds (staggered fleet)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -86,7 +88,7 @@ async def run(args: argparse.Namespace) -> int:
         vtn_url=args.vtn_url, cert=args.cert, key=args.key, passphrase=passphrase, ca_file=args.ca_file,
         vtn_fingerprint=args.vtn_fingerprint, sign=not args.no_sign, check_hostname=not args.no_check_hostname,
         due_poll_s=args.due_poll, telemetry_refresh_s=args.telemetry_refresh,
-        register_concurrency=args.register_concurrency,
+        register_concurrency=args.register_concurrency, register_jitter_s=args.register_jitter,
     )
     bridge = Bridge(meters, config, HttpInvoker(args.gateway, service_token(args), function=args.function))
     log.info("shard %d/%d: %d VENs for %s", index, shards, len(meters), args.vtn_url)

@@ -1,37 +1,24 @@
-"""Many twin VENs in one asyncio process, each an ``openleadr.OpenADRClient``.
+"""Many twin VENs in one asyncio process (:class:`~dr_bridge.ven.TwinVen`, one per twin) and what they share.
 
-What the stock client does not do, and :class:`TwinVen` adds:
-
-* ``on_event`` is not a per-event callback here: every ``oadrDistributeEvent`` is sent
-  whole to the ``dr-event`` function (one HTTP call per delivery), which also sees
-  which events are *missing* (implied cancellation). The answer per event (optIn/optOut
-  and an OpenADR response code such as 460 or 462) goes back in one ``oadrCreatedEvent``.
-  Whatever fails — the gateway, the function, a malformed event — the VEN still answers
-  optIn/optOut per event and never raises (an exception would opt out of every event
-  of the message, on every redelivery).
-* A VTN restart loses report registrations (openleadr #186): when the VTN answers again
-  after a poll found it unreachable, the VEN re-registers and re-registers its reports.
-* Registration is retried with backoff instead of giving up when the VTN is down at start.
+:class:`Bridge` owns the VENs of one shard, the ``dr-event`` invoker (every delivery is one
+``POST /events``), the due-action timer (``POST /due``), the telemetry cache the reports read
+(``POST /telemetry``) and the consumer opt-outs to pass on to the VTN (``POST /opts/claim``,
+sent as ``oadrCreateOpt`` by the VEN of that twin, retried until the VTN acknowledges).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from openleadr import OpenADRClient, enums, objects, utils
-
-from dr_bridge.convert import event_ids, normalize_event
+from dr_bridge.convert import normalize_event
 from dr_bridge.invoke import Invoke
-from dr_bridge.security import fast_create_message, read_pem
+from dr_bridge.ven import TwinVen
 
 log = logging.getLogger("dr_bridge")
 
@@ -61,6 +48,10 @@ class BridgeConfig:
     telemetry_refresh_s: float = 5.0
     #: Most registrations in flight at once (a thousand VENs must not stampede the VTN).
     register_concurrency: int = 50
+    #: Each VEN registers after a random delay within this window, so a fleet does not register
+    #: (and then poll) in one burst that tells the VTN its VENs share one process. The service
+    #: (``python -m dr_bridge``) defaults to 10 s; 0 here for tests and benchmarks.
+    register_jitter_s: float = 0.0
     register_retry_max_s: float = 30.0
     #: Offered sampling rates of TELEMETRY_USAGE / TELEMETRY_STATUS.
     min_sampling_s: float = 1.0
@@ -76,194 +67,9 @@ class BridgeStats:
     due_calls: int = 0
     due_errors: int = 0
     reregistrations: int = 0
+    opts_sent: int = 0
     #: event id -> time (monotonic) this process first saw it; for latency measurements.
     first_seen: dict[str, float] = field(default_factory=dict)
-
-
-class TwinVen(OpenADRClient):  # type: ignore[misc]
-    """The VEN of one twin; its ``ven_name`` is the meter id."""
-
-    def __init__(self, meter_id: str, bridge: Bridge) -> None:
-        cfg = bridge.config
-        super().__init__(
-            ven_name=meter_id, vtn_url=cfg.vtn_url, ven_id=meter_id, cert=cfg.cert, key=cfg.key,
-            passphrase=cfg.passphrase, vtn_fingerprint=cfg.vtn_fingerprint, show_fingerprint=False,
-            ca_file=cfg.ca_file, disable_signature=not cfg.sign, check_hostname=cfg.check_hostname,
-        )
-        # apscheduler skips a job that starts more than 1 s late (misfire_grace_time=1): under load a
-        # busy loop would silently drop polls. Run late polls anyway, merging missed ones.
-        self.scheduler.configure(job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1})
-        if cfg.cert and cfg.key:
-            # openleadr re-parses the private key for every signature (~65 ms with RSA): parse once.
-            self._create_message = functools.partial(
-                fast_create_message, cert=read_pem(cfg.cert), key=read_pem(cfg.key), passphrase=cfg.passphrase,
-                disable_signature=not cfg.sign)
-        self.meter_id = meter_id
-        self.bridge = bridge
-        self.registered = asyncio.Event()
-        self._answered = False
-        self._vtn_lost = False
-        self.add_hook("after_receive_xml", self._on_any_response)
-        self._add_reports()
-
-    # --- reports ---------------------------------------------------------------------
-    def _add_reports(self) -> None:
-        cfg = self.bridge.config
-        sampling = objects.SamplingRate(
-            min_period=timedelta(seconds=cfg.min_sampling_s), max_period=timedelta(seconds=cfg.max_sampling_s),
-            on_change=False)
-        duration = timedelta(seconds=cfg.report_duration_s)
-        self.add_report(callback=self._usage, resource_id=self.meter_id, measurement="real_power", unit="W",
-                        report_specifier_id=f"usage-{self.meter_id}", r_id=f"{self.meter_id}-power",
-                        report_name=enums.REPORT_NAME.TELEMETRY_USAGE, report_duration=duration,
-                        sampling_rate=sampling)
-        for name in ("online", "load_limit_w"):
-            self.add_report(callback=lambda n=name: self._status(n), resource_id=self.meter_id,
-                            report_specifier_id=f"status-{self.meter_id}", r_id=f"{self.meter_id}-{name}",
-                            report_name=enums.REPORT_NAME.TELEMETRY_STATUS, report_duration=duration,
-                            reading_type=enums.READING_TYPE.X_NOT_APPLICABLE,
-                            sampling_rate=sampling)
-
-    def _usage(self) -> list[tuple[Any, float]]:
-        value = self.bridge.telemetry_value(self.meter_id, "power_w")
-        return [] if value is None else [(_utcnow(), float(value))]
-
-    def _status(self, name: str) -> list[tuple[Any, float]]:
-        data = self.bridge.telemetry.get(self.meter_id)
-        if not data:
-            return [(_utcnow(), 0.0)] if name == "online" else []
-        if name == "online":
-            return [(_utcnow(), 1.0 if data.get("online") else 0.0)]
-        limit = data.get("load_limit_w")
-        # -1 means "no load limit in force" (a float is all TELEMETRY_STATUS carries here).
-        return [(_utcnow(), -1.0 if limit is None else float(limit))]
-
-    async def update_report(self, report_request_id: str) -> None:
-        # openleadr's create_report shares one r_id list between the report requests of one
-        # message (a list built outside its loop): keep each request to its own report's points.
-        request = utils.find_by(self.report_requests, "report_request_id", report_request_id)
-        if request is not None:
-            spec = request["report_specifier_id"]
-            request["r_ids"] = [r for r in request["r_ids"] if (spec, r) in self.report_callbacks]
-        await super().update_report(report_request_id)
-
-    # --- events ----------------------------------------------------------------------
-    async def _on_event(self, message: dict[str, Any]) -> None:
-        """Answer every event of one delivery; never raises."""
-        try:
-            await self._answer_events(message)
-        except Exception:  # the VEN must keep polling whatever happens
-            log.exception("VEN %s: could not answer a delivery", self.meter_id)
-
-    async def _answer_events(self, message: dict[str, Any]) -> None:
-        events = message.get("events") or []
-        if not isinstance(events, list):
-            events = [events]
-        invalid_vtn_id = str(message.get("vtn_id") or "").islower()
-        answers = await self.bridge.deliver(self, message, events)
-        responses = []
-        for event in events:
-            ids = event_ids(event)
-            if ids is None:
-                continue  # nothing to answer to without an id
-            event_id, mod = ids
-            answer = answers.get(event_id)
-            if answer is None:
-                # The function could not be reached: keep an earlier answer, else decline (469).
-                previous = self.responded_events.get(event_id)
-                answer = {"opt": previous or "optOut", "response_code": 200 if previous else 469}
-            opt = answer.get("opt") if answer.get("opt") in ("optIn", "optOut") else "optOut"
-            self.responded_events[event_id] = opt
-            if event.get("response_required", "always") != "always":
-                continue
-            try:
-                if utils.determine_event_status(event["active_period"]) == "completed":
-                    continue
-            except Exception:  # a malformed active period is answered, with the function's code
-                pass
-            code = int(answer.get("response_code", 200))
-            responses.append({"response_code": code, "response_description": "OK" if code == 200 else "ERROR",
-                              "opt_type": opt, "request_id": message.get("request_id"),
-                              "modification_number": mod, "event_id": event_id})
-        self.received_events = [e for e in events if event_ids(e) is not None]
-        self.bridge.stats.events_answered += len(responses)
-        if not responses:
-            return
-        response = {"response_code": enums.STATUS_CODES.INVALID_ID if invalid_vtn_id else 200,
-                    "response_description": "ERROR" if invalid_vtn_id else "OK",
-                    "request_id": message.get("request_id")}
-        xml = self._create_message("oadrCreatedEvent", response=response, event_responses=responses,
-                                   ven_id=self.ven_id)
-        await self._perform_request("EiEvent", xml)
-
-    # --- polling, VTN restarts ----------------------------------------------------------
-    async def _on_any_response(self, _xml: str) -> None:
-        self._answered = True
-
-    async def poll(self) -> tuple[str | None, dict[str, Any]]:
-        self._answered = False
-        result = await super().poll()
-        if not self._answered:
-            if not self._vtn_lost:
-                log.warning("VEN %s: VTN %s unreachable", self.meter_id, self.vtn_url)
-            self._vtn_lost = True
-            return None, {}
-        if self._vtn_lost:
-            self._vtn_lost = False
-            await self.reregister()
-        if not result:
-            return None, {}
-        return result  # type: ignore[no-any-return]
-
-    async def reregister(self) -> None:
-        """Register again, and the reports with it: a restarted VTN has forgotten both (openleadr #186)."""
-        self.bridge.stats.reregistrations += 1
-        requests: list[dict[str, Any]] = list(self.report_requests)
-        for request in requests:
-            job = request.get("job")
-            if job is not None:
-                with contextlib.suppress(Exception):  # already gone
-                    job.remove()
-        self.report_requests.clear()
-        self.incomplete_reports.clear()
-        await self.create_party_registration(ven_id=self.ven_id)
-        if self.registration_id:
-            await self.register_reports(self.reports)
-            await self.sync_events()
-
-    async def start(self) -> None:
-        """Register (retrying with backoff while the VTN is unreachable) and start polling."""
-        delay = 1.0
-        while True:
-            await self.run()
-            if self.registration_id:
-                self._drop_status_log_job()
-                self.registered.set()
-                return
-            self.client_session = None  # run() closed it when registration failed
-            self.scheduler.remove_all_jobs()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self.bridge.config.register_retry_max_s)
-
-    def _drop_status_log_job(self) -> None:
-        # openleadr logs event status changes every 10 s per VEN; the twin keeps the status itself,
-        # and a thousand such jobs are a tenth of the idle CPU.
-        for job in self.scheduler.get_jobs():
-            if getattr(job.func, "__name__", "") == "_event_status_log":
-                job.remove()
-
-    async def stop(self) -> None:
-        try:
-            if self.client_session is not None:
-                await super().stop()
-            elif self.scheduler.running:
-                self.scheduler.shutdown(wait=False)
-        except Exception:  # stopping must not fail the others
-            log.debug("VEN %s: error while stopping", self.meter_id, exc_info=True)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Bridge:
@@ -280,6 +86,7 @@ class Bridge:
         self.stats = BridgeStats()
         self._tasks: list[asyncio.Task[Any]] = []
         self._starting: list[asyncio.Task[Any]] = []
+        self._opt_tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, wait: bool = True) -> None:
         """Create and register every VEN; with ``wait``, return once all are registered."""
@@ -287,6 +94,8 @@ class Bridge:
         limit = asyncio.Semaphore(self.config.register_concurrency)
 
         async def start_one(ven: TwinVen) -> None:
+            if self.config.register_jitter_s > 0:  # staggered, outside the concurrency limit
+                await asyncio.sleep(random.uniform(0, self.config.register_jitter_s))
             async with limit:
                 await ven.start()
 
@@ -299,17 +108,22 @@ class Bridge:
             await asyncio.gather(*self._starting)
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._starting]:
+        for task in [*self._tasks, *self._starting, *self._opt_tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._starting, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._starting, *self._opt_tasks, return_exceptions=True)
         await asyncio.gather(*(v.stop() for v in self.vens.values()), return_exceptions=True)
         close = getattr(self.invoke, "close", None)
         if close is not None:
             await close()
 
     # --- the function ------------------------------------------------------------------
-    async def deliver(self, ven: TwinVen, message: dict[str, Any], events: list[Any]) -> dict[str, dict[str, Any]]:
-        """Send one delivery to ``dr-event``; event id -> answer, or {} when the function failed."""
+    async def deliver(self, ven: TwinVen, message: dict[str, Any], events: list[Any],
+                      rejected_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Send one delivery to ``dr-event``; event id -> answer, or {} when the function failed.
+
+        ``rejected_ids``: events of the message the VEN itself rejected (schema-invalid); still
+        listed by the VTN, so they must not count as an implied cancellation.
+        """
         now = time.monotonic()
         normalized = []
         for event in events:
@@ -319,7 +133,7 @@ class Bridge:
                 self.stats.first_seen.setdefault(str(doc["event_id"]), now)
         body = {"meter_id": ven.meter_id, "ven_id": ven.ven_id or ven.meter_id,
                 "vtn_id": str(message.get("vtn_id") or ""), "request_id": message.get("request_id"),
-                "events": normalized}
+                "events": normalized, "rejected_event_ids": [str(i) for i in rejected_ids or []]}
         self.stats.deliveries += 1
         # A redelivery is idempotent in dr-event (same modification -> same answer), so a failed
         # call is retried a few times before the VEN has to answer without the twin (optOut 469).
@@ -352,7 +166,33 @@ class Bridge:
         if status != 200:
             self.stats.due_errors += 1
             log.warning("dr-event /due answered %s: %s", status, out)
+        if out.get("opts_pending"):
+            await self.claim_opts()
         return out
+
+    async def claim_opts(self) -> None:
+        """Fetch the twins' opt-outs (consumers opting out mid-event) and send each as ``oadrCreateOpt``."""
+        ids = [m for m in self.meter_ids if m in self.vens]
+        for i in range(0, len(ids), 1000):
+            status, out = await self.invoke("POST", "/opts/claim", {"meter_ids": ids[i:i + 1000]})
+            if status != 200:
+                log.warning("dr-event /opts/claim answered %s: %s", status, out)
+                continue
+            for opt in out.get("opts", []):
+                ven = self.vens.get(str(opt.get("meter_id")))
+                if ven is not None:
+                    task = asyncio.create_task(self._send_opt(ven, opt))
+                    self._opt_tasks.add(task)
+                    task.add_done_callback(self._opt_tasks.discard)
+
+    async def _send_opt(self, ven: TwinVen, opt: dict[str, Any]) -> None:
+        """Until the VTN acknowledges it (a restart may intervene): opts are not to be lost."""
+        delay = 1.0
+        while not await ven.opt_out(str(opt["event_id"]), int(opt.get("modification_number") or 0),
+                                    str(opt.get("reason") or "")):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        self.stats.opts_sent += 1
 
     async def _due_loop(self) -> None:
         while True:

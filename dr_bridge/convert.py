@@ -31,6 +31,10 @@ def _epoch(value: Any) -> float | None:
     return None
 
 
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def _targets(targets: Any) -> list[dict[str, Any]]:
     """Target values as strings: openleadr turns an all-digit id ("0421", a meter number) into an int."""
     out = []
@@ -64,6 +68,7 @@ def normalize_event(event: Any) -> dict[str, Any]:
     tolerance = period.get("tolerance") or {}
     startafter = (tolerance.get("tolerate") or {}).get("startafter", tolerance.get("startafter"))
     out["startafter_s"] = _seconds(startafter) or 0.0
+    out["recovery_s"] = max(0.0, _seconds(period.get("recovery") or period.get("recovery_period")) or 0.0)
     signals = event.get("event_signals") or []
     if isinstance(signals, dict):
         signals = signals.get("event_signals", [])
@@ -83,7 +88,11 @@ def normalize_event(event: Any) -> dict[str, Any]:
             intervals.append({"start": begin, "duration_s": length, "payload": payload})
             cursor = begin + length
         signal_id = signal.get("signal_id")
+        measurement = signal.get("measurement") or {}
         out["signals"].append({"name": signal.get("signal_name"), "type": signal.get("signal_type"),
-                               "id": None if signal_id is None else str(signal_id), "intervals": intervals})
+                               "id": None if signal_id is None else str(signal_id), "intervals": intervals,
+                               # itemBase, itemUnits, siScaleCode: dr-event honours them, or rejects the signal
+                               "item_base": _text(measurement.get("name")), "units": _text(measurement.get("unit")),
+                               "scale": _text(measurement.get("scale"))})
     out["targets"] = _targets(event.get("targets") or [])
     return out

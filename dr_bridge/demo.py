@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from lxml import etree
 from openleadr import OpenADRServer, objects, utils
-from openleadr.service import VTNService
+from openleadr.service import OptService, VTNService, vtn_service
 
 from dr_bridge.bridge import Bridge, BridgeConfig, quiet_scheduler_logs
 from dr_bridge.invoke import HttpInvoker, Invoke
+from dr_bridge.oadr_xml import parse_tree
 
 log = logging.getLogger("dr_bridge.demo")
 
@@ -48,6 +50,7 @@ class OptAnswer:
     at: float
     #: The message-level code (452 when the VTN id is all lower case).
     message_code: int = 200
+    description: str = ""
 
 
 @dataclass
@@ -57,6 +60,29 @@ class ReportValue:
     r_id: str
     value: float
     at: float
+    #: A TELEMETRY_STATUS point's oadrPayloadResourceStatus, as parsed.
+    status: dict[str, Any] | None = None
+    #: When the VEN sampled it (the report interval's dtstart).
+    sampled: datetime | None = None
+
+
+@dataclass
+class OptReceived:
+    ven_id: str
+    event_id: str
+    modification_number: int
+    opt_type: str
+    opt_reason: str
+    at: float
+
+
+def _keep_ids(content: bytes) -> tuple[str, dict[str, Any]]:
+    """openleadr's VTN parser, keeping identifiers strings (it makes ``"0042001234"`` the int 42001234)."""
+    return parse_tree(etree.fromstring(content))
+
+
+#: The fixed itemDescription of each itemBase (EMIX schema).
+_ITEM_DESCRIPTIONS = {"powerReal": "RealPower", "currencyPerKWh": "currencyPerKWh", "energyReal": "RealEnergy"}
 
 
 class UtilityVtn:
@@ -88,6 +114,11 @@ class UtilityVtn:
         self.registered: dict[str, str] = {}
         self.report_registrations: dict[str, int] = {}
         self.issued_at: dict[str, float] = {}
+        #: ven id -> when (monotonic) each registration arrived.
+        self.registered_at: dict[str, list[float]] = {}
+        self.opts: list[OptReceived] = []
+        #: Every report value received, also those of report requests this VTN no longer knows (restart).
+        self.raw_reports: list[ReportValue] = []
         self.server: OpenADRServer | None = None
 
     @property
@@ -97,6 +128,8 @@ class UtilityVtn:
 
     async def start(self) -> None:
         quiet_scheduler_logs()
+        # The utility's VTN keeps ids as strings, as the VENs do (openleadr's parser would not).
+        vtn_service.parse_message = _keep_ids
         extra = {"ven_lookup": self._ven_lookup} if self.ven_fingerprint else {}
         server = OpenADRServer(vtn_id=self.vtn_id, http_port=self.port, http_host=self.host,
                                requested_poll_freq=timedelta(seconds=self.poll_s), show_fingerprint=False,
@@ -112,12 +145,51 @@ class UtilityVtn:
             for r in payload.get("event_responses", []):
                 self.answers.append(OptAnswer(payload.get("ven_id", ""), str(r.get("event_id")),
                                               int(r.get("modification_number") or 0), str(r.get("opt_type")),
-                                              int(r.get("response_code") or 0), now, message_code))
+                                              int(r.get("response_code") or 0), now, message_code,
+                                              str(r.get("response_description") or "")))
             return await original(payload)
 
         events.handlers["oadrCreatedEvent"] = created_event
+        reports = server.services["report_service"]
+        update_report = reports.handlers["oadrUpdateReport"]
+
+        async def updated_report(payload: dict[str, Any]) -> Any:
+            self._record_raw_reports(payload)
+            for report in payload.get("reports", []):  # openleadr's handler reads floats only
+                for interval in report.get("intervals", []):
+                    rp = interval.get("report_payload") or {}
+                    if "payload_resource_status" in rp:
+                        rp["value"] = 1.0 if (rp["payload_resource_status"] or {}).get("online") else 0.0
+            return await update_report(payload)
+
+        reports.handlers["oadrUpdateReport"] = updated_report
+        # openleadr's VTN has no EiOpt endpoint (its OptService is a stub, not routed): add one.
+        opts = OptService(self.vtn_id)
+        opts.handlers["oadrCreateOpt"] = self._create_opt
+        server.services["opt_service"] = opts
+        server.app.router.add_post(f"{server.http_path_prefix}/{opts.__service_name__}", opts.handler)
         await server.run()
         self.server = server
+
+    def _record_raw_reports(self, payload: dict[str, Any]) -> None:
+        now = time.monotonic()
+        ven_id = str(payload.get("ven_id", ""))
+        for report in payload.get("reports", []):
+            name = str(report.get("report_name", ""))
+            for interval in report.get("intervals", []):
+                rp = interval.get("report_payload") or {}
+                status = rp.get("payload_resource_status")
+                value = float(rp["value"]) if "value" in rp else 1.0 if (status or {}).get("online") else 0.0
+                self.raw_reports.append(ReportValue(ven_id, name, str(rp.get("r_id")), value, now, status,
+                                                    interval.get("dtstart")))
+
+    async def _create_opt(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        self.opts.append(OptReceived(str(payload.get("ven_id")), str(payload.get("event_id")),
+                                     int(payload.get("modification_number") or 0), str(payload.get("opt_type")),
+                                     str(payload.get("opt_reason")), time.monotonic()))
+        return "oadrCreatedOpt", {"opt_id": payload.get("opt_id"),
+                                  "response": {"response_code": 200, "response_description": "OK",
+                                               "request_id": payload.get("request_id")}}
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -134,6 +206,7 @@ class UtilityVtn:
     def _register(self, payload: dict[str, Any]) -> tuple[str, str]:
         self.registration_attempts += 1
         ven_id = str(payload.get("ven_id") or payload["ven_name"])
+        self.registered_at.setdefault(ven_id, []).append(time.monotonic())
         self.registered[ven_id] = self.registered.get(ven_id) or f"reg-{uuid.uuid4().hex[:12]}"
         return ven_id, self.registered[ven_id]
 
@@ -161,8 +234,14 @@ class UtilityVtn:
     def issue(self, ven_ids: list[str], *, signal_name: str = "SIMPLE", signal_type: str = "level",
               intervals: list[tuple[float, float, float]], event_id: str | None = None,
               startafter_s: float = 0.0, targets: list[dict[str, Any]] | None = None,
-              market_context: str = "oadr://metertwin/dr") -> str:
-        """Queue one event for each VEN; ``intervals`` are (start offset s, duration s, payload)."""
+              market_context: str = "oadr://metertwin/dr", measurement: tuple[str, str, str] | None = None,
+              test_event: bool | None = None, recovery_s: float = 0.0) -> str:
+        """Queue one event for each VEN; ``intervals`` are (start offset s, duration s, payload).
+
+        ``measurement``: the signal's (itemBase, itemUnits, siScaleCode), e.g. ("powerReal", "W", "k").
+        A ``signal_name`` openleadr refuses (not in the 2.0b list) is sent anyway: a foreign VTN may.
+        An interval of duration 0 as the only one makes an open-ended event (``PT0S``).
+        """
         assert self.server is not None, "start() the VTN first"
         event_id = event_id or f"ev-{uuid.uuid4().hex[:10]}"
         now = datetime.now(UTC)
@@ -173,13 +252,23 @@ class UtilityVtn:
             end = max(i.dtstart + i.duration for i in ivs)
             period = objects.ActivePeriod(dtstart=start, duration=end - start,
                                           tolerance={"startafter": timedelta(seconds=startafter_s)}
-                                          if startafter_s else None)
+                                          if startafter_s else None,
+                                          recovery_period=timedelta(seconds=recovery_s) if recovery_s else None)
+            signal = objects.EventSignal(intervals=ivs, signal_name="SIMPLE", signal_type=signal_type,
+                                         signal_id=uuid.uuid4().hex[:8])
+            signal.signal_name = signal_name  # after the constructor, which would refuse a foreign name
+            if measurement is not None:
+                name, unit, scale = measurement
+                # the schema requires powerAttributes with every power item
+                power = objects.PowerAttributes(hertz=50, voltage=230, ac=True) if name.startswith("power") else None
+                signal.measurement = objects.Measurement(name=name, description=_ITEM_DESCRIPTIONS.get(name, name),
+                                                         unit=unit, scale=scale, power_attributes=power)
             event = objects.Event(
                 event_descriptor=objects.EventDescriptor(
                     event_id=event_id, modification_number=0, market_context=market_context,
-                    event_status=utils.determine_event_status(period.__dict__), created_date_time=now, priority=0),
-                event_signals=[objects.EventSignal(intervals=ivs, signal_name=signal_name, signal_type=signal_type,
-                                                   signal_id=uuid.uuid4().hex[:8])],
+                    event_status=utils.determine_event_status(period.__dict__), created_date_time=now, priority=0,
+                    test_event=test_event),
+                event_signals=[signal],
                 targets=targets if targets is not None else [{"ven_id": ven_id}],
                 active_period=period)
             self._queue(ven_id, event)
@@ -198,18 +287,22 @@ class UtilityVtn:
         return utils.find_by(self.server.events.get(ven_id, []), "event_descriptor.event_id", event_id)
 
     def modify(self, ven_ids: list[str], event_id: str, *, payload: float | None = None,
-               duration_s: float | None = None) -> None:
-        """A modification: new payload and/or duration, modification number + 1."""
+               duration_s: float | None = None, start_in_s: float | None = None) -> None:
+        """A modification: new payload, duration and/or start (``start_in_s`` from now), modification number + 1."""
         for ven_id in ven_ids:
             event = self._find(ven_id, event_id)
             if event is None:
                 continue
+            shift = (datetime.now(UTC) + timedelta(seconds=start_in_s) - event.active_period.dtstart) \
+                if start_in_s is not None else timedelta(0)
             for signal in event.event_signals:
                 for interval in signal.intervals:
                     if payload is not None:
                         interval.signal_payload = payload
                     if duration_s is not None and len(signal.intervals) == 1:
                         interval.duration = timedelta(seconds=duration_s)
+                    interval.dtstart = interval.dtstart + shift
+            event.active_period.dtstart = event.active_period.dtstart + shift
             if duration_s is not None:
                 event.active_period.duration = timedelta(seconds=duration_s)
             event.event_descriptor.modification_number += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,18 @@ def read_pem(path: str) -> bytes:
 
 def fast_create_message(message_type: str, cert: bytes | None = None, key: bytes | None = None,
                         passphrase: str | None = None, disable_signature: bool = False,
+                        shape: Callable[..., str] | None = None, shape_args: dict[str, Any] | None = None,
                         **message_payload: Any) -> str:
-    """openleadr.messaging.create_message, with the private key parsed once (cached) instead of per message."""
+    """openleadr.messaging.create_message, with the private key parsed once (cached) instead of per message.
+
+    ``shape(message_type, signed_object, **shape_args)`` may rewrite the rendered object before it is
+    signed (see :func:`dr_bridge.oadr_xml.shape_signed_object`).
+    """
     message_payload = preflight_message(message_type, message_payload)
     template = messaging.TEMPLATES.get_template(f"{message_type}.xml")
     signed_object = utils.flatten_xml(template.render(**message_payload))
+    if shape is not None:
+        signed_object = shape(message_type, signed_object, **(shape_args or {}))
     envelope = messaging.TEMPLATES.get_template("oadrPayload.xml")
     signature = None
     if cert and key and not disable_signature:

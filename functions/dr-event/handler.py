@@ -12,9 +12,11 @@ execution (see :mod:`metertwin.dr.schedule`). Routes (after ``/function/<zone>-d
   does the same as a once-a-minute backstop.
 * ``POST /telemetry`` (service) ``{"meter_ids": [...]}`` — power and status per twin for
   TELEMETRY_USAGE / TELEMETRY_STATUS reports.
+* ``POST /opts/claim`` (service) ``{"meter_ids": [...]}`` — the opt-outs these twins' VENs are to
+  send as ``oadrCreateOpt`` (consumers opting out mid-event); ``POST /due`` counts them (``opts_pending``).
 * ``GET /meters/{meter_id}/events[/{event_id}]`` (utility, consumer, ems) — the twin's events.
 * ``GET|PUT /meters/{meter_id}/dr-preferences`` — the consumer's preferences
-  (PUT: consumer, ems; GET: also utility).
+  (PUT: consumer, ems; GET: also utility). Opting out stops the events in progress too.
 * ``GET /events`` and ``GET /events/{event_id}`` (utility) — the operator's view: every
   twin's answer to an event and the load shed against each twin's baseline.
 """
@@ -46,6 +48,8 @@ OPERATORS = {"utility"}
 
 
 class TelemetryRequest(BaseModel):
+    """The meters a bridge hosts (``/telemetry``, ``/opts/claim``)."""
+
     model_config = ConfigDict(extra="forbid")
 
     meter_ids: list[str] = Field(min_length=1, max_length=10_000)
@@ -75,7 +79,8 @@ def due(req: Request) -> Response:
     store = _store()
     counts = execution.execute_due(store)
     nxt = store.next_due()
-    return json_response({**counts, "next_due_in_s": None if nxt is None else round(max(0.0, nxt - time.time()), 3)})
+    return json_response({**counts, "next_due_in_s": None if nxt is None else round(max(0.0, nxt - time.time()), 3),
+                          "opts_pending": store.opts_pending()})
 
 
 @router.post("/", scopes={"service"})
@@ -89,6 +94,12 @@ def connector(req: Request) -> Response:
 def telemetry(req: Request) -> Response:
     body = req.json(TelemetryRequest)
     return json_response({"meters": views.telemetry(_store(), body.meter_ids)})
+
+
+@router.post("/opts/claim", scopes={"service"})
+def claim_opts(req: Request) -> Response:
+    body = req.json(TelemetryRequest)
+    return json_response({"opts": _store().claim_opts(body.meter_ids)})
 
 
 @router.get("/meters/{meter_id}/events", scopes=VIEWERS)
@@ -118,8 +129,10 @@ def put_preferences(req: Request) -> Response:
     meter_id = req.params["meter_id"]
     _require_twin(meter_id)
     prefs = req.json(decisions.Preferences)
-    _store().set_preferences(meter_id, prefs)
-    return json_response({"meter_id": meter_id, "preferences": prefs.model_dump()})
+    store = _store()
+    store.set_preferences(meter_id, prefs)
+    stopped = schedule.opt_out_events(store, meter_id) if prefs.opt_out else []
+    return json_response({"meter_id": meter_id, "preferences": prefs.model_dump(), "events_opted_out": stopped})
 
 
 @router.get("/events", scopes=OPERATORS)

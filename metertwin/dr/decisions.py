@@ -1,14 +1,26 @@
 """How a twin answers one OpenADR event: optIn or optOut, the response code, and the plan.
 
 Pure: :func:`decide` reads the event, the consumer's :class:`Preferences` and the twin's
-last measurement (the baseline) and returns a :class:`Decision` whose steps are the load
-limits to send, as offsets from the event start. Nothing here touches Redis.
+baseline and returns a :class:`Decision` whose steps are the load limits to send, as offsets
+from the event start (``None``: no limit, e.g. a SIMPLE level-0 interval). Nothing here
+touches Redis.
+
+Signals (OpenADR 2.0b profile, signal name / type pairs the VEN executes):
+
+* ``SIMPLE`` / ``level`` 0-3 (no units);
+* ``ELECTRICITY_PRICE``, ``ENERGY_PRICE`` / ``price`` (itemBase ``currencyPerKWh`` with its
+  siScaleCode), ``priceRelative``, ``priceMultiplier``;
+* ``LOAD_DISPATCH`` / ``setpoint``, ``delta`` (itemBase ``powerReal`` in W with its
+  siScaleCode), ``multiplier``, ``level`` 0-3.
+
+Any other pair of a supported name is invalid data (454); other names are not supported (460).
+A quantity whose units are missing or not these is rejected (454), never guessed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +43,15 @@ SIMPLE_NAMES = ("SIMPLE", "simple")
 PRICE_NAMES = ("ELECTRICITY_PRICE", "ENERGY_PRICE")
 DISPATCH_NAMES = ("LOAD_DISPATCH",)
 SUPPORTED_SIGNALS = frozenset((*SIMPLE_NAMES, *PRICE_NAMES, *DISPATCH_NAMES))
+#: Signal types the 2.0b profile allows with each supported signal name.
+SIGNAL_TYPES: dict[str, frozenset[str]] = {
+    **{n: frozenset(("level",)) for n in SIMPLE_NAMES},
+    **{n: frozenset(("price", "priceRelative", "priceMultiplier")) for n in PRICE_NAMES},
+    **{n: frozenset(("setpoint", "delta", "multiplier", "level")) for n in DISPATCH_NAMES},
+}
+#: siScaleCode -> factor (emix siscale).
+SI_SCALE = {"p": 1e-12, "n": 1e-9, "micro": 1e-6, "m": 1e-3, "c": 1e-2, "d": 1e-1, "none": 1.0,
+            "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
 
 class Preferences(BaseModel):
@@ -62,18 +83,54 @@ class Decision:
     baseline_w: float | None
 
 
-def targets_match(targets: list[dict[str, Any]], meter_id: str, ven_id: str, groups: list[str]) -> bool:
-    """Whether an event's targets include this twin (no targets: everyone)."""
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """What an event target can name this twin by: its VEN, its resources, its groups."""
+
+    ven_id: str
+    resource_ids: frozenset[str]
+    group_ids: frozenset[str]
+    group_names: frozenset[str]
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list | tuple | set) else [str(value)]
+
+
+def membership(meter_id: str, ven_id: str, profile: dict[str, Any] | None) -> Membership:
+    """The twin's target identities from its registry profile (grid topology, when the registry has it).
+
+    Read: ``resource_id`` / ``resource_ids`` (the meter id is always a resource), ``groups`` (ids,
+    or objects with ``id`` and/or ``name``), ``group_ids``, ``group_names``.
+    """
+    profile = profile or {}
+    resources = {meter_id, *_strings(profile.get("resource_id")), *_strings(profile.get("resource_ids"))}
+    ids, names = set(_strings(profile.get("group_ids"))), set(_strings(profile.get("group_names")))
+    for group in profile.get("groups") or []:
+        if isinstance(group, dict):
+            ids.update(_strings(group.get("id")))
+            names.update(_strings(group.get("name")))
+        else:
+            ids.add(str(group))
+    return Membership(str(ven_id), frozenset(resources), frozenset(ids), frozenset(names))
+
+
+def targets_match(targets: list[dict[str, Any]], member: Membership) -> bool:
+    """Whether an event's targets include this twin (no targets: everyone; several: any of them)."""
     if not targets:
         return True
     for target in targets:
         for kind, value in target.items():
-            values = value if isinstance(value, list) else [value]
-            if kind == "ven_id" and ven_id in values:
+            values = set(_strings(value))
+            if kind == "ven_id" and member.ven_id in values:
                 return True
-            if kind in ("resource_id", "end_device_asset", "meter_asset") and meter_id in values:
+            if kind in ("resource_id", "end_device_asset", "meter_asset") and member.resource_ids & values:
                 return True
-            if kind == "group_id" and set(groups) & {str(v) for v in values}:
+            if kind == "group_id" and member.group_ids & values:
+                return True
+            if kind == "group_name" and member.group_names & values:
                 return True
     return False
 
@@ -85,6 +142,29 @@ def baseline_of(twin: Twin | None, now: float) -> float | None:
     if now - float(twin.measurement.get("ts", 0)) > get_dr_settings().baseline_max_age_s:
         return None
     return max(0.0, float(twin.measurement.get("power_w", 0.0)))
+
+
+def signal_error(signal: SignalIn) -> tuple[int, str] | None:
+    """(code, why) if this signal cannot be executed as sent: name/type pair or units."""
+    if signal.name not in SUPPORTED_SIGNALS:
+        return SIGNAL_NOT_SUPPORTED, f"signal {signal.name!r} is not supported; supported: {sorted(SUPPORTED_SIGNALS)}"
+    allowed = SIGNAL_TYPES[signal.name]
+    if signal.type not in allowed:
+        return INVALID_DATA, f"signal {signal.name} has type {signal.type!r}; OpenADR 2.0b allows {sorted(allowed)}"
+    if signal.scale is not None and signal.scale not in SI_SCALE:
+        return INVALID_DATA, f"siScaleCode {signal.scale!r} is not one of {sorted(SI_SCALE)}"
+    if signal.name in DISPATCH_NAMES and signal.type in ("setpoint", "delta") \
+            and (signal.item_base != "powerReal" or signal.units != "W"):
+        return INVALID_DATA, (f"LOAD_DISPATCH {signal.type} needs itemBase powerReal in W (with siScaleCode); "
+                                  f"got {signal.item_base or 'no itemBase'!s} {signal.units or ''!s}".rstrip())
+    if signal.name in PRICE_NAMES and signal.type == "price" and signal.item_base != "currencyPerKWh":
+        return INVALID_DATA, (f"{signal.name} price needs itemBase currencyPerKWh (the consumer's threshold is "
+                              f"per kWh); got {signal.item_base or 'no itemBase'}")
+    return None
+
+
+def _scale(signal: SignalIn) -> float:
+    return SI_SCALE[signal.scale or "none"]
 
 
 def _limit_for(signal: SignalIn, payload: float, baseline: float | None, flexible: float | None,
@@ -106,24 +186,26 @@ def _limit_for(signal: SignalIn, payload: float, baseline: float | None, flexibl
         return (shed(s.simple_shed_fractions[int(payload) - 1]) if payload else None), None
     if signal.name in PRICE_NAMES:
         if signal.type == "price":
-            return (shed(s.simple_shed_fractions[1]) if payload >= prefs.price_threshold else None), None
+            price = payload * _scale(signal)  # currency per kWh
+            return (shed(s.simple_shed_fractions[1]) if price >= prefs.price_threshold else None), None
         if signal.type == "priceRelative":
             return (shed(s.simple_shed_fractions[1]) if payload > 0 else None), None
         if signal.type == "priceMultiplier":
             return (shed(s.simple_shed_fractions[1]) if payload > 1 else None), None
         return None, f"{signal.name} signal type {signal.type!r} is not price, priceRelative or priceMultiplier"
     if signal.name in DISPATCH_NAMES:
-        # OpenADR LOAD_DISPATCH payloads are in kW (itemBase powerReal, scale k).
+        # setpoint and delta are powerReal: W times the siScaleCode (checked in signal_error).
+        watts = payload * _scale(signal)
         if signal.type == "setpoint":
             if payload < 0:
-                return None, f"LOAD_DISPATCH setpoint {payload!r} kW is negative"
-            return max(floor, payload * 1000.0), None
+                return None, f"LOAD_DISPATCH setpoint {payload!r} ({watts!r} W) is negative"
+            return max(floor, watts), None
         if signal.type == "delta":
             if payload >= 0:
                 return None, None  # more load is allowed: no limit
             if baseline is None:
                 return floor, None
-            return max(floor, baseline + payload * 1000.0), None
+            return max(floor, baseline + watts), None
         if signal.type == "multiplier":
             if payload < 0:
                 return None, f"LOAD_DISPATCH multiplier {payload!r} is negative"
@@ -134,40 +216,66 @@ def _limit_for(signal: SignalIn, payload: float, baseline: float | None, flexibl
     return None, f"signal {signal.name!r} is not supported"
 
 
+def event_end(event: EventIn) -> float:
+    """When the event ends (epoch s); an open-ended event (duration 0, ``PT0S``) lasts until cancelled or
+    modified: its end is ``open_ended_horizon_s`` ahead of its start."""
+    if event.duration_s > 0:
+        return event.start + event.duration_s
+    return event.start + get_dr_settings().open_ended_horizon_s
+
+
 def plan_steps(event: EventIn, baseline: float | None, flexible: float | None,
                prefs: Preferences) -> tuple[list[list[Any]], str | None]:
-    """Steps ``[offset_s, watts|None]`` over the event: at each interval boundary the lowest limit asked."""
+    """Steps ``[offset_s, watts|None]`` over the event: at each interval boundary the lowest limit asked.
+
+    Every interval applies its own level: an interval asking for no limit (SIMPLE level 0) is a
+    ``None`` step that restores the meter, trailing ones included. In an open-ended event, an
+    interval of duration 0 lasts until the event ends.
+    """
+    end = event_end(event)
     spans: list[tuple[float, float, float | None]] = []
     for signal in event.signals:
         for interval in signal.intervals:
             limit, error = _limit_for(signal, interval.payload, baseline, flexible, prefs)
             if error:
                 return [], error
-            spans.append((interval.start, interval.start + interval.duration_s, limit))
-    bounds = sorted({t for a, b, _ in spans for t in (a, b)})
+            stop = interval.start + interval.duration_s if interval.duration_s > 0 or event.duration_s > 0 else end
+            spans.append((interval.start, min(stop, end), limit))
+    bounds = sorted({t for a, b, _ in spans for t in (a, b) if t < end})
     steps: list[list[Any]] = []
     for t in bounds:
         active = [w for a, b, w in spans if a <= t < b and w is not None]
         watts = round(min(active), 1) if active else None
-        if not steps or steps[-1][1] != watts:
-            steps.append([round(t - event.start, 3), watts])
-    while steps and steps[-1][1] is None:
-        steps.pop()  # the end of the event restores anyway
+        if steps and steps[-1][1] == watts:
+            continue
+        if not steps and watts is None:
+            continue  # nothing to restore before the first limit
+        steps.append([round(t - event.start, 3), watts])
     return steps, None
 
 
 def decide(event: EventIn, prefs: Preferences, twin: Twin | None, meter_id: str, ven_id: str,
-           now: float) -> Decision:
-    """optIn or optOut, with the OpenADR response code and the execution plan."""
-    groups = [str(g) for g in (twin.profile.get("groups", []) if twin else [])]
-    if not targets_match(event.targets, meter_id, ven_id, groups):
+           now: float, baseline: float | Literal["measure"] | None = "measure") -> Decision:
+    """optIn or optOut, with the OpenADR response code and the execution plan.
+
+    ``baseline``: the pre-event load (W) to size sheds from; by default the twin's last
+    measurement (:func:`baseline_of`). A modification passes the baseline fixed for the event.
+    """
+    member = membership(meter_id, ven_id, twin.profile if twin else None)
+    if not targets_match(event.targets, member):
         return Decision(OPT_OUT, TARGET_MISMATCH,
-                        f"targets {event.targets!r} do not name ven {ven_id!r} or resource {meter_id!r}", [], None)
-    unsupported = sorted({s.name for s in event.signals} - SUPPORTED_SIGNALS)
-    if unsupported:
-        return Decision(OPT_OUT, SIGNAL_NOT_SUPPORTED,
-                        f"signal(s) {unsupported} not supported; supported: {sorted(SUPPORTED_SIGNALS)}", [], None)
-    baseline = baseline_of(twin, now)
+                        f"targets {event.targets!r} name neither ven {ven_id!r}, resources "
+                        f"{sorted(member.resource_ids)}, groups {sorted(member.group_ids)} nor group names "
+                        f"{sorted(member.group_names)}", [], None)
+    errors = [e for e in (signal_error(s) for s in event.signals) if e]
+    if errors:
+        code = SIGNAL_NOT_SUPPORTED if all(c == SIGNAL_NOT_SUPPORTED for c, _ in errors) else INVALID_DATA
+        return Decision(OPT_OUT, code, "; ".join(why for _, why in errors), [], None)
+    if baseline == "measure":
+        baseline = baseline_of(twin, now)
+    if event.test_event and not get_dr_settings().execute_test_events:
+        return Decision(OPT_IN, OK, "test event: answered, not executed (DR_EXECUTE_TEST_EVENTS is off)", [],
+                        baseline)
     flexible = prefs.flexible_load_w
     if flexible is None and baseline is not None:
         flexible = baseline * get_dr_settings().default_flexible_share
@@ -182,7 +290,7 @@ def decide(event: EventIn, prefs: Preferences, twin: Twin | None, meter_id: str,
     sheds = any(w is not None for _, w in steps)
     if sheds and prefs.flexible_load_w == 0:
         return Decision(OPT_OUT, OK, "consumer has no flexible load to shed", [], baseline)
-    if sheds and baseline is not None and all(w is not None and w >= baseline for _, w in steps):
+    if sheds and baseline is not None and all(w is None or w >= baseline for _, w in steps):
         reason = "opted in; load already at or below the requested limit"
     else:
         reason = "opted in" if sheds else "opted in; no load change needed"

@@ -98,14 +98,19 @@ def _send(store: DrStore, meter_id: str, event_id: str, kind: str, now: float, a
     ends = max((r["end_at"] for e, r in events.items() if e in owners), default=record["end_at"])
     expiry = max(1, min(commands.MAX_EXPIRY_S, math.ceil(ends - now) + 60)) if watts is not None \
         else max(1, int(get_dr_settings().restore_retry_s) or 60)
+    if kind == "step" and watts is None and state.get("watts") is None:
+        return "skipped"  # a no-limit interval (level 0) while nothing limits the meter: nothing to restore
     if kind == "end" and state.get("watts") == watts and state.get("acked") and watts is None:
         command_id = state.get("command_id")  # already unlimited and acknowledged
     else:
         cmd = commands.submit(meter_id, "load_limit", {"watts": watts}, expiry_s=expiry,
                               actor=f"dr:{event_id}")
         command_id = cmd["id"]
+        # The baseline of the event in force: a later event's baseline must not be this curtailed load.
+        baseline = next((events[e].get("baseline_w") for e in owners if events[e].get("baseline_w") is not None),
+                        None)
         store.set_load_control(meter_id, {"watts": watts, "events": owners, "command_id": command_id,
-                                          "sent_at": now, "acked": False})
+                                          "sent_at": now, "acked": False, "baseline_w": baseline})
     phase = state_label or ("restoring" if kind == "end" else "applying")
 
     def change(old: dict[str, Any] | None) -> dict[str, Any] | None:

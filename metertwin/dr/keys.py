@@ -6,7 +6,8 @@ from metertwin.core.keys import PREFIX
 
 # --- demand response ------------------------------------------------------------------
 # Per-meter keys share the hash tag {meter_id}; see metertwin/dr/.
-#: Demand-response records (event hashes, per-event indexes) are kept this long after their last change.
+#: Demand-response records (event hashes, per-event indexes) are kept this long after the event, its
+#: recovery and its randomization window are over (and at least this long after their last change).
 DR_RETENTION_S = 7 * 24 * 3600
 
 
@@ -30,6 +31,13 @@ def dr_event_meters(event_id: str) -> str:
     return f"{PREFIX}:dr:evm:{{{event_id}}}"
 
 
+def dr_opts(meter_id: str) -> str:
+    """List: opt-outs (JSON) the twin's VEN is to send its VTN as ``oadrCreateOpt``."""
+    return f"{PREFIX}:dr:opts:{{{meter_id}}}"
+
+
+#: Set of the zone's meter ids with queued opt-outs (:func:`dr_opts`).
+DR_OPTS_PENDING = f"{PREFIX}:dr:opts-pending"
 #: Sorted set of the zone's event ids, scored by event start (epoch s).
 DR_EVENT_INDEX = f"{PREFIX}:dr:events"
 #: Sorted set of due DR actions (JSON members), scored by when they are due (epoch s).

@@ -8,6 +8,14 @@ zone's due set. A function cannot sleep, so execution is data: whoever calls ``P
 (the bridge's timer, every ``DR_DUE_POLL_S``) runs them (:mod:`metertwin.dr.execution`);
 actions already due on delivery run at once. Events the twin expects but the VTN no longer
 lists are cancelled (implied).
+
+Baseline (the load a shed is sized from): the twin's last measured load when it first decides
+on the event (if younger than ``DR_BASELINE_MAX_AGE_S``); when a DR limit is already in force
+on the meter then, the measurement is curtailed, so the baseline of the event in force is taken.
+It is fixed in the record and kept for every modification of the event.
+
+:func:`opt_out_events` is the consumer opting out mid-event: the twin's opted-in events are
+opted out, the meter restored at once, and an ``oadrCreateOpt`` (optOut) queued for the VEN.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from metertwin.dr.decisions import (
     OPT_OUT,
     OTHER_ERROR,
     Preferences,
+    baseline_of,
     decide,
+    event_end,
 )
 from metertwin.dr.execution import run_action, set_exec
 from metertwin.dr.settings import get_dr_settings
@@ -106,6 +116,7 @@ def handle_delivery(store: DrStore, delivery: Delivery, now: float | None = None
             log.exception("DR event %r of meter %r failed", event_id, meter_id)
             answers.append(_answer(event_id, mod if isinstance(mod, int) else 0, OPT_OUT, OTHER_ERROR,
                                    f"internal error handling event: {type(exc).__name__}"))
+    seen.update(delivery.rejected_event_ids)
     implied = [] if twin is None else _implied_cancellations(store, meter_id, seen, now)
     if twin is not None:
         store.prune(meter_id, now)
@@ -127,11 +138,13 @@ def _handle_event(store: DrStore, event: EventIn, twin: Twin, prefs: Preferences
     if event.status == "cancelled":
         return _cancel(store, meter_id, event.event_id, now, "explicit", event)
 
-    decision = decide(event, prefs, twin, meter_id, delivery.ven_id, now)
+    kept = existing.get("baseline_w") if existing else None
+    decision = decide(event, prefs, twin, meter_id, delivery.ven_id, now,
+                      baseline=kept if kept is not None else _pre_event_baseline(store, meter_id, twin, now))
     offset = existing["offset_s"] if existing and existing.get("startafter_s") == event.startafter_s \
         else round(rng.uniform(0, event.startafter_s), 3) if event.startafter_s > 0 else 0.0
     start_at = event.start + offset
-    end_at = event.start + event.duration_s + offset
+    end_at = event_end(event) + offset
     plan = [[round(start_at + off, 3), w] for off, w in decision.steps]
     record: dict[str, Any] = {
         "event_id": event.event_id, "modification_number": event.modification_number,
@@ -139,7 +152,10 @@ def _handle_event(store: DrStore, event: EventIn, twin: Twin, prefs: Preferences
         "market_context": event.market_context, "priority": event.priority, "test_event": event.test_event,
         "signals": [s.model_dump() for s in event.signals], "targets": event.targets,
         "start": event.start, "duration_s": event.duration_s, "startafter_s": event.startafter_s,
+        "open_ended": event.duration_s == 0, "recovery_s": event.recovery_s,
         "offset_s": offset, "start_at": round(start_at, 3), "end_at": round(end_at, 3),
+        # kept until the event, its recovery and its whole randomization window are over (+ retention)
+        "keep_until": round(end_at - offset + event.startafter_s + event.recovery_s, 3),
         "opt": decision.opt, "response_code": decision.code, "reason": decision.reason,
         "baseline_w": decision.baseline_w, "plan": plan, "cancelled": None,
         "received_at": existing["received_at"] if existing else now, "updated_at": now,
@@ -154,6 +170,9 @@ def _handle_event(store: DrStore, event: EventIn, twin: Twin, prefs: Preferences
             if i >= current:  # past steps are superseded by the current one
                 actions.append((max(at, now), {**base, "k": "step", "s": i}))
         actions.append((end_at, {**base, "k": "end"}))
+        if was_applied and now < start_at:
+            # Moved later while the meter is limited: restore now; the steps shed again at the new start.
+            actions.append((now, {**base, "k": "end"}))
         set_exec(record, "scheduled" if now < start_at else record["exec"]["state"], now)
     elif was_applied:
         # Modified into an opt-out or a no-op while the meter is limited: restore now.
@@ -161,6 +180,44 @@ def _handle_event(store: DrStore, event: EventIn, twin: Twin, prefs: Preferences
     store.update(meter_id, event.event_id, lambda _old: record)
     _schedule_orrun_action(store, actions, now)
     return _answer(event.event_id, event.modification_number, decision.opt, decision.code, decision.reason)
+
+
+def _pre_event_baseline(store: DrStore, meter_id: str, twin: Twin, now: float) -> float | None:
+    """The twin's load before the event (see the module doc): not a measurement curtailed by DR."""
+    in_force = store.load_control(meter_id)
+    if in_force.get("watts") is not None:
+        baseline = in_force.get("baseline_w")
+        return None if baseline is None else float(baseline)
+    return baseline_of(twin, now)
+
+
+def opt_out_events(store: DrStore, meter_id: str, now: float | None = None,
+                   reason: str = "consumer opted out of demand response") -> list[str]:
+    """The consumer opts out now: every opted-in event not yet over is opted out, the meter is restored
+    at once if limited, and an optOut is queued for the VTN (``oadrCreateOpt``, sent by the bridge)."""
+    now = time.time() if now is None else now
+    changed: list[str] = []
+    for event_id, current in store.events(meter_id).items():
+        if current.get("opt") != OPT_IN or current.get("cancelled") or now >= current.get("end_at", 0):
+            continue
+
+        def change(old: dict[str, Any] | None) -> dict[str, Any] | None:
+            if old is None or old.get("opt") != OPT_IN:
+                return None
+            new = dict(old)
+            new.update(opt=OPT_OUT, reason=f"{reason} (during the event)", opted_out_at=now, updated_at=now)
+            return new
+
+        record = store.update(meter_id, event_id, change)
+        if record is None:
+            continue
+        changed.append(event_id)
+        store.queue_opt(meter_id, {"meter_id": meter_id, "event_id": event_id,
+                                   "modification_number": record["modification_number"], "reason": reason})
+        if (record.get("exec") or {}).get("watts_sent") is not None:
+            _schedule_orrun_action(store, [(now, {"m": meter_id, "e": event_id, "n": record["modification_number"],
+                                                  "k": "end"})], now)
+    return changed
 
 
 def _schedule_orrun_action(store: DrStore, actions: list[tuple[float, dict[str, Any]]], now: float) -> None:

@@ -34,6 +34,11 @@ class DrSettings(BaseSettings):
     baseline_max_age_s: float = Field(default=3600.0, gt=0, validation_alias=_env("BASELINE_MAX_AGE_S"))
     #: Events kept per meter (the oldest finished ones are dropped beyond it).
     events_per_meter_max: int = Field(default=50, ge=1, validation_alias=_env("EVENTS_PER_METER_MAX"))
+    #: An open-ended event (duration ``PT0S``) sheds until cancelled or modified; its record and due
+    #: actions need an end: this far after its start (the VTN's cancel or modification comes first).
+    open_ended_horizon_s: float = Field(default=30 * 86_400.0, gt=0, validation_alias=_env("OPEN_ENDED_HORIZON_S"))
+    #: Execute events marked ``testEvent``; off: they are answered (optIn) but never curtail a customer.
+    execute_test_events: bool = Field(default=False, validation_alias=_env("EXECUTE_TEST_EVENTS"))
     #: Most actions one ``POST /due`` runs (the next call continues).
     due_batch: int = Field(default=50, ge=1, validation_alias=_env("DUE_BATCH"))
 

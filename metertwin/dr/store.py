@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -31,6 +32,14 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """
+
+
+def retention_s(record: dict[str, Any], now: float | None = None) -> int:
+    """How long to keep an event record from now: until the event, its recovery and randomization
+    window are over (``keep_until``), plus ``DR_RETENTION_S``."""
+    now = time.time() if now is None else now
+    until = float(record.get("keep_until") or record.get("end_at") or now)
+    return int(max(0.0, until - now)) + keys.DR_RETENTION_S
 
 
 class DrStore:
@@ -66,7 +75,10 @@ class DrStore:
                         return None
                     pipe.multi()
                     pipe.hset(key, event_id, json.dumps(new, separators=(",", ":")))
-                    pipe.expire(key, keys.DR_RETENTION_S)
+                    ttl = retention_s(new)
+                    # The hash holds every event of the meter: its TTL only ever grows (NX sets, GT extends).
+                    pipe.expire(key, ttl, nx=True)
+                    pipe.expire(key, ttl, gt=True)
                     pipe.execute()
             except redis.WatchError:
                 continue
@@ -84,7 +96,9 @@ class DrStore:
                  "exec": (record.get("exec") or {}).get("state"), "baseline_w": record.get("baseline_w")}
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.dr_event_meters(event_id), meter_id, json.dumps(entry, separators=(",", ":")))
-        pipe.expire(keys.dr_event_meters(event_id), keys.DR_RETENTION_S)
+        ttl = retention_s(record)
+        pipe.expire(keys.dr_event_meters(event_id), ttl, nx=True)
+        pipe.expire(keys.dr_event_meters(event_id), ttl, gt=True)
         pipe.zadd(keys.DR_EVENT_INDEX, {event_id: float(record.get("start") or time.time())})
         pipe.zremrangebyscore(keys.DR_EVENT_INDEX, "-inf", time.time() - keys.DR_RETENTION_S)
         self._do(pipe.execute)
@@ -132,6 +146,32 @@ class DrStore:
     def next_due(self) -> float | None:
         first = self._do(lambda: self.redis.zrange(keys.DR_DUE, 0, 0, withscores=True))
         return float(first[0][1]) if first else None
+
+    # opt-outs for the VTN (the bridge sends them as oadrCreateOpt)
+    def queue_opt(self, meter_id: str, opt: dict[str, Any]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(keys.dr_opts(meter_id), json.dumps(opt, separators=(",", ":")))
+        pipe.expire(keys.dr_opts(meter_id), keys.DR_RETENTION_S)
+        pipe.sadd(keys.DR_OPTS_PENDING, meter_id)
+        self._do(pipe.execute)
+
+    def opts_pending(self) -> int:
+        return int(self._do(lambda: self.redis.scard(keys.DR_OPTS_PENDING)))
+
+    def claim_opts(self, meter_ids: list[str]) -> list[dict[str, Any]]:
+        """The queued opt-outs of these meters, removed from the queue (the caller retries sending them)."""
+        flags = self._do(lambda: self.redis.smismember(keys.DR_OPTS_PENDING, meter_ids)) if meter_ids else []
+        out: list[dict[str, Any]] = []
+        for meter_id, pending in zip(meter_ids, flags, strict=True):
+            if not pending:
+                continue
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.lrange(keys.dr_opts(meter_id), 0, -1)
+            pipe.delete(keys.dr_opts(meter_id))
+            raw, _ = self._do(pipe.execute)
+            self._do(functools.partial(self.redis.srem, keys.DR_OPTS_PENDING, meter_id))
+            out.extend(json.loads(doc) for doc in raw)
+        return out
 
     @staticmethod
     def _do(fn: Callable[[], Any]) -> Any:

@@ -15,7 +15,8 @@ from metertwin.twin.state import TwinStore
 
 
 def telemetry(store: DrStore, meter_ids: list[str], now: float | None = None) -> dict[str, Any]:
-    """Per meter: power (W) for TELEMETRY_USAGE, and online / load-control state for status reports."""
+    """Per meter: power (W) for TELEMETRY_USAGE, and online / manual override / load-control state
+    (limit and the baseline it is set against) for TELEMETRY_STATUS (``oadrPayloadResourceStatus``)."""
     now = time.time() if now is None else now
     twins = TwinStore(store.redis)
     out: dict[str, Any] = {}
@@ -36,6 +37,9 @@ def telemetry(store: DrStore, meter_ids: list[str], now: float | None = None) ->
             "load_limit_w": lc.get("watts"),
             "load_control_events": lc.get("events", []),
             "load_control_acked": bool(lc.get("acked")),
+            "baseline_w": lc.get("baseline_w") if lc.get("watts") is not None else None,
+            # the consumer overrides demand response (TELEMETRY_STATUS oadrManualOverride)
+            "opt_out": store.preferences(meter_id).opt_out,
         }
     return out
 

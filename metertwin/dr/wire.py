@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from metertwin.core.errors import InvalidInput
 from metertwin.core.http import describe_validation_error
 
-MAX_INTERVALS = 288
-
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -34,7 +32,12 @@ class SignalIn(_Model):
     name: str = Field(min_length=1, max_length=64)
     type: str = Field(min_length=1, max_length=64)
     id: str | None = Field(default=None, max_length=128)
-    intervals: list[IntervalIn] = Field(min_length=1, max_length=MAX_INTERVALS)
+    #: The signal's itemBase (``powerReal``, ``currencyPerKWh``, ...), its itemUnits and siScaleCode.
+    item_base: str | None = Field(default=None, max_length=64)
+    units: str | None = Field(default=None, max_length=64)
+    scale: str | None = Field(default=None, max_length=16)
+    #: No count limit (OpenADR sets none): the delivery's size is bounded by the request body limit.
+    intervals: list[IntervalIn] = Field(min_length=1)
 
 
 class EventIn(_Model):
@@ -49,7 +52,8 @@ class EventIn(_Model):
     start: Finite = Field(gt=0, description="active period start, epoch s")
     duration_s: Finite = Field(ge=0)
     startafter_s: Finite = Field(default=0.0, ge=0, description="randomization window (tolerance.startafter)")
-    signals: list[SignalIn] = Field(min_length=1, max_length=16)
+    recovery_s: Finite = Field(default=0.0, ge=0, description="x-eiRecovery after the active period")
+    signals: list[SignalIn] = Field(min_length=1, max_length=100)
     targets: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
     response_required: Literal["always", "never"] = "always"
 
@@ -62,7 +66,10 @@ class Delivery(_Model):
     vtn_id: str = Field(default="", max_length=128)
     request_id: str | None = Field(default=None, max_length=128)
     #: Validated one by one, so that one malformed event cannot spoil the others.
-    events: list[dict[str, Any]] = Field(max_length=100)
+    events: list[dict[str, Any]] = Field(max_length=1000)
+    #: Events of the message the VEN rejected itself (schema-invalid) and answered: still listed by
+    #: the VTN, so not cancelled (implied).
+    rejected_event_ids: list[str] = Field(default_factory=list, max_length=1000)
 
 
 def validate_delivery(data: Any) -> Delivery:

@@ -184,8 +184,9 @@ async def test_telemetry_reports_and_vtn_restart(vtn: UtilityVtn, bridge_for: Br
     bridge = await bridge_for([meter_id])
     await wait_until(lambda: any(r.ven_id == meter_id and r.report_name == "TELEMETRY_USAGE"
                                  and r.value == 1750.0 for r in vtn.reports), 10)
-    await wait_until(lambda: any(r.report_name == "TELEMETRY_STATUS" and r.r_id.endswith("-online")
-                                 and r.value == 1.0 for r in vtn.reports), 10)
+    # TELEMETRY_STATUS is an oadrPayloadResourceStatus (issue 11 item 13), not a float
+    await wait_until(lambda: any(r.report_name == "TELEMETRY_STATUS" and r.r_id.endswith("-status")
+                                 and r.status and r.status["online"] is True for r in vtn.raw_reports), 10)
     # restart: a new VTN process on the same port knows neither the VEN nor its reports (#186)
     await vtn.stop()
     ven = bridge.vens[meter_id]

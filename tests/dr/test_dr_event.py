@@ -94,9 +94,11 @@ def commands_seen(mosquitto: Mosquitto) -> Iterator[CommandObserver]:
     obs.close()
 
 
-def make_twin(meter_id: str, power_w: float = 2000.0, groups: list[str] | None = None) -> None:
+def make_twin(meter_id: str, power_w: float = 2000.0, groups: list[Any] | None = None,
+              profile: dict[str, Any] | None = None) -> None:
+    """A twin in Redis; ``profile`` written directly (group / resource membership: the registry has none yet)."""
     store = TwinStore(get_redis())
-    store.create(meter_id, "edge", {"groups": groups or []})
+    store.create(meter_id, "edge", {"groups": groups or [], **(profile or {})})
     store.report_measurement(meter_id, {"ts": time.time(), "import_kwh": 1.0, "export_kwh": 0.0,
                                         "power_w": power_w, "voltage_v": 230.0}, seq=None)
 
@@ -104,7 +106,8 @@ def make_twin(meter_id: str, power_w: float = 2000.0, groups: list[str] | None =
 def ev(event_id: str = "E1", *, mod: int = 0, lead_s: float = 0.3, duration_s: float = 1.5, level: float = 2,
        name: str = "SIMPLE", type_: str = "level", status: str = "far", startafter_s: float = 0.0,
        targets: list[dict[str, Any]] | None = None, intervals: list[tuple[float, float, float]] | None = None,
-       ) -> dict[str, Any]:
+       units: tuple[str, str, str] | None = None) -> dict[str, Any]:
+    """One normalised event; ``units`` = (itemBase, itemUnits, siScaleCode)."""
     now = time.time()
     ivs = intervals or [(lead_s, duration_s, level)]
     start = now + min(a for a, _, _ in ivs)
@@ -112,6 +115,7 @@ def ev(event_id: str = "E1", *, mod: int = 0, lead_s: float = 0.3, duration_s: f
     return {"event_id": event_id, "modification_number": mod, "status": status, "start": start,
             "duration_s": end - start, "startafter_s": startafter_s, "market_context": "oadr://test",
             "signals": [{"name": name, "type": type_, "id": "s1",
+                         **(dict(zip(("item_base", "units", "scale"), units, strict=True)) if units else {}),
                          "intervals": [{"start": now + a, "duration_s": d, "payload": p} for a, d, p in ivs]}],
             "targets": targets if targets is not None else [{"ven_id": "VEN-X"}]}
 
@@ -163,10 +167,19 @@ def test_simple_levels_map_to_load_limits_above_the_comfort_floor() -> None:
 
 
 def test_price_and_load_dispatch_signals() -> None:
-    assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.10)).steps == []
-    assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.50)).steps[0][1] == 1250.0
-    assert _decide(ev(name="LOAD_DISPATCH", type_="setpoint", level=0.8)).steps[0][1] == 800.0
-    assert _decide(ev(name="LOAD_DISPATCH", type_="delta", level=-0.5)).steps[0][1] == 1500.0
+    # quantities carry their itemBase and siScaleCode (issue 11 item 2): 0.8 kW is 800 W, 800 "none" is 800 W
+    per_kwh = ("currencyPerKWh", "GBP", "none")
+    kw = ("powerReal", "W", "k")
+    assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.10, units=per_kwh)).steps == []
+    assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.50, units=per_kwh)).steps[0][1] == 1250.0
+    assert _decide(ev(name="LOAD_DISPATCH", type_="setpoint", level=0.8, units=kw)).steps[0][1] == 800.0
+    assert _decide(ev(name="LOAD_DISPATCH", type_="setpoint", level=415.4,
+                      units=("powerReal", "W", "none"))).steps[0][1] == 415.4
+    assert _decide(ev(name="LOAD_DISPATCH", type_="delta", level=-0.5, units=kw)).steps[0][1] == 1500.0
+    for units in (None, ("powerReal", "kW", "none"), ("energyReal", "Wh", "k"), ("powerReal", "W", "kilo")):
+        unreadable = _decide(ev(name="LOAD_DISPATCH", type_="setpoint", level=0.8, units=units))
+        assert (unreadable.opt, unreadable.code) == (decisions.OPT_OUT, decisions.INVALID_DATA), units
+    assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.5)).code == decisions.INVALID_DATA
     assert _decide(ev(name="LOAD_DISPATCH", type_="multiplier", level=0.25)).steps[0][1] == 500.0
     # multi-interval: the plan follows the intervals and ends unlimited
     d = _decide(ev(intervals=[(1, 2, 1), (3, 2, 3)]))
