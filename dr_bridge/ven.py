@@ -23,7 +23,6 @@ What the stock client does not do, and :class:`TwinVen` adds:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import copy
 import functools
@@ -77,10 +76,10 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         self.registered = asyncio.Event()
         self._answered = False
         self._vtn_lost = False
-        self._vtn_back = asyncio.Event()
-        self._vtn_back.set()
+        #: Set while the report worker waits for the VTN to answer again (created only then: 1,000 VENs).
+        self._vtn_back: asyncio.Event | None = None
         #: Reports made while the VTN did not answer, oldest first.
-        self.report_backlog: collections.deque[Any] = collections.deque(maxlen=REPORT_QUEUE_MAX)
+        self.report_backlog: list[Any] = []
         self.reports_sent = 0
         self._add_reports()
 
@@ -139,19 +138,21 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
                     self.report_backlog.append(await self.pending_reports.get())
                 while not self.pending_reports.empty():
                     self.report_backlog.append(self.pending_reports.get_nowait())
+                del self.report_backlog[:-REPORT_QUEUE_MAX]  # bounded: the oldest go first
                 report = self.report_backlog[0]
                 self._answered = False
                 try:
                     result = await self._perform_request("EiReport", self._report_message(report))
                 except Exception as exc:  # a report that cannot be built is dropped, not retried forever
                     log.warning("VEN %s: report not sent: %s: %s", self.meter_id, type(exc).__name__, exc)
-                    self.report_backlog.popleft()
+                    self.report_backlog.pop(0)
                     continue
                 if not self._answered:
-                    self._vtn_back.clear()
+                    self._vtn_back = asyncio.Event()
                     await self._vtn_back.wait()
+                    self._vtn_back = None
                     continue
-                self.report_backlog.popleft()
+                self.report_backlog.pop(0)
                 self.reports_sent += 1
                 payload = result[1] if isinstance(result, tuple) else {}
                 if "cancel_report" in payload:
@@ -241,7 +242,7 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.debug("VEN %s: %s to %s failed: %s: %s", self.meter_id, service, url, type(exc).__name__, exc)
             return None, {}
-        if self._answered:
+        if self._vtn_back is not None:
             self._vtn_back.set()
         if not content:
             return None, {}
