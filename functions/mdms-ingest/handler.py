@@ -7,7 +7,8 @@ Triggered two ways:
   token. A QoS1 redelivery answers ``duplicate`` and is counted once;
 * head-end systems upload batches: ``POST /readings/batch``.
 
-Rejected readings go to the dead-letter store with the rule and reason
+Every MQTT message not stored is retried (503: left unacknowledged) or dead-lettered with
+the rule and reason (a topic naming no valid meter too: rule ``topic``)
 (``GET /dead-letters``, ``POST /dead-letters/{id}/replay``). Operators correct
 intervals with ``POST /meters/{meter_id}/edits`` (audit trail: ``GET .../edits``).
 See docs/mdms.md.
@@ -26,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin.core import auth, topics
+from metertwin.core import auth
 from metertwin.core.errors import InvalidInput, MeterTwinError, NotFound, PayloadTooLarge, UnknownMeter
 from metertwin.core.http import (
     Context,
@@ -80,17 +81,6 @@ OPENAPI_PATHS: dict[str, Any] = {
 MQTT_SCOPES = frozenset({"service"})
 
 
-def _reading_topic(topic: str) -> str:
-    """The meter id of an ``X-Topic: meters/<id>/up/reading`` header."""
-    try:
-        meter_id = topics.meter_id_of(topic)
-    except ValueError:
-        raise InvalidInput(f"X-Topic {topic!r} is not meters/<meter_id>/up/reading", field="X-Topic") from None
-    if topic != topics.readings(meter_id):
-        raise InvalidInput(f"X-Topic {topic!r} is not a readings topic (meters/<id>/up/reading)", field="X-Topic")
-    return validate_meter_id(meter_id)
-
-
 def _answer(meter_id: str, verdict: vee.Verdict) -> Response:
     if verdict.status == "rejected":
         error: InvalidInput = (
@@ -106,7 +96,7 @@ def _answer(meter_id: str, verdict: vee.Verdict) -> Response:
 def on_message(req: Request) -> Response:
     """One reading from MQTT (``X-Topic`` names the meter)."""
     topic = req.header("X-Topic") or ""
-    meter_id = _reading_topic(topic)
+    meter_id = vee.reading_meter(topic, req.event.body)  # a topic naming no meter is dead-lettered too
     return _answer(meter_id, vee.ingest([vee.Candidate(meter_id, req.event.body, "mqtt", topic)])[0])
 
 
@@ -242,7 +232,7 @@ async def handle_async(event: Event, context: Context) -> Any:
     try:
         auth.authorize(auth.authenticate(event.headers.get("Authorization")), MQTT_SCOPES)
         topic = event.headers.get("X-Topic") or ""
-        meter_id = _reading_topic(topic)
+        meter_id = vee.reading_meter(topic, event.body)
         return _answer(meter_id, await vee.ingest_one_async(meter_id, event.body, source="mqtt", topic=topic))
     except MeterTwinError as exc:
         return error_response(exc)

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 import redis
 from pydantic import BaseModel, ValidationError
 
-from metertwin.core import auth
+from metertwin.core import auth, json_limits
 from metertwin.core.errors import (
     BackendUnavailable,
     InvalidInput,
@@ -154,7 +154,7 @@ def parse_json(body: bytes, model: type[ModelT], *, max_bytes: int | None = None
     if not body.strip():
         raise InvalidInput("request body is empty; expected a JSON object")
     try:
-        data = json.loads(body)
+        data = json_limits.loads(body)  # nesting bounded: a 400 naming the depth, never RecursionError
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
     return validate(data, model)

@@ -2,10 +2,13 @@
 
 Validation rules (each rejection names its ``rule`` and goes to the dead-letter store):
 
-* ``json`` / ``schema`` / ``range`` / ``units`` / ``oversized``: the payload is a
-  :class:`metertwin.twin.messages.Reading` (kWh, W, V) within the model's value ranges;
+* ``json`` / ``depth`` / ``schema`` / ``range`` / ``units`` / ``oversized``: the payload is a
+  :class:`metertwin.twin.messages.Reading` (kWh, W, V) within the model's value ranges, nested at
+  most :data:`metertwin.core.json_limits.MAX_DEPTH` deep; ``seq`` a JSON integer in
+  ``[0, MAX_SEQ]`` (``"3"`` is rejected, as at the edge);
 * ``future``: ``ts`` is no more than ``MDMS_CLOCK_SKEW_S`` ahead of the MDMS clock;
-* ``too_old``: ``ts`` is no older than ``MDMS_HORIZON_S``;
+* ``too_old``: ``ts`` is no older than ``MDMS_HORIZON_S`` (both: the edge's rule too,
+  :class:`metertwin.twin.messages.TimestampRule`);
 * ``unknown_meter``: the meter is registered or already known to the MDMS;
 * ``sequence_reused``: a sequence number already accepted for another timestamp;
   the same (seq, ts) again is a QoS1 redelivery: answered ``duplicate``, counted once;
@@ -31,12 +34,13 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from metertwin.core import json_limits, topics
 from metertwin.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from metertwin.core.http import METER_ID_RE, describe_validation_error
 from metertwin.mdms import dead_letters, hot_store, keys
 from metertwin.mdms.intervals import Row, iso_ms
 from metertwin.mdms.settings import MdmsSettings, get_mdms_settings
-from metertwin.twin.messages import Reading
+from metertwin.twin.messages import MAX_SEQ, Reading, TimestampRejected, TimestampRule
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
@@ -92,7 +96,9 @@ def parse_reading(payload: bytes | str | dict[str, Any]) -> Reading:
         if len(payload) > s.max_reading_bytes:
             raise Rejection("oversized", f"reading of {len(payload)} bytes exceeds {s.max_reading_bytes} bytes")
         try:
-            data = json.loads(payload)
+            data = json_limits.loads(payload)
+        except json_limits.JsonTooDeep as exc:
+            raise Rejection("depth", exc.message) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise Rejection("json", f"payload is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -105,18 +111,14 @@ def parse_reading(payload: bytes | str | dict[str, Any]) -> Reading:
 
 
 def check_reading(reading: Reading, now_s: float, s: MdmsSettings) -> Row:
-    """The stateless rules (clock skew, horizon, suspect voltage); returns the row to store."""
-    if reading.ts > now_s + s.clock_skew_s:
-        raise Rejection(
-            "future",
-            f"ts {reading.ts!r} ({iso_ms(round(reading.ts * 1000))}) is {reading.ts - now_s:.0f} s in the future; "
-            f"allowed clock skew is {s.clock_skew_s:.0f} s",
-        )
-    if reading.ts < now_s - s.horizon_s:
-        raise Rejection(
-            "too_old",
-            f"ts {reading.ts!r} ({iso_ms(round(reading.ts * 1000))}) is older than the horizon of {s.horizon_s:.0f} s",
-        )
+    """The stateless rules (clock skew, horizon, suspect voltage); returns the row to store.
+
+    The timestamp rule is the edge's too (:class:`metertwin.twin.messages.TimestampRule`).
+    """
+    try:
+        TimestampRule(s.clock_skew_s, s.horizon_s).check(reading.ts, now_s)
+    except TimestampRejected as exc:
+        raise Rejection(exc.rule, exc.message) from None
     lo, hi = s.nominal_voltage_v * (1 - s.voltage_tolerance), s.nominal_voltage_v * (1 + s.voltage_tolerance)
     suspect = not lo <= reading.voltage_v <= hi
     return Row(
@@ -196,8 +198,26 @@ async def ingest_one_async(meter_id: str, payload: bytes, *, source: str, topic:
                    dead_letter_id=entry)
 
 
+def reading_meter(topic: str, payload: bytes) -> str:
+    """The meter id of a ``meters/<id>/up/reading`` topic. Any other topic, or an invalid meter id,
+    is dead-lettered (rule ``topic``; a rare path, so a blocking call even on the async lane) and
+    raised as :class:`ReadingRejected`: no message is acknowledged unrecorded."""
+    try:
+        meter_id = topics.meter_id_of(topic)
+        reason = "" if topic == topics.readings(meter_id) else "is not a readings topic (meters/<id>/up/reading)"
+    except ValueError:
+        meter_id, reason = "", "is not meters/<meter_id>/up/reading"
+    if not reason and METER_ID_RE.match(meter_id):
+        return meter_id
+    reason = f"X-Topic {topic[:200]!r} {reason or 'names no valid meter id'}"
+    entry = dead_letters.add(meter_id="", source="mqtt", payload=payload, rule="topic", reason=reason,
+                             topic=topic[:200])
+    verdict = Verdict("rejected", "", rule="topic", reason=reason, dead_letter_id=entry)
+    raise ReadingRejected(f"reading rejected (topic): {reason}", **verdict.to_dict())
+
+
 #: Rules judged before the Lua script (which counts its own rejections).
-_STATELESS = frozenset({"json", "schema", "range", "units", "oversized", "future", "too_old"})
+_STATELESS = frozenset({"json", "depth", "schema", "range", "units", "oversized", "future", "too_old"})
 
 
 def _count_rejections(meter_ids: Sequence[str]) -> None:
@@ -245,7 +265,7 @@ class BatchItem(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     meter_id: str = Field(min_length=1, max_length=64)
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_SEQ, strict=True)  # the same rule as Reading.seq
     ts: Finite | str
     import_: Finite = Field(alias="import")
     export: Finite = 0.0

@@ -17,6 +17,11 @@ under 1 KB of Redis memory. Short field names because they are stored per twin:
 ``delta`` is derived on read (desired fields whose reported value differs), so it
 clears itself the moment the meter reports a matching value. Every update is one
 Lua script: atomic, and one round trip.
+
+Decoding never fails on a stored value: a field that does not parse (a ``1e+17`` sequence
+number written before seqs were bounded, a truncated JSON document) reads as null/empty and
+is named in ``Twin.corrupt`` (``metadata.corrupt`` in :meth:`Twin.to_dict`), so an admin can
+always read and delete any twin.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from typing import Any
 import redis
 
 from metertwin.core.clients import StrRedis
-from metertwin.core.errors import BackendUnavailable, Conflict, UnknownMeter, VersionMismatch
+from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, UnknownMeter, VersionMismatch
 from metertwin.twin import keys
+from metertwin.twin.messages import MAX_SEQ, TimestampRule
 
 # KEYS[1]=twin, KEYS[2]=index; ARGV: meter_id, zone, profile_json, now
 CREATE_LUA = """
@@ -48,7 +54,7 @@ local seq = tonumber(ARGV[3])
 if seq >= 0 then
   local last = tonumber(redis.call('HGET', KEYS[1], 's') or '-1')
   if seq <= last then return {0, tonumber(redis.call('HGET', KEYS[1], 'v'))} end
-  redis.call('HSET', KEYS[1], 's', seq)
+  redis.call('HSET', KEYS[1], 's', ARGV[3])  -- the caller's digits, never Lua's number formatting
 end
 local ts = tonumber(ARGV[2])
 local cur = redis.call('HGET', KEYS[1], 'm')
@@ -96,6 +102,8 @@ class Twin:
     reported: dict[str, list[Any]]
     desired: dict[str, list[Any]]
     created_at: float
+    #: Stored fields that did not decode (shown as null/empty); empty for a sound twin.
+    corrupt: tuple[str, ...] = ()
 
     @property
     def delta(self) -> dict[str, Any]:
@@ -108,9 +116,10 @@ class Twin:
         return out
 
     def age_s(self, now: float | None = None) -> float | None:
-        if not self.measurement:
+        ts = (self.measurement or {}).get("ts")
+        if not isinstance(ts, int | float):
             return None
-        return max(0.0, (now if now is not None else time.time()) - float(self.measurement["ts"]))
+        return max(0.0, (now if now is not None else time.time()) - float(ts))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,8 +138,9 @@ class Twin:
             "metadata": {
                 "reported": {k: {"timestamp": v[1]} for k, v in self.reported.items()},
                 "desired": {k: {"timestamp": v[1]} for k, v in self.desired.items()},
-                "last_seq": self.last_seq,
+                "last_seq": None if "s" in self.corrupt else self.last_seq,
                 "created_at": self.created_at,
+                **({"corrupt": list(self.corrupt)} if self.corrupt else {}),
             },
         }
 
@@ -175,7 +185,18 @@ class TwinStore:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
 
     def report_measurement(self, meter_id: str, measurement: dict[str, Any], seq: int | None) -> tuple[bool, int]:
-        """Store a measurement; returns (applied, version). ``applied`` is False for a duplicate seq."""
+        """Store a measurement; returns (applied, version). ``applied`` is False for a duplicate seq.
+
+        A measurement dated beyond the clock-skew bound is refused (:class:`InvalidInput`): it
+        would win over every later reading in the cache.
+        """
+        ts = measurement.get("ts")
+        rule = TimestampRule.from_env()
+        if not isinstance(ts, int | float) or not ts == ts or ts > time.time() + rule.clock_skew_s:
+            raise InvalidInput(f"measurement ts {ts!r} of {meter_id!r} is not a time within the clock skew "
+                               f"of {rule.clock_skew_s:.0f} s", field="ts", meter_id=meter_id)
+        if seq is not None and not 0 <= seq <= MAX_SEQ:
+            raise InvalidInput(f"seq {seq!r} is outside [0, {MAX_SEQ}]", field="seq", meter_id=meter_id)
         status, version = self._call(
             self._measure, [keys.twin(meter_id)],
             [_dumps(measurement), repr(float(measurement["ts"])), -1 if seq is None else seq],
@@ -242,11 +263,15 @@ class Reading:
 
 
 def decode_reading(meter_id: str, fields: list[str | None]) -> Reading:
-    """A :class:`Reading` from an ``HMGET v m b`` reply; a missing version means no twin."""
+    """A :class:`Reading` from an ``HMGET v m b`` reply; a missing version means no twin.
+
+    An undecodable version or measurement reads as 0 / None (see :func:`_decode`).
+    """
     version, measurement, bound = fields
     if version is None:
         raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
-    return Reading(int(version), json.loads(measurement) if measurement else None, bound)
+    bad: list[str] = []
+    return Reading(_int(version, 0, "v", bad), _measurement(measurement, bad), bound)
 
 
 async def reading_async(client: StrRedis, meter_id: str) -> Reading:
@@ -274,14 +299,72 @@ def _dumps(value: Any) -> str:
 
 
 def _decode(meter_id: str, raw: dict[str, str]) -> Twin:
+    """Every field decoded on its own: one that does not parse is named in ``corrupt``, never raised."""
+    bad: list[str] = []
     return Twin(
         meter_id=meter_id,
-        version=int(raw.get("v", 0)),
+        version=_int(raw.get("v"), 0, "v", bad),
         zone=raw.get("z", ""),
-        profile=json.loads(raw.get("p") or "{}"),
-        measurement=json.loads(raw["m"]) if raw.get("m") else None,
-        last_seq=int(raw.get("s", -1)),
-        reported=json.loads(raw.get("r") or "{}"),
-        desired=json.loads(raw.get("d") or "{}"),
-        created_at=float(raw.get("c", 0)),
+        profile=_doc(raw.get("p"), "p", bad),
+        measurement=_measurement(raw.get("m"), bad),
+        last_seq=_int(raw.get("s"), -1, "s", bad),
+        reported=_settings(raw.get("r"), "r", bad),
+        desired=_settings(raw.get("d"), "d", bad),
+        created_at=_float(raw.get("c"), "c", bad),
+        corrupt=tuple(bad),
     )
+
+
+def _json(text: str, field: str, bad: list[str]) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        bad.append(field)
+        return None
+
+
+def _int(text: str | None, default: int, field: str, bad: list[str]) -> int:
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        bad.append(field)
+        return default
+
+
+def _float(text: str | None, field: str, bad: list[str]) -> float:
+    if text is None:
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        bad.append(field)
+        return 0.0
+
+
+def _doc(text: str | None, field: str, bad: list[str]) -> dict[str, Any]:
+    if not text:
+        return {}
+    value = _json(text, field, bad)
+    if isinstance(value, dict):
+        return value
+    if field not in bad:
+        bad.append(field)
+    return {}
+
+
+def _measurement(text: str | None, bad: list[str]) -> dict[str, Any] | None:
+    if not text:
+        return None
+    value = _doc(text, "m", bad)
+    return value if "m" not in bad else None
+
+
+def _settings(text: str | None, field: str, bad: list[str]) -> dict[str, list[Any]]:
+    """``{name: [value, ts]}``; entries of another shape are dropped (and the field flagged)."""
+    doc = _doc(text, field, bad)
+    good = {k: v for k, v in doc.items() if isinstance(v, list) and len(v) == 2}
+    if len(good) != len(doc) and field not in bad:
+        bad.append(field)
+    return good

@@ -2,6 +2,13 @@
 
 Shared by every function subscribed to a meter uplink topic, so that each parses the topic,
 validates the reading and records the online status the same way.
+
+What is not applied is answered 4xx with the reason (the connector acknowledges it and logs
+the answer) or 503 (the connector retries). The edge keeps no dead letters of its own: the
+fog's MDMS ingest receives the same readings through its own subscription and dead-letters
+what it rejects, and it rejects what the edge rejects, because both apply the same rules
+(:class:`~metertwin.twin.messages.Reading`, :class:`~metertwin.twin.messages.TimestampRule`,
+:mod:`metertwin.core.json_limits`). See docs/mdms.md, "One rule at edge and fog".
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from metertwin.core import topics
 from metertwin.core.clients import StrRedis, get_redis
 from metertwin.core.errors import InvalidInput
 from metertwin.core.http import Request, Response, Router, json_response, parse_json
-from metertwin.twin.messages import Reading
+from metertwin.twin.messages import Reading, TimestampRule
 from metertwin.twin.state import twin_store
 from metertwin.upgrade.inbox import IngestScript
 
@@ -39,6 +46,8 @@ def register_reading_routes(router: Router, ingest: Callable[[StrRedis], IngestS
         meter_id, topic = meter_topic(req)
         if topic == topics.readings(meter_id):
             reading = parse_json(req.event.body, Reading, max_bytes=MAX_READING_BYTES)
+            # The fog's rule: a reading from the future would win every later one in the cache.
+            TimestampRule.from_env().check(reading.ts, time.time())
             measurement = json.dumps(reading.model_dump(exclude={"seq"}), separators=(",", ":"))
             outcome = ingest(get_redis()).run(meter_id, measurement, reading.ts, reading.seq,
                                               req.header("Authorization"))

@@ -1,0 +1,82 @@
+"""Depth-bounded JSON parsing: every body and message metertwin accepts goes through :func:`loads`.
+
+CPython's ``json`` decoder recurses once per nesting level, so a 100,000-deep ``[[[[...`` body
+raises ``RecursionError`` (a 500, and on the MQTT path a lost message) long before any size cap
+helps: 1,500 levels fit in 3 KB. :func:`check_depth` rejects such documents before the decoder
+sees them, with one pass that costs next to nothing on ordinary payloads:
+
+* fast path: a document with at most ``max_depth`` brackets in all cannot be deeper than that
+  (``bytes.count`` runs in C; a 300-byte reading has one or two);
+* otherwise one regex scan over strings and brackets only, counting depth outside strings and
+  stopping at the first level past the limit (so a 100,000-deep body costs ``max_depth`` steps).
+
+The string pattern is possessive and also matches an unterminated string to the end, so every
+scan is linear in the input (no backtracking on ``"\\"\\"...``). Malformed JSON is left to the
+decoder, which reports it as before.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from metertwin.core.errors import InvalidInput
+
+#: Deepest nesting accepted anywhere. Meter messages are 1-2 levels deep and REST bodies at most
+#: ~5 (tariff periods, EMS payloads); 64 leaves room for any client while staying far below the
+#: interpreter's recursion limit (1,000) in ``json`` and in pydantic's validators.
+MAX_DEPTH = 64
+
+_TOKENS_BYTES = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+_TOKENS_STR = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+
+
+class JsonTooDeep(InvalidInput):
+    """A JSON document nests deeper than the limit (a 400 on REST, a dead letter on MQTT)."""
+
+    code = "json_too_deep"
+
+
+def check_depth(doc: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> None:
+    """Raise :class:`JsonTooDeep` if ``doc`` nests arrays/objects deeper than ``max_depth``."""
+    if isinstance(doc, str):
+        if doc.count("[") + doc.count("{") <= max_depth:
+            return
+        _scan(_TOKENS_STR.finditer(doc), "[{", max_depth)
+        return
+    if doc.count(b"[") + doc.count(b"{") <= max_depth:
+        return
+    _scan(_TOKENS_BYTES.finditer(doc), b"[{", max_depth)
+
+
+def _scan(tokens: Any, opening: Any, max_depth: int) -> None:
+    depth = 0
+    for m in tokens:
+        tok = m.group()
+        if len(tok) != 1 or tok == '"' or tok == b'"':
+            continue  # a string: brackets inside it do not nest
+        if tok in opening:
+            depth += 1
+            if depth > max_depth:
+                raise JsonTooDeep(
+                    f"JSON nests deeper than the limit of {max_depth} levels (level {depth} at offset {m.start()})",
+                    max_depth=max_depth, offset=m.start(),
+                )
+        elif depth:
+            depth -= 1  # a closing bracket (unbalanced ones are the decoder's to report)
+
+
+def loads(doc: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads`` with the nesting bound; every other failure is a ``json.JSONDecodeError``
+    (or ``UnicodeDecodeError``) as from ``json.loads`` itself, so callers keep one ``except``."""
+    check_depth(doc, max_depth)
+    try:
+        return json.loads(doc)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError as exc:
+        # An integer literal over sys.get_int_max_str_digits() (4,300) digits: bad input, not a bug.
+        raise json.JSONDecodeError(f"number out of range: {str(exc)[:120]}", "", 0) from None
+    except RecursionError:  # not reachable after check_depth; kept so no input can crash a caller
+        raise JsonTooDeep(f"JSON nests deeper than the limit of {max_depth} levels", max_depth=max_depth) from None
