@@ -119,10 +119,15 @@ class Verdict:
     reasons: list[str]
     candidate: dict[str, Any]
     baseline: dict[str, Any]
+    #: The candidate's functions only the platform calls (see :data:`INTERNAL_CAPABILITIES`).
+    internal: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "reasons": self.reasons, "candidate": self.candidate,
-                "baseline": self.baseline}
+        out = {"status": self.status, "reasons": self.reasons, "candidate": self.candidate,
+               "baseline": self.baseline}
+        if self.internal is not None:
+            out["internal"] = self.internal
+        return out
 
 
 def _summary(functions: list[str], stats: FunctionStats) -> dict[str, Any]:
@@ -135,9 +140,13 @@ def _summary(functions: list[str], stats: FunctionStats) -> dict[str, Any]:
 
 def judge(
     before: dict[str, FunctionStats], now: dict[str, FunctionStats],
-    candidate: list[str], baseline: list[str], limits: Thresholds,
+    candidate: list[str], baseline: list[str], limits: Thresholds, internal: list[str] | None = None,
 ) -> Verdict:
-    """Compare the candidate release's functions with the baseline's over the window since ``before``."""
+    """Compare the candidate release's functions with the baseline's over the window since ``before``.
+
+    ``internal`` functions (called by the platform, not by the twins' traffic) count for the
+    error rate only: their calls neither make up ``min_calls`` nor enter the latency.
+    """
     def window(names: list[str]) -> FunctionStats:
         total = FunctionStats()
         for name in names:
@@ -145,14 +154,19 @@ def judge(
         return total
 
     cand, base = window(candidate), window(baseline)
+    inner_names = list(internal or [])
+    inner = window(inner_names)
+    inner_summary = _summary(inner_names, inner) if internal is not None else None
     reasons: list[str] = []
     if cand.calls < limits.min_calls:
         return Verdict("insufficient", [f"{', '.join(candidate)}: {cand.calls:.0f} calls since the canary started, "
                                         f"{limits.min_calls} needed to judge"],
-                       _summary(candidate, cand), _summary(baseline, base))
-    if cand.error_rate > limits.max_error_rate:
-        reasons.append(f"error rate {cand.error_rate:.2%} of {', '.join(candidate)} ({cand.errors:.0f} of "
-                       f"{cand.calls:.0f} calls answered 5xx) exceeds {limits.max_error_rate:.2%}")
+                       _summary(candidate, cand), _summary(baseline, base), inner_summary)
+    judged = cand.plus(inner)
+    if judged.error_rate > limits.max_error_rate:
+        reasons.append(f"error rate {judged.error_rate:.2%} of {', '.join(candidate + inner_names)} "
+                       f"({judged.errors:.0f} of {judged.calls:.0f} calls answered 5xx) exceeds "
+                       f"{limits.max_error_rate:.2%}")
     c95, b95 = cand.quantile(0.95), base.quantile(0.95)
     if c95 is not None and b95 is not None:
         allowed = b95 * limits.max_p95_ratio + limits.latency_slack_ms / 1000
@@ -160,15 +174,41 @@ def judge(
             reasons.append(f"p95 latency {c95 * 1000:.1f} ms of {', '.join(candidate)} exceeds {allowed * 1000:.1f} ms "
                            f"({limits.max_p95_ratio}x the baseline's {b95 * 1000:.1f} ms + "
                            f"{limits.latency_slack_ms:.0f} ms)")
-    return Verdict("bad" if reasons else "ok", reasons, _summary(candidate, cand), _summary(baseline, base))
+    return Verdict("bad" if reasons else "ok", reasons, _summary(candidate, cand), _summary(baseline, base),
+                   inner_summary)
 
 
-def canary_functions(source: str, to: str, zone: str) -> tuple[list[str], list[str]]:
-    """(candidate, baseline): the functions release ``to`` changes, and ``source``'s for the same capabilities."""
+#: Capabilities whose function in a new release only the platform calls during an upgrade: the
+#: front (the old release's ``edge-ingest``) stays subscribed to the readings, so the new
+#: release's ingest is called by its inbox drainer alone - one call that lingers while readings
+#: keep being parked (up to ``inbox.DRAIN_BUDGET_S``, 10 s) and drains many twins' readings.
+#: Its latency and call count say nothing about the twins' calls; its errors still count.
+INTERNAL_CAPABILITIES = frozenset({"ingest"})
+
+
+@dataclass(frozen=True)
+class CanaryFunctions:
+    """Which functions a canary is judged on (names with the zone prefix)."""
+
+    #: Functions the new release changes that serve the twins' calls (reads through the gateway).
+    candidate: list[str]
+    #: The old release's functions for the same capabilities.
+    baseline: list[str]
+    #: Changed functions only the platform calls: judged on their errors alone.
+    internal: list[str]
+
+
+def canary_functions(source: str, to: str, zone: str) -> CanaryFunctions:
+    """The functions release ``to`` changes against ``source``'s, split as :class:`CanaryFunctions`."""
     prefix = f"{zone}-"
     changed = release(to).changed(RELEASES)
     old = release(source).functions
-    return [prefix + fn for fn in changed.values()], [prefix + old[cap] for cap in changed if cap in old]
+    served = {cap: fn for cap, fn in changed.items() if cap not in INTERNAL_CAPABILITIES}
+    return CanaryFunctions(
+        candidate=[prefix + fn for fn in served.values()],
+        baseline=[prefix + old[cap] for cap in served if cap in old],
+        internal=[prefix + fn for cap, fn in changed.items() if cap in INTERNAL_CAPABILITIES],
+    )
 
 
 def fetch_metrics(url: str) -> str:

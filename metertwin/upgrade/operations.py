@@ -261,6 +261,9 @@ class UpgradeManager(RollbackSteps, DrainSteps, OperationStatus):
         if not op.spec.auto_promote or time.time() - op.num("observe_since") < op.spec.observe_s:
             return False
         verdict = self.health(op)
+        # Kept for the blockers: why an auto-promoting canary is still observing.
+        self._set(op.id, health_status=verdict.status, health_reasons="; ".join(verdict.reasons)[:500],
+                  health_checked_at=repr(time.time()))
         if verdict.status == "ok":
             self._set(op.id, state="rolling_out", promoted_by="auto", promoted_at=repr(time.time()))
             return True

@@ -85,7 +85,7 @@ class OperationStatus(OperationStore):
                        f"({op.raw.get('resume_to')})")
         if state == "observing":
             out.append(f"canary of {int(op.num('canary_size'))} meters done: promote to continue, or roll back"
-                       + (" (auto-promote after the health check)" if op.spec.auto_promote else ""))
+                       + (f" ({self._auto_promote_wait(op)})" if op.spec.auto_promote else ""))
         unconfirmed = int(op.num("unconfirmed"))
         if unconfirmed and state not in TERMINAL:
             out.append(f"{unconfirmed} meters have not confirmed the rebind after {op.spec.max_attempts} attempts: "
@@ -98,6 +98,14 @@ class OperationStatus(OperationStore):
         if state in ("canary", "rolling_out") and counts["rebinding"] and not unconfirmed:
             out.append(f"{counts['rebinding']} meters: waiting for their rebind ack")
         return out
+
+    @staticmethod
+    def _auto_promote_wait(op: Operation) -> str:
+        """What an auto-promoting canary waits for: the observation time, or the last health verdict."""
+        if time.time() - op.num("observe_since") < op.spec.observe_s or not op.raw.get("health_status"):
+            return f"auto-promote after the health check, once observed for {op.spec.observe_s:g} s"
+        why = op.raw.get("health_reasons") or "no reason given"
+        return f"auto-promote waiting: health {op.raw['health_status']}: {why}"
 
     def _snapshot_metrics(self, op: Operation) -> None:
         url = self.metrics_url(op)
@@ -127,5 +135,5 @@ class OperationStatus(OperationStore):
         before = {name: FunctionStats.from_dict(d) for name, d in json.loads(op.raw.get("metrics_snapshot")
                                                                              or "{}").items()}
         now = parse_metrics(self._fetch_metrics(url))
-        candidate, baseline = canary_functions(op.spec.source, op.spec.to, get_settings().zone)
-        return judge(before, now, candidate, baseline, op.spec.thresholds())
+        fns = canary_functions(op.spec.source, op.spec.to, get_settings().zone)
+        return judge(before, now, fns.candidate, fns.baseline, op.spec.thresholds(), fns.internal)

@@ -17,8 +17,8 @@ from metertwin.core.clients import get_redis
 from metertwin.core.errors import Conflict
 from metertwin.twin.messages import CommandAck
 from metertwin.twin.state import twin_store
+from metertwin.upgrade import cli, twin_v2
 from metertwin.upgrade import keys as upgrade_keys
-from metertwin.upgrade import twin_v2
 from metertwin.upgrade.inbox import DRAIN_ONLY, v1_ingest
 from metertwin.upgrade.operations import InjectedCrash, OperationSpec, UpgradeManager, stable_bucket
 from tests.upgrade.upgrade_fixtures import Meters, bound, ingest, manager, measurement, meters, spec, twins
@@ -242,3 +242,47 @@ def test_a_bad_canary_blocks_promote_and_rolls_itself_back(
     assert "auto rollback: error rate" in status["reason"]
     assert all(bound(m) == "v1" for m in ids)
 
+
+
+def _drainer_metrics(v2_reads: int, drainer_calls: int, v1_calls: int = 50) -> str:
+    """Fast reads on both releases, fast v1 ingest, and edge-ingest-v2's drainer calls lingering ~10 s each."""
+    lines = []
+    for fn, calls, seconds in (("edge-read-v2", v2_reads, 0.002), ("edge-read", v1_calls, 0.002),
+                               ("edge-ingest", 2 * v1_calls, 0.002), ("edge-ingest-v2", drainer_calls, 10.2)):
+        lines += [f'gateway_function_invocation_total{{code="200",function_name="{fn}"}} {calls}.0']
+        lines += [f'gateway_functions_seconds_bucket{{function_name="{fn}",le="{le}"}} '
+                  f'{calls if seconds <= float(le) else 0}.0' for le in ("0.005", "10.0", "30.0")]
+        lines += [f'gateway_functions_seconds_bucket{{function_name="{fn}",le="+Inf"}} {calls}.0',
+                  f'gateway_functions_seconds_sum{{function_name="{fn}"}} {calls * seconds}']
+    return "\n".join(["# HELP gateway_function_invocation_total x", *lines])
+
+
+def test_auto_promote_judges_the_twins_calls_not_the_drainer_and_says_why_it_waits(
+    twins: Callable[[int], list[str]], meters: Meters
+) -> None:
+    ids = twins(3)
+    scrapes = [_drainer_metrics(0, 0, 0)]  # the snapshot when the canary starts
+    scrape = {"text": _drainer_metrics(3, 8)}
+    mgr = UpgradeManager(get_redis(), instance="test-manager", publish=meters.publish,
+                         metrics=lambda url: scrapes.pop() if scrapes else scrape["text"])
+    meters.manager = mgr
+    op = mgr.start(spec(ids, canary=1, metrics_url="http://gateway/metrics", min_calls=10, auto_promote=True,
+                        observe_s=0))
+    # 3 reads and 8 drainer calls of 10 s: counted as twin calls, they would make 11 calls with a
+    # p95 of 10 s (an auto rollback); the twins made 3 calls, too few to judge.
+    assert mgr.run(op["id"], timeout_s=20)["state"] == "observing"
+    status = mgr.status(op["id"])
+    assert status["health"]["status"] == "insufficient", status["health"]
+    assert status["health"]["candidate"]["functions"] == ["edge-read-v2"]
+    assert status["health"]["internal"] == {**status["health"]["internal"], "functions": ["edge-ingest-v2"],
+                                            "calls": 8.0, "errors": 0.0}
+    assert status["blockers"][0].endswith("(auto-promote waiting: health insufficient: edge-read-v2: 3 calls since "
+                                          "the canary started, 10 needed to judge)"), status["blockers"]
+    # What `--follow` prints on each advance: the reason it is still waiting.
+    assert "| canary of 1 meters done" in cli.line(mgr.advance(op["id"]))
+    assert cli.line(mgr.advance(op["id"])).endswith("edge-read-v2: 3 calls since the canary started, "
+                                                    "10 needed to judge)")
+    scrape["text"] = _drainer_metrics(20, 8)
+    status = mgr.run(op["id"], timeout_s=20, until=("completed", "rolled_back", "paused"))
+    assert status["state"] == "completed", status
+    assert all(bound(m) == "v2" for m in ids)
