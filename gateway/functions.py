@@ -3,8 +3,9 @@
 The template (Flask behind of-watchdog) builds an ``Event`` from the request, calls
 ``handle(event, context)`` and turns the return value into a response: no value →
 empty 200; ``statusCode`` defaults to 200; a ``dict`` body is sent as JSON, any other
-body as ``str(body)`` (so bytes and lists arrive as their Python repr) unless the
-handler set ``Content-type: application/octet-stream``; ``headers`` go out as given.
+body as ``str(body)`` (so bytes and lists arrive as their Python repr, whatever
+``Content-Type`` the handler set: unlike python3-http-debian, the python3-http template has no
+``application/octet-stream`` pass-through); ``headers`` go out as given.
 :func:`call_handler` reproduces that, and returns a ready-to-send ASGI response.
 """
 
@@ -175,16 +176,12 @@ def convert(result: Any) -> Result:
         header_pairs = [(str(k), str(v)) for k, v in given.items()]
     else:
         header_pairs = [(str(k), str(v)) for k, v in given]
-    # The template looks up exactly 'Content-type' for its octet-stream pass-through.
-    octet = isinstance(given, Mapping) and given.get("Content-type") == "application/octet-stream"
     content_type = TEXT_HTML
     if "body" not in result:
         payload = b""
     else:
         body = result["body"]
-        if octet:
-            payload = body if isinstance(body, bytes) else str(body).encode()
-        elif isinstance(body, dict):
+        if isinstance(body, dict):
             payload = json.dumps(body, default=_json_default).encode()
             content_type = APPLICATION_JSON
         else:

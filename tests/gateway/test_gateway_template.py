@@ -43,9 +43,7 @@ def flask_client(gw: tuple[GatewayApp, httpx.AsyncClient]):  # after gw: the zon
 
 @pytest.mark.parametrize(
     "path", ["/text", "/html", "/none", "/status?code=201", "/status?code=409", "/bytes", "/list",
-             pytest.param("/octet", marks=pytest.mark.xfail(
-                 strict=True, reason="gateway/functions.py passes application/octet-stream through as "
-                 "python3-http-debian does; python3-http sends str(body) (see tests/python3_http.py)")),
+             "/octet",
              "/nobody"],
 )
 async def test_same_status_type_and_body_as_the_template(
