@@ -34,13 +34,12 @@ import httpx
 import redis
 
 from metertwin.core.clients import StrRedis, get_http, get_redis
-from metertwin.core.errors import BackendUnavailable, Conflict, MeterTwinError, UnknownMeter
-from metertwin.core.http import Context, Event, Response, Router, error_response, json_response
+from metertwin.core.errors import BackendUnavailable, Conflict, UnknownMeter
+from metertwin.core.http import Context, Event, Response, Router, exception_response, json_response
 from metertwin.core.settings import get_settings
 from metertwin.twin import keys as twin_keys
 from metertwin.upgrade import keys
 
-log = logging.getLogger("metertwin.binding")
 # httpx logs every request at INFO: one line per nudge and per forward would drown the function log.
 logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
 
@@ -53,8 +52,6 @@ BINDING_HEADER = "X-Twin-Binding"
 _HOP_BY_HOP = frozenset({"host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade",
                          "te", "trailer", "proxy-authorization", "accept-encoding"})
 _PASS_BACK = ("content-type", "etag", "x-twin-source", "cache-control", "location", "retry-after")
-#: What the caller sees for a bug in the forward path (as ``Router.dispatch`` answers one).
-INTERNAL_ERROR = {"error": "internal_error", "message": "internal error; see function logs"}
 
 
 class BindingMoved(Conflict):
@@ -212,11 +209,8 @@ def forward(event: Event, function: str, bound: str, *, via: str) -> Response:
     """
     try:
         return _forward(event, function, bound, via=via)
-    except MeterTwinError as exc:
-        return error_response(exc)
-    except Exception:
-        log.exception("forwarding %s %s to %s failed", event.method, event.path, function)
-        return json_response(dict(INTERNAL_ERROR), 500)
+    except Exception as exc:  # outside dispatch: answer as the handler boundary does
+        return exception_response(exc, event)
 
 
 def _forward(event: Event, function: str, bound: str, *, via: str) -> Response:
