@@ -25,7 +25,7 @@ from metertwin.twin.uplink import register_reading_routes
 from metertwin.upgrade.inbox import register_inbox_route, v1_ingest
 
 router = Router()
-# Readings of meters bound to another release are parked for it and it is nudged (metertwin.upgrade.binding).
+# Readings of meters bound to another release are parked for it and it is nudged (metertwin.upgrade.inbox).
 register_inbox_route(router, v1_ingest)
 register_reading_routes(router, v1_ingest)
 
