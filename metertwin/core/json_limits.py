@@ -7,8 +7,9 @@ sees them, with one pass that costs next to nothing on ordinary payloads:
 
 * fast path: a document with at most ``max_depth`` brackets in all cannot be deeper than that
   (``bytes.count`` runs in C; a 300-byte reading has one or two);
-* otherwise one regex scan over strings and brackets only, counting depth outside strings and
-  stopping at the first level past the limit (so a 100,000-deep body costs ``max_depth`` steps).
+* otherwise strings are cut out with one regex substitution and everything but brackets with
+  ``bytes.translate`` (both in C); a Python loop counts depth over the brackets that remain and
+  stops at the first level past the limit (a 100,000-deep body costs ``max_depth`` steps).
 
 The string pattern is possessive and also matches an unterminated string to the end, so every
 scan is linear in the input (no backtracking on ``"\\"\\"...``). Malformed JSON is left to the
@@ -28,8 +29,9 @@ from metertwin.core.errors import InvalidInput
 #: interpreter's recursion limit (1,000) in ``json`` and in pydantic's validators.
 MAX_DEPTH = 64
 
-_TOKENS_BYTES = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
-_TOKENS_STR = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+_STRINGS = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_OPEN = frozenset(b"[{")
 
 
 class JsonTooDeep(InvalidInput):
@@ -40,31 +42,19 @@ class JsonTooDeep(InvalidInput):
 
 def check_depth(doc: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> None:
     """Raise :class:`JsonTooDeep` if ``doc`` nests arrays/objects deeper than ``max_depth``."""
-    if isinstance(doc, str):
-        if doc.count("[") + doc.count("{") <= max_depth:
-            return
-        _scan(_TOKENS_STR.finditer(doc), "[{", max_depth)
+    raw = doc.encode("utf-8", "surrogatepass") if isinstance(doc, str) else bytes(doc)
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
         return
-    if doc.count(b"[") + doc.count(b"{") <= max_depth:
-        return
-    _scan(_TOKENS_BYTES.finditer(doc), b"[{", max_depth)
-
-
-def _scan(tokens: Any, opening: Any, max_depth: int) -> None:
+    if b'"' in raw:
+        raw = _STRINGS.sub(b"", raw)  # brackets inside strings do not nest
     depth = 0
-    for m in tokens:
-        tok = m.group()
-        if len(tok) != 1 or tok == '"' or tok == b'"':
-            continue  # a string: brackets inside it do not nest
-        if tok in opening:
+    for c in raw.translate(None, _NOT_BRACKETS):  # C does the scanning; Python sees brackets only
+        if c in _OPEN:
             depth += 1
             if depth > max_depth:
-                raise JsonTooDeep(
-                    f"JSON nests deeper than the limit of {max_depth} levels (level {depth} at offset {m.start()})",
-                    max_depth=max_depth, offset=m.start(),
-                )
+                raise JsonTooDeep(f"JSON nests deeper than the limit of {max_depth} levels", max_depth=max_depth)
         elif depth:
-            depth -= 1  # a closing bracket (unbalanced ones are the decoder's to report)
+            depth -= 1  # unbalanced closers are the decoder's to report
 
 
 def loads(doc: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
