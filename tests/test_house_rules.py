@@ -22,7 +22,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade")
+CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade", "stream")
 LOCAL_PLATFORM = ("gateway", "storage", "embedded", "meter_sim", "loadtest", "dr_bridge", "metertwin_upgrade", "tests")
 
 #: The modules through which one capability may use another. Anything else is private to
@@ -34,6 +34,7 @@ INTERFACES: dict[str, frozenset[str]] = {
     "mdms": frozenset(),
     "dr": frozenset(),
     "p2p": frozenset(),
+    "stream": frozenset({"events"}),
 }
 
 MAX_MODULE_LINES = 450

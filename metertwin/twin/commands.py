@@ -32,6 +32,7 @@ from metertwin.core.clients import StrRedis, get_mqtt, get_redis
 from metertwin.core.errors import BackendUnavailable, InvalidInput, NotFound, UnknownMeter
 from metertwin.core.http import validate
 from metertwin.core.settings import get_settings
+from metertwin.stream import events
 from metertwin.twin import keys
 from metertwin.twin.messages import CommandAck
 
@@ -174,6 +175,7 @@ class CommandService:
             pipe.execute()
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable storing command for {meter_id!r}: {exc}") from exc
+        events.command_status(self._r, meter_id, command_id, "pending", kind)
         self._publish(meter_id, command_id, kind, clean, now + expiry)
         return self.get(meter_id, command_id)
 
@@ -263,6 +265,8 @@ class CommandService:
             args=[status, repr(time.time()), ",".join(allowed), json.dumps(extra or {}), command_id,
                   keys.COMMAND_RETENTION_S],
         )
+        if done:
+            events.command_status(self._r, meter_id, command_id, status)
         return bool(done)
 
 

@@ -35,6 +35,7 @@ import redis
 
 from metertwin.core.clients import StrRedis
 from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, UnknownMeter, VersionMismatch
+from metertwin.stream import events
 from metertwin.twin import keys
 from metertwin.twin.messages import MAX_SEQ, TimestampRule
 
@@ -238,6 +239,7 @@ class TwinStore:
                 f"If-Match version {if_match} does not match twin {meter_id!r} version {version}",
                 meter_id=meter_id, current_version=version,
             )
+        events.twin_changed(self._r, meter_id, field, values, int(version))
         return int(version)
 
     @staticmethod

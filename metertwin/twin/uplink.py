@@ -21,6 +21,7 @@ from metertwin.core import topics
 from metertwin.core.clients import StrRedis, get_redis
 from metertwin.core.errors import InvalidInput
 from metertwin.core.http import Request, Response, Router, json_response, parse_json
+from metertwin.stream import events
 from metertwin.twin.messages import Reading, TimestampRule
 from metertwin.twin.state import twin_store
 from metertwin.upgrade.inbox import IngestScript
@@ -58,5 +59,6 @@ def register_reading_routes(router: Router, ingest: Callable[[StrRedis], IngestS
             if state not in ("online", "offline"):
                 raise InvalidInput(f"status {state[:40]!r} is not 'online' or 'offline'", field="body")
             version = twin_store(get_redis()).report(meter_id, {"online": state == "online"}, ts=time.time())
+            events.connection(get_redis(), meter_id, state == "online")
             return json_response({"meter_id": meter_id, "online": state == "online", "version": version})
         raise InvalidInput(f"topic {topic!r} is not a reading or status topic", field="X-Topic")

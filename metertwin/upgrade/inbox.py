@@ -29,6 +29,7 @@ import redis
 from metertwin.core.clients import StrRedis, get_http, get_redis
 from metertwin.core.errors import BackendUnavailable, UnknownMeter
 from metertwin.core.http import Request, Response, Router, json_response
+from metertwin.stream import events
 from metertwin.twin import keys as twin_keys
 from metertwin.upgrade import keys
 from metertwin.upgrade.binding import DEFAULT_RELEASE, binding_settings, function_for
@@ -187,6 +188,8 @@ class IngestScript:
             return IngestOutcome("parked", int(version), str(bound), 0, nudged)
         if seq == DRAIN_ONLY:
             return IngestOutcome("drained", int(version), str(bound), drained)
+        if status == 1 and seq >= 0:
+            events.reading_applied(self.client, meter_id, measurement_json, seq)
         return IngestOutcome("applied" if status == 1 else "duplicate", int(version), str(bound), drained)
 
     def drain_many(self, meter_ids: list[str]) -> tuple[int, list[tuple[str, str]]]:
