@@ -136,6 +136,11 @@ class DemandResponse(Api):
     def telemetry(self, meter_ids: list[str]) -> Json:
         return dict(self._call("POST", "/telemetry", json={"meter_ids": meter_ids}))
 
+    @route("POST", "/opts/claim")
+    def claim_opts(self, meter_ids: list[str]) -> Json:
+        """The opt-outs these twins' VENs are to send as ``oadrCreateOpt`` (service scope: the VEN bridge)."""
+        return dict(self._call("POST", "/opts/claim", json={"meter_ids": meter_ids}))
+
 
 @dataclass
 class Upgrades(Api):
