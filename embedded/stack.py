@@ -71,6 +71,8 @@ class EmbeddedStack:
     supervise: bool = True
     #: Extra environment for the gateways (and so their functions), e.g. ``MDMS_S3_TIMEOUT_S``.
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Fixed gateway ports by zone (``python -m embedded.zone --port 8080``); others get free ones.
+    fixed_ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="metertwin-stack-"))
@@ -104,7 +106,7 @@ class EmbeddedStack:
             self._write_secrets()
             # Ports first: functions reach their own zone's gateway (forwards, nudges), so the
             # environment must name every gateway's URL before any of them starts.
-            self.ports = {zone: free_port() for zone in self.zones}
+            self.ports = {zone: self.fixed_ports.get(zone) or free_port() for zone in self.zones}
             env = self.environment()
             for zone in self.zones:
                 self._start_gateway(GatewayProcess, zone, env)

@@ -11,6 +11,7 @@ import sys
 
 import uvicorn
 
+from gateway import access_log
 from gateway.app import GatewayOptions, create_app
 from gateway.server import uvicorn_config
 from metertwin.core.errors import MeterTwinError
@@ -45,13 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-background", action="store_true",
                    help="serve HTTP only: no async worker, MQTT or cron connectors")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--access-log-format", choices=access_log.FORMATS, default=defaults.access_log_format,
+                   help="one line per function call: json (default) or text key=value")
+    p.add_argument("--access-log-level", choices=access_log.LEVELS, default=defaults.access_log_level,
+                   help="info: every call; warning: 4xx and 5xx; error: 5xx; off: no access log")
+    p.add_argument("--ready-timeout", type=float, default=defaults.ready_timeout_s,
+                   help="seconds each /readyz probe (Redis, broker, S3) may take")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {"max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background,
+    options = {"access_log_format": args.access_log_format, "access_log_level": args.access_log_level,
+               "ready_timeout_s": args.ready_timeout,
+               "max_threads": args.threads, "claim_idle_s": args.claim_idle, "background": not args.no_background,
                "async_concurrency": args.async_concurrency,
                "mqtt_concurrency": args.mqtt_concurrency, "exec_timeout_s": args.exec_timeout,
                "mqtt_shared": not args.mqtt_no_share}
@@ -73,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["GATEWAY_INSTANCE_PREFIX"] = instance
             # Fail fast on stack errors before forking workers.
             create_app(args.stack, args.zone, secrets_dir=args.secrets_dir, **options).executor.shutdown(wait=False)
+            access_log.configure()
             uvicorn.run(
                 "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
                 loop="uvloop", http="httptools", access_log=False, log_level=args.log_level,
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     print(f"{LISTENING} http://{args.host}:{port} zone={args.zone} pid={os.getpid()}", file=sys.stderr, flush=True)
+    access_log.configure()
     uvicorn.Server(uvicorn_config(app, args.host, port, log_level=args.log_level)).run(sockets=[sock])
     return 0
 

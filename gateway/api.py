@@ -9,11 +9,12 @@ import os
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.async_api import add_async_routes
 from gateway.openapi import add_function_docs
+from gateway.readiness import readiness
 from gateway.system import VERSION, add_system_routes
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def build_api(gw: GatewayApp) -> FastAPI:
-    """The FastAPI part: /system, /async-function, /healthz, /metrics and the OpenAPI document."""
+    """The FastAPI part: /system, /async-function, /healthz, /readyz, /metrics and the OpenAPI document."""
     api = FastAPI(
         title=f"metertwin gateway ({gw.zone})",
         version=VERSION,
@@ -37,6 +38,12 @@ def build_api(gw: GatewayApp) -> FastAPI:
     async def healthz() -> PlainTextResponse:
         """Liveness: the gateway process is up (no auth). ``X-Gateway-Pid`` names the serving process."""
         return PlainTextResponse("OK", headers=pid_header)
+
+    @api.get("/readyz", tags=["gateway"], responses={503: {"description": "a service is unreachable"}})
+    async def readyz() -> JSONResponse:
+        """Readiness (no auth): the zone's Redis, MQTT broker and (cold-tier zones) S3, each reachable or not."""
+        status, body = await readiness(gw)
+        return JSONResponse(body, status_code=status, headers=pid_header)
 
     @api.get("/metrics", tags=["gateway"])
     async def metrics() -> Response:

@@ -25,6 +25,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway import access_log
+from gateway.access_log import AccessLog
 from gateway.api import build_api
 from gateway.asyncq import AsyncQueue
 from gateway.connectors import CronConnector, MqttConnector, ServiceToken, validate_schedule
@@ -82,6 +84,8 @@ class GatewayApp(GatewayLifecycle):
         self.context = Context()
         self.executor = HandlerPool(self.options.max_threads, name=f"fn-{zone}")
         self.metrics = GatewayMetrics(zone, self.functions)
+        self.access = AccessLog(zone, self.functions, fmt=self.options.access_log_format,
+                                level=self.options.access_log_level)
         self.token = ServiceToken(zone, self.options.token_ttl_s)
         self.started_at = datetime.now(UTC)
         self.redis: aioredis.Redis | None = None
@@ -175,4 +179,5 @@ def app_from_env() -> GatewayApp:
     prefix = os.environ.get("GATEWAY_INSTANCE_PREFIX")
     if prefix:
         raw["instance"] = f"{prefix}-{os.getpid()}"
+    access_log.configure()  # a fresh worker process: access lines alone on its stderr
     return create_app(stack, zone, secrets_dir=os.environ.get("GATEWAY_SECRETS_DIR") or None, **raw)

@@ -33,8 +33,10 @@ from gateway.functions import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.pool import HandlerPool
+from metertwin.core.auth import CALLER, CallerSlot
 
 if TYPE_CHECKING:
+    from gateway.access_log import AccessLog
     from gateway.options import GatewayOptions
 
 log = logging.getLogger("gateway")
@@ -79,6 +81,7 @@ class FunctionInvoker:
     context: Context
     executor: HandlerPool
     metrics: GatewayMetrics
+    access: AccessLog
     _deadlines: dict[asyncio.Future[Result], float]
 
     async def _function(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,16 +89,18 @@ class FunctionInvoker:
         start_ns = time.time_ns()
         name, _, rest = scope["path"][_PREFIX_LEN:].partition("/")
         fn = self.functions.get(name)
+        method: str = scope["method"]
         if fn is None:
             await send_plain(send, 404, f"error finding function {name}: not found".encode())
+            self.access.record(name, method, "/" + rest, 404, time.perf_counter() - started, "-", None)
             return
-        method: str = scope["method"]
         if method not in HANDLER_METHODS:
             if method == "OPTIONS":
                 await send_plain(send, 200, b"", [(b"allow", ALLOW_HEADER)])
                 return
             if method != "HEAD":
                 await send_plain(send, 405, b"Method Not Allowed", [(b"allow", ALLOW_HEADER)])
+                self.access.record(name, method, "/" + rest, 405, time.perf_counter() - started, "-", None)
                 return
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         call_id: bytes | None = None
@@ -108,6 +113,7 @@ class FunctionInvoker:
         limit = self.max_body_bytes
         if length > limit:
             await self._too_large(send, length)
+            self.access.record(name, method, "/" + rest, 413, time.perf_counter() - started, "-", None)
             return
         message = await receive()
         body: bytes = message.get("body", b"")
@@ -149,6 +155,8 @@ class FunctionInvoker:
         headers.append((b"x-duration-seconds", f"{duration:.6f}".encode()))
         await send({"type": "http.response.start", "status": result.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if method == "HEAD" else payload})
+        # After the answer went out: the caller does not wait for its log line.
+        self.access.record(name, method, event.path, result.status, duration, call_id, result.caller)
 
     async def _call_sync(self, fn: LoadedFunction, event: Event) -> Result:
         """``handle`` in the pool, answered with 504 after ``exec_timeout_s`` (the thread runs on)."""
@@ -176,6 +184,8 @@ class FunctionInvoker:
 
     async def _call_async(self, fn: LoadedFunction, event: Event) -> Result:
         """The async lane: ``handle_async`` on the event loop; ``NotImplemented`` means "use handle"."""
+        slot = CallerSlot()
+        CALLER.set(slot)
         try:
             answer = await asyncio.wait_for(fn.handle_async(event, self.context),  # type: ignore[misc]
                                             self.options.exec_timeout_s)
@@ -187,7 +197,9 @@ class FunctionInvoker:
             return error_result(500, "function_error", f"function {fn.name} raised {type(exc).__name__}: {exc}")
         if answer is NotImplemented:
             return await self._call_sync(fn, event)
-        return convert_answer(fn, event, answer)
+        result = convert_answer(fn, event, answer)
+        result.caller = slot.principal
+        return result
 
     async def _too_large(self, send: Send, size: int, *, partial: bool = False) -> None:
         what = f"more than {self.max_body_bytes}" if partial else str(size)
@@ -209,5 +221,8 @@ class FunctionInvoker:
             result = await self._call_sync(fn, event)
         else:
             result = await self._call_async(fn, event)
-        self.metrics.observe(name, result.status, time.perf_counter() - started)
+        duration = time.perf_counter() - started
+        self.metrics.observe(name, result.status, duration)
+        self.access.record(name, event.method, event.path, result.status, duration,
+                           event.headers.get("x-call-id") or "-", result.caller, via="internal")
         return result

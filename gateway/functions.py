@@ -31,6 +31,7 @@ from typing import Any
 from starlette.datastructures import Headers, QueryParams
 
 from gateway.stack import FunctionSpec, StackError
+from metertwin.core.auth import CALLER, CallerSlot, Principal
 
 log = logging.getLogger("gateway.functions")
 
@@ -78,6 +79,8 @@ class Result:
     headers: RawHeaders
     body: bytes
     error: str | None = None
+    #: Who called, as the function's authentication verified it (the access log's subject and scope).
+    caller: Principal | None = None
 
 
 @dataclass(slots=True)
@@ -216,9 +219,14 @@ def convert_answer(fn: LoadedFunction, event: Event, answer: Any) -> Result:
 
 def call_handler(fn: LoadedFunction, event: Event, context: Context) -> Result:
     """Run ``fn.handle`` and convert its answer; a raising handler becomes a JSON 500."""
+    slot = CallerSlot()
+    CALLER.set(slot)  # a fresh slot per call: pool threads are reused
     try:
         answer = fn.handle(event, context)
     except Exception as exc:
         log.exception("function %s raised on %s %s", fn.name, event.method, event.path)
-        return error_result(500, "function_error", f"function {fn.name} raised {type(exc).__name__}: {exc}")
-    return convert_answer(fn, event, answer)
+        result = error_result(500, "function_error", f"function {fn.name} raised {type(exc).__name__}: {exc}")
+    else:
+        result = convert_answer(fn, event, answer)
+    result.caller = slot.principal
+    return result

@@ -31,3 +31,9 @@ class GatewayOptions:
     background: bool = True
     flush_interval_s: float = 1.0
     drain_timeout_s: float = 10.0
+    #: Access log (gateway.access_log): ``json`` or ``text``; threshold ``info`` (every call),
+    #: ``warning`` (4xx and 5xx only), ``error`` (5xx only) or ``off``.
+    access_log_format: str = "json"
+    access_log_level: str = "info"
+    #: Each dependency probe of ``/readyz`` (Redis, broker, S3) gives up after this long.
+    ready_timeout_s: float = 1.0

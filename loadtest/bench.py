@@ -6,6 +6,9 @@
 2. Live reads through a simulated meter with a fixed link latency: the overhead
    above that latency (median and p99 of many sequential reads).
 3. Redis memory per twin over 100,000 realistic twins.
+4. With ``cached``: the access log's cost, two more edge gateways (HTTP only), one writing
+   its JSON access line per call to a file and one with ``--access-log-level off``, in
+   interleaved rounds.
 
 Load comes from ``wrk`` (apt package ``wrk``; ``make bench`` installs it) in its own
 process. The machine is shared and noisy: every figure is a median over rounds, and
@@ -143,6 +146,7 @@ def bench_cached_reads(stack: EmbeddedStack, *, rounds: int, seconds: float) -> 
     for _ in range(rounds):
         half.append(wrk(url, seconds=seconds, connections=conns, token=token, delay_ms=1000 * conns / target))
     return {
+        **_access_log_cost(stack, url.replace(stack.url("edge"), ""), token, rounds=rounds, seconds=seconds),
         "gateway_rps": [round(r.rps) for r in gw_peak],
         "hello_rps": [round(r.rps) for r in hello_peak],
         "gateway_rps_median": round(gw_rps),
@@ -158,6 +162,39 @@ def bench_cached_reads(stack: EmbeddedStack, *, rounds: int, seconds: float) -> 
         "half_p50_ms": statistics.median(r.p50_ms for r in half),
         "half_p99_ms": statistics.median(r.p99_ms for r in half),
         "errors": sum(r.errors for r in [*gw_peak, *half]),
+    }
+
+
+def _access_log_cost(stack: EmbeddedStack, path: str, token: str, *, rounds: int, seconds: float
+                     ) -> dict[str, Any]:
+    """Cached-read peak with the access log on (JSON lines to a file) and off, rounds interleaved."""
+    from gateway.server import GatewayProcess
+
+    peaks: dict[str, list[WrkResult]] = {"on": [], "off": []}
+    gateways = {
+        mode: GatewayProcess(stack.stack_path, "edge", secrets_dir=stack.secrets_dir, env=stack.environment(),
+                             args=["--no-background", "--instance", f"bench-log-{mode}",
+                                   "--access-log-level", "info" if mode == "on" else "off"],
+                             log_path=stack.dir / f"gateway-edge-log-{mode}.log")
+        for mode in peaks
+    }
+    try:
+        for gw in gateways.values():
+            wrk(gw.url + path, seconds=2, connections=32, token=token)
+        for _ in range(rounds):
+            for mode, gw in gateways.items():
+                peaks[mode].append(wrk(gw.url + path, seconds=seconds, connections=32, token=token))
+        lines = sum(1 for line in gateways["on"].log_text().splitlines() if line.startswith('{"time"'))
+    finally:
+        for gw in gateways.values():
+            gw.stop()
+    on = statistics.median(r.rps for r in peaks["on"])
+    off = statistics.median(r.rps for r in peaks["off"])
+    return {
+        "access_log_on_rps": [round(r.rps) for r in peaks["on"]],
+        "access_log_off_rps": [round(r.rps) for r in peaks["off"]],
+        "access_log_ratio": round(on / off, 3),
+        "access_log_lines": lines,
     }
 
 

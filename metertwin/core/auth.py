@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import secrets
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,6 +42,22 @@ class Principal:
 
     def allows_meter(self, meter_id: str) -> bool:
         return self.meter is None or self.meter == meter_id
+
+
+class CallerSlot:
+    """Where :func:`authenticate` leaves the caller it verified (``principal``; ``None``: none yet)."""
+
+    __slots__ = ("principal",)
+
+    def __init__(self) -> None:
+        self.principal: Principal | None = None
+
+
+#: The local gateway puts a fresh :class:`CallerSlot` here before a handler runs and reads it
+#: afterwards for its access log, so the subject and scopes logged are the verified ones and the
+#: token is never parsed twice. A slot (not the principal itself) so that tasks the handler runs
+#: in (``asyncio.wait_for`` copies the context) fill the caller's slot. Unset on OpenFaaS.
+CALLER: ContextVar[CallerSlot | None] = ContextVar("metertwin_caller", default=None)
 
 
 def issue_token(
@@ -119,6 +136,9 @@ def authenticate(authorization: str | None) -> Principal:
                                               cache_s=get_settings().token_revocation_cache_s)
         if reason is not None:
             raise Unauthorized(f"bearer token {principal.token_id} was revoked: {reason}", reason=reason)
+    slot = CALLER.get()
+    if slot is not None:
+        slot.principal = principal
     return principal
 
 
