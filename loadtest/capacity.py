@@ -205,8 +205,16 @@ def throughput_from_report(path: Path) -> float:
     return float(value)
 
 
+EXAMPLES = """examples:
+  python -m loadtest.capacity --node-throughput 4000
+      meters per node and per seed 003 WAN link, and the UK DSO regions, for a gateway measured at 4,000 req/s
+  python -m loadtest.capacity --from-report loadtest/reports/<run>/results.json --link-mbps dsl=8 --region north=2500000
+      the node figure from a `make compare` run, one 8 Mbit/s link and one region of 2.5 M meters"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.capacity", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtest.capacity", description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--message-bytes", type=float, default=800.0)
     parser.add_argument("--rate-per-min", type=float, default=1.0, help="messages per meter per minute")
     parser.add_argument("--requests-per-message", type=float, default=1.0,
@@ -221,14 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", action="append", default=[], metavar="NAME=METERS",
                         help="a region to plan (repeatable); default: seed 003 Table III's UK DSO regions")
     parser.add_argument("--binary-mbit", action="store_true", help="1 Mbit = 2^20 bit (seed 003 Table II)")
-    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if not given:
+        # Nothing to plan for yet: say how to call it (not an error).
+        print(parser.format_help())
+        return 0
+    args = parser.parse_args(given)
     try:
         if args.from_report is not None:
             node_rps = throughput_from_report(args.from_report)
         elif args.node_throughput is not None:
             node_rps = args.node_throughput
         else:
-            parser.error("give --node-throughput REQ_PER_S or --from-report results.json")
+            parser.error("give --node-throughput REQ_PER_S or --from-report results.json, e.g. "
+                         "python -m loadtest.capacity --node-throughput 4000")
         traffic = Traffic(args.message_bytes, args.rate_per_min, args.requests_per_message)
         links = _parse_named(args.link_mbps, "--link-mbps") or dict(SEED_003_WAN_LINKS)
         regions = {k: int(v) for k, v in _parse_named(args.region, "--region").items()} or dict(UK_DSO_REGIONS)

@@ -98,3 +98,12 @@ def test_cli_as_module_with_seed_defaults() -> None:
     assert done.returncode == 0, done.stderr
     assert "Southern England" in done.stdout
     assert "dsl-8" in done.stdout
+
+
+def test_cli_without_arguments_prints_usage_with_an_example() -> None:
+    done = subprocess.run([sys.executable, "-m", "loadtest.capacity"], capture_output=True, text=True, timeout=30,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m loadtest.capacity")
+    assert "python -m loadtest.capacity --node-throughput 4000" in done.stdout
+    assert "error" not in done.stdout + done.stderr
