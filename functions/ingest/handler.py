@@ -8,7 +8,10 @@ body and ``X-Topic`` naming the topic:
 * ``meters/<id>/up/status`` — ``online`` / ``offline`` (the meter's will message).
 
 The fog zone's MDMS ingest (validation, hot/cold storage) subscribes to the same
-readings independently.
+readings independently. A reading this function refuses (bad seq, ``ts`` outside the
+shared timestamp rule, JSON too deep: a 4xx naming the value) is refused there by the
+same rules and dead-lettered with its reason: the edge keeps no dead letters of its own
+(metertwin.twin.uplink, docs/mdms.md "One rule at edge and fog").
 """
 
 from __future__ import annotations
