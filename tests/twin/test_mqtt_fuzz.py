@@ -14,6 +14,8 @@ Bounded: a fixed number of examples, derandomized, no example database, so CI ru
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import threading
 import time
@@ -37,6 +39,7 @@ from metertwin.twin import keys as twin_keys
 from metertwin.twin.state import TwinStore
 from storage.embedded import Mosquitto
 from tests.conftest import TEST_SIGNING_KEY
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -163,13 +166,6 @@ def dead_letter_rules(r: redis.Redis) -> Counter[str]:
     return Counter(f["rule"] for _, f in entries)
 
 
-def wait(condition: Any, what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_fuzzed_mqtt_messages_are_all_accounted_for(
     zones: tuple[Mosquitto, GatewayProcess, GatewayProcess], redis_url: str
 ) -> None:
@@ -181,20 +177,17 @@ def test_fuzzed_mqtt_messages_are_all_accounted_for(
     pub = Publisher(broker)
     try:
         # The connectors subscribe asynchronously: probe (one reading at a time) until both zones got one.
-        probe_seq = 0
-        while True:
-            probe_seq += 1
-            assert probe_seq < 60, f"connectors never delivered\n{edge.log_text()[-2000:]}\n{fog.log_text()[-2000:]}"
+        def seen(seq: int) -> bool:
+            return r.hget(twin_keys.twin(PROBE), "s") == str(seq) and bool(
+                r.hget(mdms_keys.mdms_counters(PROBE), "accepted"))
+
+        for probe_seq in range(1, 60):
             pub.publish(f"meters/{PROBE}/up/reading", json.dumps(reading(probe_seq, time.time(), probe_seq)).encode())
-            deadline = time.monotonic() + 1
-            while time.monotonic() < deadline and not (
-                r.hget(twin_keys.twin(PROBE), "s") == str(probe_seq)
-                and r.hget(mdms_keys.mdms_counters(PROBE), "accepted")
-            ):
-                time.sleep(0.02)
-            if r.hget(twin_keys.twin(PROBE), "s") == str(probe_seq) and r.hget(mdms_keys.mdms_counters(PROBE),
-                                                                                "accepted"):
+            with contextlib.suppress(AssertionError):
+                wait_until(functools.partial(seen, probe_seq), timeout_s=1, what="probe")
                 break
+        else:
+            pytest.fail(f"connectors never delivered\n{edge.log_text()[-2000:]}\n{fog.log_text()[-2000:]}")
 
         sent: Counter[str] = Counter()
 
@@ -216,10 +209,9 @@ def test_fuzzed_mqtt_messages_are_all_accounted_for(
     def fog_expected() -> int:
         return sent["reading"] + int(r.hget(mdms_keys.mdms_counters(PROBE), "accepted") or 0)
 
-    wait(lambda: invocations(edge, "edge-ingest").total() >= edge_expected(),
-         f"edge answered {invocations(edge, 'edge-ingest')} of {edge_expected()}\n{edge.log_text()[-3000:]}")
-    wait(lambda: sum(fog_accounted(r)) >= fog_expected(),
-         f"fog accounted {fog_accounted(r)} of {fog_expected()}\n{fog.log_text()[-3000:]}")
+    wait_until(lambda: invocations(edge, "edge-ingest").total() >= edge_expected(), 30,
+               f"edge-ingest answering {edge_expected()} messages")
+    wait_until(lambda: sum(fog_accounted(r)) >= fog_expected(), 30, f"fog accounting for {fog_expected()} readings")
     edge_codes, fog_codes = invocations(edge, "edge-ingest"), invocations(fog, "fog-mdms-ingest")
     accepted, duplicates, dead = fog_accounted(r)
     print(f"\nMQTT fuzz: sent {dict(sent)}; edge-ingest answers {dict(sorted(edge_codes.items()))}; "
