@@ -22,7 +22,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade", "stream")
+CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade", "stream", "fleet")
 LOCAL_PLATFORM = ("gateway", "storage", "embedded", "meter_sim", "loadtest", "dr_bridge", "metertwin_upgrade", "tests")
 
 #: The modules through which one capability may use another. Anything else is private to
@@ -32,9 +32,10 @@ INTERFACES: dict[str, frozenset[str]] = {
     "twin": frozenset({"state", "commands", "messages", "keys", "read_query", "uplink"}),
     "upgrade": frozenset({"binding", "inbox"}),
     "mdms": frozenset(),
-    "dr": frozenset(),
+    "dr": frozenset({"keys"}),  # the fleet search reads the opt-out of DR preferences
     "p2p": frozenset(),
     "stream": frozenset({"events"}),
+    "fleet": frozenset({"topology", "search"}),
 }
 
 MAX_MODULE_LINES = 450

@@ -5,12 +5,16 @@ Routes (after ``/function/<zone>-registry``):
 * ``POST /meters`` — provision one twin; returns the meter's MQTT credentials once.
 * ``POST /meters/bulk`` — provision up to ``max_bulk_meters`` twins.
 * ``GET /meters?cursor=&count=`` — list provisioned meter ids.
-* ``GET /meters/{meter_id}`` — the registry record (zone, profile, created).
+* ``GET /meters/{meter_id}`` — the registry record (zone, profile, topology, created).
 * ``DELETE /meters/{meter_id}`` — remove the twin and the meter's account (also an orphaned
   account whose twin is gone; 404 only when neither exists).
 * ``POST /meters/bulk-delete`` — remove many.
 * ``POST /reconcile?fix=false|true`` — twins without accounts and accounts without twins
   (``metertwin.twin.reconcile``); ``fix=true`` repairs both.
+
+A profile may carry the twin's topology (region, substation, feeder, transformer, phase,
+location, tariff, customer_class, groups, tags: ``metertwin.fleet.topology``); it is stored as
+the twin's fleet record (indexed for search, changed later with ``edge-fleet``), not in the profile.
 
 Provisioning a meter whose twin is gone but whose account remains replaces the account
 (new password; the old one stops working).
@@ -32,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from metertwin.core import topics
 from metertwin.core.clients import get_redis
-from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, UnknownMeter
+from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, MeterTwinError, UnknownMeter
 from metertwin.core.http import (
     METER_ID_RE,
     Context,
@@ -45,6 +49,7 @@ from metertwin.core.http import (
     query_float,
 )
 from metertwin.core.settings import get_settings
+from metertwin.fleet.topology import TOPOLOGY_FIELDS, TopologyFields, public, topology_store
 from metertwin.twin import keys
 from metertwin.twin.dynsec import get_dynsec, new_password
 from metertwin.twin.reconcile import reconcile
@@ -54,7 +59,7 @@ router = Router()
 OPERATORS = {"admin", "utility"}
 
 
-class Profile(BaseModel):
+class Profile(TopologyFields):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["household", "prosumer", "commercial"] = "household"
@@ -107,7 +112,19 @@ def _credentials(meter_id: str, password: str) -> dict[str, Any]:
     }
 
 
-def _provision(meters: list[NewMeter]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+def _actor(req: Request) -> str:
+    return req.principal.subject if req.principal else "anonymous"
+
+
+def _drop(meter_ids: list[str]) -> list[str]:
+    """Delete twins, then their fleet records; returns the ids that had a twin."""
+    store = _store()
+    removed = [m for m in meter_ids if store.delete(m)]
+    topology_store(get_redis()).remove(meter_ids, actor="registry")
+    return removed
+
+
+def _provision(meters: list[NewMeter], actor: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Create twins, then accounts; a twin whose account fails is rolled back."""
     limit = get_settings().max_bulk_meters
     if len(meters) > limit:
@@ -121,21 +138,29 @@ def _provision(meters: list[NewMeter]) -> tuple[list[dict[str, Any]], list[dict[
     created: list[NewMeter] = []
     conflicts: list[dict[str, str]] = []
     for m in meters:
-        if store.create(m.meter_id, zone, m.profile.model_dump(exclude_defaults=True)):
-            created.append(m)
-        else:
+        profile = m.profile.model_dump(exclude_defaults=True, exclude=set(TOPOLOGY_FIELDS))
+        if not store.create(m.meter_id, zone, profile):
             conflicts.append({"meter_id": m.meter_id, "error": f"meter {m.meter_id!r} already has a twin"})
+            continue
+        try:  # the fleet record (topology and search indexes), even when the profile names no topology
+            topology_store(get_redis()).patch(m.meter_id, m.profile.changes(), actor=actor, zone=zone)
+        except MeterTwinError as exc:
+            store.delete(m.meter_id)
+            if isinstance(exc, BackendUnavailable):
+                raise
+            conflicts.append({"meter_id": m.meter_id, "error": exc.message})
+            continue
+        created.append(m)
     passwords = {m.meter_id: new_password() for m in created}
     try:
         errors = get_dynsec().create_meters(passwords) if passwords else {}
     except BackendUnavailable:
-        for meter_id in passwords:
-            store.delete(meter_id)
+        _drop(list(passwords))
         raise
     out = []
     for meter_id, password in passwords.items():
         if errors.get(meter_id):
-            store.delete(meter_id)
+            _drop([meter_id])
             conflicts.append({"meter_id": meter_id, "error": f"MQTT account not created: {errors[meter_id]}"})
         else:
             out.append(_credentials(meter_id, password))
@@ -145,7 +170,7 @@ def _provision(meters: list[NewMeter]) -> tuple[list[dict[str, Any]], list[dict[
 @router.post("/meters", scopes=OPERATORS)
 def provision_one(req: Request) -> Response:
     body = req.json(NewMeter)
-    created, conflicts = _provision([body])
+    created, conflicts = _provision([body], _actor(req))
     if conflicts:
         raise Conflict(conflicts[0]["error"], meter_id=body.meter_id)
     return json_response({**created[0], "zone": get_settings().zone}, 201)
@@ -154,7 +179,7 @@ def provision_one(req: Request) -> Response:
 @router.post("/meters/bulk", scopes={"admin"})
 def provision_bulk(req: Request) -> Response:
     body = req.json(BulkNew)
-    created, conflicts = _provision(body.meters)
+    created, conflicts = _provision(body.meters, _actor(req))
     return json_response(
         {"zone": get_settings().zone, "created": len(created), "meters": created, "conflicts": conflicts},
         201 if created else 409,
@@ -176,14 +201,14 @@ def list_meters(req: Request) -> Response:
 def get_meter(req: Request) -> Response:
     twin = _store().get(req.params["meter_id"])
     return json_response(
-        {"meter_id": twin.meter_id, "zone": twin.zone, "profile": twin.profile, "created_at": twin.created_at}
+        {"meter_id": twin.meter_id, "zone": twin.zone, "profile": twin.profile, "created_at": twin.created_at,
+         "topology": public(topology_store(get_redis()).get(twin.meter_id))}
     )
 
 
 def _remove(meter_ids: list[str]) -> list[str]:
     """Remove twins and accounts; returns the ids that had a twin or an (orphaned) account."""
-    store = _store()
-    removed = {m for m in meter_ids if store.delete(m)}
+    removed = set(_drop(meter_ids))
     accounts = get_dynsec().delete_meters(meter_ids)
     return [m for m in meter_ids if m in removed or accounts.get(m)]
 

@@ -1,0 +1,28 @@
+"""The fleet capability: where each twin sits in the grid (topology) and finding twins by it (search).
+
+Modules:
+
+* :mod:`~metertwin.fleet.topology` — the topology of one twin (region, substation, feeder,
+  transformer, phase, location, tariff, customer class, groups, tags): validation, versioned
+  writes (``If-Match``) that update the search indexes in the same Lua script, the audit stream;
+* :mod:`~metertwin.fleet.importer` — bulk topology from CSV (the GIS/CIS export), per-row errors;
+* :mod:`~metertwin.fleet.search` — ``GET /meters`` filters, ``count`` and cursor paging;
+* :mod:`~metertwin.fleet.keys` — Redis keys and sizes.
+
+**Redis Cluster.** A search intersects index sets of many meters, so the index cannot live in
+each meter's slot. The documented choice: every fleet key (the topology documents, the
+per-value index sets, the tree of parents, the audit stream) shares one hash tag,
+``{fleet-ix}``, so each topology write (document + indexes + audit) is one Lua script and
+each search one script with ``SINTERCARD``/``SINTER``, on a single Redis and on Cluster alike.
+The price is that the whole zone's fleet index sits on one shard (about 0.5-0.9 KB per twin,
+see ``loadtest.fleet_bench``): a few million twins per zone. A zone beyond that would split
+the index by region (tag ``{fleet-ix:<region>}``) and fan a search out over the regions.
+The topology document therefore is a field of the fleet hash, not a key in the meter's slot;
+the twin's own keys (``mt:twin:{meter}``) are untouched.
+
+**Live filters.** ``online``, ``stale_s``, ``release``, ``has_pending_commands`` and
+``dr_opted_out`` are read from their sources of truth (the twin hash, the command queue, the
+DR preferences) for each candidate the topology filters leave, at query time, so they cannot
+disagree with the twin either; they are not indexed (that needs the ingest and status paths to
+write the fleet index), so their cost grows with the number of candidates.
+"""
