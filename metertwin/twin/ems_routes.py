@@ -35,12 +35,31 @@ def ems_namespace(meter_id: str) -> str:
     return topics.ems_inbox(meter_id).rsplit("/", 1)[0]
 
 
+def _unpublishable(topic: str) -> str | None:
+    """The first character the broker refuses in a topic name, or None.
+
+    Mosquitto disconnects a client that publishes a topic holding U+0000, another control
+    character or a Unicode noncharacter ("malformed packet"). The service account's session
+    then re-sends that QoS1 message at every reconnect and is disconnected again: every read,
+    command and EMS message of the process fails. So such a target is refused outright.
+    """
+    for ch in topic:
+        code = ord(ch)
+        if (code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF or 0xFDD0 <= code <= 0xFDEF
+                or code & 0xFFFE == 0xFFFE):
+            return f"U+{code:04X}"
+    return None
+
+
 def _approved(topic: str, approved: list[str]) -> bool:
     return any(topic == a or (a.endswith("/#") and topic.startswith(a[:-1])) for a in approved)
 
 
 def mqtt_target_refusal(meter_id: str, target: str, settings: Settings | None = None) -> str | None:
     """Why ``target`` may not carry ``meter_id``'s EMS messages, or None when it may."""
+    bad = _unpublishable(target)
+    if bad is not None:
+        return f"MQTT target {target!r} holds {bad}, which MQTT brokers refuse in a topic name"
     namespace = ems_namespace(meter_id)
     if target == namespace or target.startswith(namespace + "/"):
         return None

@@ -12,15 +12,19 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 import redis
+from paho.mqtt.enums import CallbackAPIVersion
 
 from metertwin.core import topics
 from metertwin.core.auth import issue_token
 from metertwin.core.settings import reset_settings
 from metertwin.twin import keys
+from storage.embedded import Mosquitto
 from tests.conftest import TEST_SIGNING_KEY
 from tests.invoke import call, load_handler
+from tests.waiting import wait_until
 
 registry = load_handler("registry")
 forward = load_handler("forward")
@@ -126,3 +130,39 @@ def test_webhook_must_pass_the_destination_policy(provisioned: str, hook: tuple[
     assert entry["status"] == "failed"
     assert url in entry["reason"]
     assert len(received) == 1
+
+
+def test_target_the_broker_refuses_is_refused_and_the_session_keeps_publishing(
+        provisioned: str, redis_url: str, mosquitto: Mosquitto) -> None:
+    """A topic with U+0000 (or another character Mosquitto refuses) made the broker disconnect the
+    service session, which re-sent it at every reconnect: every later publish of the process failed."""
+    meter = provisioned
+    consumer = token("consumer", meter=meter)
+    path = f"/meters/{meter}/ems/route"
+    for bad in ("\x00", "a\x01b", "\x7f", "\x85", "\ufffe", "\ufdd0", "\U0010ffff"):
+        target = f"ems/{meter}/{bad}"
+        status, body = call(forward, "PUT", path, token=consumer, body={"kind": "mqtt", "target": target})
+        assert status == 400, (target, body)
+        assert "refuse" in body["message"]
+    got: list[str] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.username_pw_set(mosquitto.service_user, mosquitto.service_password)
+    sub.on_message = lambda _c, _u, msg: got.append(msg.topic)
+    sub.on_connect = lambda c, *_a: c.subscribe(f"ems/{meter}/#", qos=1)
+    sub.connect(mosquitto.host, mosquitto.port)
+    sub.loop_start()
+    try:
+        wait_until(sub.is_connected, what="subscriber connected")
+        # A route stored before the rule is refused when sent, and never reaches the broker.
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        r.hset(keys.ems_route(meter), mapping={"kind": "mqtt", "target": f"ems/{meter}/\x00"})
+        entry = send_up(meter, "nul-1")
+        assert entry["status"] == "failed"
+        assert "U+0000" in entry["reason"]
+        r.hset(keys.ems_route(meter), mapping={"kind": "mqtt", "target": topics.ems_inbox(meter)})
+        r.close()
+        assert send_up(meter, "ok-1")["status"] == "delivered"
+        wait_until(lambda: topics.ems_inbox(meter) in got, what="message on the meter's EMS inbox")
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
