@@ -221,3 +221,33 @@ async def test_system_functions_redacts_credentials(env: dict[str, str], monkeyp
     assert env_vars["ECHO_GREETING"] == "hello"
     assert redact_environment({"S3_SECRET_ACCESS_KEY": "x", "API_TOKEN": "y", "MQTT_PASSWORD": "z"}) == {
         "S3_SECRET_ACCESS_KEY": "[redacted]", "API_TOKEN": "[redacted]", "MQTT_PASSWORD": "[redacted]"}
+
+
+async def test_async_call_to_no_route_needs_a_valid_token(env: dict[str, str], receiver: CallbackReceiver,
+                                                           mosquitto: Mosquitto, redis_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path or method no route serves used to be queued without any token (the router answers
+    404/405 before it looks at the token), and the gateway then POSTed that answer to the
+    caller's callback URL: an anonymous caller could still make the gateway call out."""
+    write_basic_auth(env)
+    for name, value in {"DESTINATION_ALLOWED_CIDRS": "127.0.0.1/32", "EDGE_REDIS_URL": redis_url,
+                        "EDGE_MQTT_HOST": mosquitto.host, "EDGE_MQTT_PORT": str(mosquitto.port)}.items():
+        monkeypatch.setenv(name, value)
+    async with gateway_client("edge", stack=ROOT / "stack.yml") as (_app, client):
+        hook = {"X-Callback-Url": receiver.url}
+        for path in ("/async-function/edge-registry/nonexistent", "/async-function/edge-read/meters/m-1/nope",
+                     "/async-function/edge-registry/", "/async-function/edge-read/meters/NOT%20AN%20ID/twin"):
+            for headers in (hook, {**hook, "Authorization": "Bearer garbage"},
+                            {**hook, "X-Connector": "cron-connector"}):
+                resp = await client.post(path, headers=headers, content=b"{}")
+                assert resp.status_code == 401, (path, headers, resp.text)
+        resp = await client.post("/async-function/edge-registry/nonexistent", headers={**hook, **bearer("billing")},
+                                 content=b"{}")
+        assert resp.status_code == 202, resp.text  # authenticated: the 404 comes back in the callback
+        call_id = resp.headers["x-call-id"]
+
+        async def called_back() -> bool:
+            return call_id in receiver.call_ids()
+
+        await await_until(called_back, 15, "the authenticated callback")
+    assert receiver.call_ids() == {call_id}
