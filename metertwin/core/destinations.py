@@ -30,6 +30,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -222,21 +223,30 @@ def guarded_async_client(policy: DestinationPolicy, *, limits: httpx.Limits | No
                              follow_redirects=False, trust_env=False)
 
 
-def read_bounded(chunks: Iterable[bytes], limit: int) -> bytes:
-    """At most ``limit`` bytes of a streamed answer; the rest is never read."""
+def read_bounded(chunks: Iterable[bytes], limit: int, deadline: float | None = None) -> bytes:
+    """At most ``limit`` bytes of a streamed answer; the rest is never read.
+
+    With ``deadline`` (a ``time.monotonic()`` value), :class:`httpx.ReadTimeout` once it has
+    passed: a timeout per read alone lets a peer that trickles a byte at a time hold the caller
+    for ``limit`` times that timeout.
+    """
     out = bytearray()
     for chunk in chunks:
         out += chunk[: limit - len(out)]
         if len(out) >= limit:
             break
+        if deadline is not None and time.monotonic() > deadline:
+            raise httpx.ReadTimeout(f"answer not complete by the deadline ({len(out)} bytes read)")
     return bytes(out)
 
 
 def post(client: httpx.Client, policy: DestinationPolicy, url: str, *, content: bytes,
          headers: dict[str, str]) -> tuple[int, bytes]:
-    """POST through a guarded client; (status, at most ``max_response_bytes`` of the body)."""
+    """POST through a guarded client; (status, at most ``max_response_bytes`` of the body), the
+    answer's body read within twice ``timeout_s`` (as :func:`post_async` bounds its exchange)."""
+    deadline = time.monotonic() + 2 * policy.timeout_s
     with client.stream("POST", url, content=content, headers=headers) as resp:
-        return resp.status_code, read_bounded(resp.iter_bytes(), policy.max_response_bytes)
+        return resp.status_code, read_bounded(resp.iter_bytes(), policy.max_response_bytes, deadline)
 
 
 async def post_async(client: httpx.AsyncClient, policy: DestinationPolicy, url: str, *, content: bytes,
