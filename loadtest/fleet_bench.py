@@ -1,0 +1,115 @@
+"""Fleet benchmark (issue 13): Redis memory per twin with the fleet indexes, and search latency.
+
+``python -m loadtest.fleet_bench --meters 100000 --json fleet.json`` starts its own redis-server
+(storage.embedded, as production is configured), provisions ``--meters`` twins spread over 5
+regions / 10 substations / ``--feeders`` feeders / ``--transformers`` transformers (the issue's
+1,000,000 over 50 / 5,000 by default), each with a measurement and an online status (a third
+offline, a quarter stale), and measures, in-process through :mod:`metertwin.fleet` (the same
+code the ``edge-fleet`` function runs, without HTTP):
+
+* ``bytes_per_twin``: Redis ``used_memory`` growth per twin, twin hash + fleet record + indexes
+  + audit (``fleet_bytes_per_twin``: the fleet part alone; ``audit_bytes_per_twin`` and
+  ``topology_docs_bytes_per_twin``: its audit stream and documents);
+* search p50/p99 for a one-feeder page of 100 (``search_p99_ms``), and for feeder ∧ offline ∧
+  stale (``search_live_p99_ms``: live filters read every candidate's twin).
+
+Aggregation and bulk jobs are not built yet: ``agg_us_per_reading`` and ``job_per_s`` are null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+import redis
+
+from metertwin.fleet import keys
+from metertwin.fleet.search import Query, fleet_search
+from metertwin.fleet.topology import topology_store
+from metertwin.twin.state import twin_store
+from storage.embedded import RedisServer
+
+
+def _topology(i: int, feeders: int, transformers: int) -> dict[str, Any]:
+    t = i % transformers
+    f = t % feeders  # each transformer hangs below one feeder
+    return {"region": f"r{f % 5}", "substation": f"s{f % 10}", "feeder": f"f{f:03d}", "transformer": f"t{t:05d}",
+            "phase": "ABC"[i % 3], "tariff": "tou" if i % 2 else "flat", "customer_class": "residential",
+            "location": {"lat": 51.0 + (i % 1000) / 1000, "lon": -1.0 + (i % 997) / 997},
+            "groups": ["pilot"] if i % 10 == 0 else [], "tags": {"vendor": "acme" if i % 3 else "zeta"}}
+
+
+def provision(r: Any, meters: int, feeders: int, transformers: int) -> tuple[float, float]:
+    """Create the twins, then their fleet records; returns (bytes per twin all in, fleet bytes per twin)."""
+    twins, topo = twin_store(r), topology_store(r)
+    now = time.time()
+    base = r.info("memory")["used_memory"]
+    for i in range(meters):
+        meter_id = f"m-{i:08d}"
+        twins.create(meter_id, "edge", {"kind": "household"})
+        twins.report_measurement(meter_id, {"ts": now - (3600 if i % 4 == 0 else 30), "import_kwh": 1234.5,
+                                            "export_kwh": 0.0, "power_w": 800.0, "voltage_v": 231.2}, i)
+        twins.report(meter_id, {"online": i % 3 != 0})
+    mid = r.info("memory")["used_memory"]
+    for i in range(meters):
+        topo.patch(f"m-{i:08d}", _topology(i, feeders, transformers), actor="bench", zone="edge")
+    end = r.info("memory")["used_memory"]
+    return (end - base) / meters, (end - mid) / meters
+
+
+def _latency(r: Any, params: list[dict[str, str]]) -> dict[str, float]:
+    search = fleet_search(r)
+    times, counts = [], []
+    for p in params:
+        start = time.perf_counter()
+        page = search.run(Query.from_params(p))
+        times.append((time.perf_counter() - start) * 1000)
+        counts.append(page.count)
+    times.sort()
+    return {"p50_ms": round(statistics.median(times), 3), "p99_ms": round(times[int(len(times) * 0.99) - 1], 3),
+            "runs": len(times), "mean_count": round(statistics.mean(counts), 1)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--meters", type=int, default=1_000_000)
+    ap.add_argument("--feeders", type=int, default=50)
+    ap.add_argument("--transformers", type=int, default=5000)
+    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--json", dest="json_file")
+    args = ap.parse_args(argv)
+    rnd = random.Random(13)
+    with RedisServer() as server:
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        started = time.perf_counter()
+        per_twin, fleet_per_twin = provision(r, args.meters, args.feeders, args.transformers)
+        provision_s = time.perf_counter() - started
+        audit_per_twin = (r.memory_usage(keys.AUDIT, samples=0) or 0) / args.meters
+        docs_per_twin = (r.memory_usage(keys.TOPOLOGY, samples=0) or 0) / args.meters
+        feeders = [f"f{rnd.randrange(min(args.feeders, args.transformers)):03d}" for _ in range(args.runs)]
+        page = _latency(r, [{"feeder": f, "limit": "100"} for f in feeders])
+        live = _latency(r, [{"feeder": f, "online": "false", "stale_s": "900", "limit": "100"} for f in feeders])
+        r.close()
+    out = {
+        "meters": args.meters, "feeders": args.feeders, "transformers": args.transformers,
+        "bytes_per_twin": round(per_twin, 1), "fleet_bytes_per_twin": round(fleet_per_twin, 1),
+        "audit_bytes_per_twin": round(audit_per_twin, 1), "topology_docs_bytes_per_twin": round(docs_per_twin, 1),
+        "provision_s": round(provision_s, 1),
+        "search_p50_ms": page["p50_ms"], "search_p99_ms": page["p99_ms"],
+        "search_live_p50_ms": live["p50_ms"], "search_live_p99_ms": live["p99_ms"],
+        "feeder_page": page, "feeder_offline_stale": live,
+        "agg_us_per_reading": None, "job_per_s": None,
+    }
+    print(json.dumps(out, indent=2))
+    if args.json_file:
+        with open(args.json_file, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
