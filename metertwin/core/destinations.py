@@ -47,7 +47,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], list[str]]
 
 #: Ranges ``ipaddress`` calls global that still lead back inside: 6to4 and NAT64 embed an IPv4 address.
-_EMBEDDING_V4 = tuple(ipaddress.ip_network(n) for n in ("2002::/16", "64:ff9b::/96", "64:ff9b:1::/48"))
+#: IPv6 forms that carry an IPv4 address: 6to4, NAT64 (well-known and local-use), the deprecated
+#: IPv4-compatible ``::a.b.c.d`` and SIIT's IPv4-translated ``::ffff:0:a.b.c.d``.
+_EMBEDDING_V4 = tuple(ipaddress.ip_network(n) for n in (
+    "2002::/16", "64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

@@ -57,12 +57,29 @@ def check_depth(doc: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Non
             depth -= 1  # unbalanced closers are the decoder's to report
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members as a dict; a key given twice is an error, not "the last one wins".
+
+    Parsers disagree on duplicate keys (RFC 8259 leaves it open): the edge and the fog must
+    read one message the same way, so neither accepts it.
+    """
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise json.JSONDecodeError(f"duplicate key {key!r} in a JSON object", "", 0)
+            seen.add(key)
+    return obj
+
+
 def loads(doc: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
-    """``json.loads`` with the nesting bound; every other failure is a ``json.JSONDecodeError``
-    (or ``UnicodeDecodeError``) as from ``json.loads`` itself, so callers keep one ``except``."""
+    """``json.loads`` with the nesting bound and no duplicate keys; every other failure is a
+    ``json.JSONDecodeError`` (or ``UnicodeDecodeError``) as from ``json.loads`` itself, so callers
+    keep one ``except``."""
     check_depth(doc, max_depth)
     try:
-        return json.loads(doc)
+        return json.loads(doc, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise
     except ValueError as exc:
