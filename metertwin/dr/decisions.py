@@ -255,13 +255,16 @@ def plan_steps(event: EventIn, baseline: float | None, flexible: float | None,
 
 
 def decide(event: EventIn, prefs: Preferences, twin: Twin | None, meter_id: str, ven_id: str,
-           now: float, baseline: float | Literal["measure"] | None = "measure") -> Decision:
+           now: float, baseline: float | Literal["measure"] | None = "measure",
+           topology: dict[str, Any] | None = None) -> Decision:
     """optIn or optOut, with the OpenADR response code and the execution plan.
 
     ``baseline``: the pre-event load (W) to size sheds from; by default the twin's last
     measurement (:func:`baseline_of`). A modification passes the baseline fixed for the event.
+    ``topology``: the twin's grid topology document (``metertwin.fleet``), whose ``groups``
+    count as group targets beside those of the registry profile.
     """
-    member = membership(meter_id, ven_id, twin.profile if twin else None)
+    member = membership(meter_id, ven_id, {**(twin.profile if twin else {}), **(topology or {})})
     if not targets_match(event.targets, member):
         return Decision(OPT_OUT, TARGET_MISMATCH,
                         f"targets {event.targets!r} name neither ven {ven_id!r}, resources "

@@ -45,6 +45,7 @@ from metertwin.dr.execution import run_action, set_exec
 from metertwin.dr.settings import get_dr_settings
 from metertwin.dr.store import DrStore
 from metertwin.dr.wire import Delivery, EventIn
+from metertwin.fleet.topology import topology_store
 from metertwin.twin.state import Twin, TwinStore
 
 log = logging.getLogger("metertwin.dr")
@@ -140,7 +141,8 @@ def _handle_event(store: DrStore, event: EventIn, twin: Twin, prefs: Preferences
 
     kept = existing.get("baseline_w") if existing else None
     decision = decide(event, prefs, twin, meter_id, delivery.ven_id, now,
-                      baseline=kept if kept is not None else _pre_event_baseline(store, meter_id, twin, now))
+                      baseline=kept if kept is not None else _pre_event_baseline(store, meter_id, twin, now),
+                      topology=topology_store(store.redis).get(meter_id))
     offset = existing["offset_s"] if existing and existing.get("startafter_s") == event.startafter_s \
         else round(rng.uniform(0, event.startafter_s), 3) if event.startafter_s > 0 else 0.0
     start_at = event.start + offset

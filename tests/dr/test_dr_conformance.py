@@ -113,7 +113,7 @@ async def test_modification_moving_an_active_event_later_restores_now(
     assert commands_seen.commands(meter_id)[-1][0] >= new_start - 0.05
 
 
-# item 5 (membership read from the profile: the registry's topology is another engineer's change)
+# item 5 (membership read from the registry profile)
 async def test_group_and_resource_targets_match_the_twins_membership(vtn: UtilityVtn, bridge_for: BridgeFactory,
                                                                      meter_id: str) -> None:
     make_twin(meter_id, profile={"groups": [{"id": "feeder-7", "name": "North"}, "0042"],
@@ -130,6 +130,23 @@ async def test_group_and_resource_targets_match_the_twins_membership(vtn: Utilit
         got = answer(vtn, issued[name], meter_id)
         assert got.opt_type == opt, name
         assert got.response_code == (200 if opt == "optIn" else decisions.TARGET_MISMATCH), name
+
+
+# item 5, with the grid topology the registry and edge-fleet keep (metertwin.fleet)
+async def test_groups_of_the_twins_grid_topology_are_group_targets(vtn: UtilityVtn, bridge_for: BridgeFactory,
+                                                                    meter_id: str) -> None:
+    from metertwin.fleet.topology import topology_store
+
+    make_twin(meter_id)
+    topology_store(get_redis()).patch(meter_id, {"feeder": "F-7", "groups": ["north-pv", "0042"]}, actor="test")
+    await bridge_for([meter_id])
+    cases = {"group": ({"group_id": "north-pv"}, "optIn"), "digits": ({"group_id": "0042"}, "optIn"),
+             "other": ({"group_id": "south-pv"}, "optOut")}
+    issued = {name: vtn.issue([meter_id], intervals=[(60.0, 5.0, 1)], targets=[target])
+              for name, (target, _) in cases.items()}
+    await wait_until(lambda: all(answer(vtn, e, meter_id) for e in issued.values()), 10)
+    assert {name: answer(vtn, issued[name], meter_id).opt_type for name in cases} == {
+        name: opt for name, (_, opt) in cases.items()}
 
 
 # item 6
