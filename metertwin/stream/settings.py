@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,14 @@ class StreamSettings(BaseSettings):
     read_count: int = Field(default=1000, ge=1, validation_alias=_env("READ_COUNT"))
     #: Most concurrent SSE clients of one process; more are answered 503.
     max_clients: int = Field(default=5000, ge=1, validation_alias=_env("MAX_CLIENTS"))
+
+    @model_validator(mode="after")
+    def _queue_holds_a_read(self) -> StreamSettings:
+        # One XREAD's entries are offered before any writer runs: a smaller queue cuts every client in a burst.
+        if self.client_queue_max < self.read_count:
+            raise ValueError(f"STREAM_CLIENT_QUEUE_MAX {self.client_queue_max} is below STREAM_READ_COUNT "
+                             f"{self.read_count}")
+        return self
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from metertwin.core import topics
 from metertwin.core.auth import issue_token
 from metertwin.core.clients import get_redis
 from metertwin.stream import events, keys
+from metertwin.stream.settings import get_stream_settings
 from metertwin.twin.commands import CommandService
 from metertwin.twin.messages import CommandAck
 from metertwin.twin.state import twin_store
@@ -85,7 +86,7 @@ def test_online_offline_from_the_status_topic(twin: str) -> None:
 
 def test_stream_is_trimmed_by_length_and_by_age(twin: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAM_MAXLEN", "100")
-    events.get_stream_settings.cache_clear()
+    get_stream_settings.cache_clear()
     client = get_redis()
     for i in range(1000):
         events.emit(client, events.Event("reading", twin, f'{{"seq":{i}}}'))
@@ -112,7 +113,7 @@ def test_emission_never_fails_the_change(twin: str, monkeypatch: pytest.MonkeyPa
 
 def test_emission_can_be_switched_off(twin: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAM_ENABLED", "false")
-    events.get_stream_settings.cache_clear()
+    get_stream_settings.cache_clear()
     now = time.time()
     assert v1_ingest(get_redis()).run(twin, measurement(now), now, 1).result == "applied"
     assert get_redis().xlen(KEY) == 0
