@@ -96,8 +96,8 @@ def create_twins(client: redis.Redis, ids: list[str]) -> None:
     for start in range(0, len(ids), 2000):
         pipe = client.pipeline(transaction=False)
         for meter_id in ids[start:start + 2000]:
-            create(keys=[twin_keys.twin(meter_id), twin_keys.TWIN_INDEX], args=[meter_id, "edge", "{}", now],
-                   client=pipe)
+            create(keys=[twin_keys.twin(meter_id)], args=[meter_id, "edge", "{}", now], client=pipe)
+        pipe.sadd(twin_keys.TWIN_INDEX, *ids[start:start + 2000])  # the index is written apart (TwinStore.create)
         pipe.execute()
 
 

@@ -1,6 +1,7 @@
 """Embedded data services for local runs and tests: real processes on loopback ports.
 
 * :class:`RedisServer`: ``redis-server`` persisting to an append-only file (a zone's hot store).
+* ``storage.redis_cluster.RedisCluster``: three (or more) such servers as one Redis Cluster.
 * :class:`Mosquitto`: ``mosquitto`` with the dynamic-security plugin; an admin
   account for the twin services, per-meter accounts created by the registry.
 * :class:`MotoS3`: moto's S3 server, the embedded default S3 endpoint (MinIO or

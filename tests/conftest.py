@@ -17,6 +17,8 @@ import redis
 from metertwin.core import clients
 from metertwin.core.settings import reset_settings
 from storage.embedded import Mosquitto, MotoS3, RedisServer
+from storage.redis_cluster import RedisCluster
+from tests.redis_backends import BACKENDS, CLUSTER_MODULES
 from tests.script_keys import guard_script_keys
 
 TEST_SIGNING_KEY = "test-signing-key-" + uuid.uuid4().hex
@@ -47,13 +49,48 @@ def s3_server() -> Iterator[MotoS3]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real 3-master Redis Cluster on free ports (started only if a ``[cluster]`` test runs)."""
+    with RedisCluster() as cluster:
+        yield cluster
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """URL of a Redis emptied for this test."""
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """``single`` or ``cluster``: parametrized for tests/redis_backends.py's CLUSTER_MODULES."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest, redis_backend: str) -> str:
+    """URL of a Redis (or Redis Cluster: every master) emptied for this test."""
+    if redis_backend == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        return cluster.url
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
     return redis_server.url
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--redis-backends", default=",".join(BACKENDS),
+                     help="backends the CLUSTER_MODULES run against (tests/redis_backends.py): single,cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test of a cluster module that uses ``redis_url`` once per backend."""
+    if "redis_url" not in metafunc.fixturenames:
+        return
+    path = metafunc.definition.path
+    rel = path.relative_to(metafunc.config.rootpath).as_posix() if path.is_relative_to(metafunc.config.rootpath) else ""
+    if rel not in CLUSTER_MODULES:
+        return
+    chosen = [b for b in metafunc.config.getoption("--redis-backends").split(",") if b in BACKENDS]
+    metafunc.parametrize("redis_backend", chosen or ["single"], indirect=True)
 
 
 @pytest.fixture

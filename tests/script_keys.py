@@ -4,6 +4,9 @@ On Redis Cluster a script may only touch keys of one slot. metertwin's rule is t
 key naming a meter carries the meter id as its hash tag (``mt:twin:{m-1}``); a script call
 whose keys name a tag's id outside the braces (``mt:x:m-1``) would land in another slot.
 The guard wraps redis-py's ``Script.__call__`` (sync and async) and fails the call at once.
+It also fails a call whose keys hash to more than one cluster slot (what a Redis Cluster
+answers with ``CROSSSLOT``), so a script mixing a meter's keys with a zone-global key
+(``mt:twins``) fails on a single Redis too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from redis.commands.core import AsyncScript, Script
+from redis.crc import key_slot
 
 _TAG = re.compile(r"\{([^}]*)\}")
 
@@ -30,10 +34,23 @@ def untagged_mentions(keys: Sequence[Any]) -> list[str]:
     return bad
 
 
+def cross_slot(keys: Sequence[Any]) -> dict[int, list[str]]:
+    """The keys of one call grouped by cluster slot, when there is more than one slot (else empty)."""
+    slots: dict[int, list[str]] = {}
+    for k in keys:
+        raw = k if isinstance(k, bytes) else str(k).encode()
+        slots.setdefault(key_slot(raw), []).append(raw.decode())
+    return slots if len(slots) > 1 else {}
+
+
 def _check(keys: Sequence[Any] | None) -> None:
     bad = untagged_mentions(keys or [])
     if bad:
         raise AssertionError(f"Lua script keys name a meter outside its hash tag: {bad} (all keys: {list(keys or [])})")
+    slots = cross_slot(keys or [])
+    if slots:
+        raise AssertionError(f"Lua script keys span {len(slots)} cluster slots (CROSSSLOT on Redis Cluster): "
+                             f"{list(slots.values())}")
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import redis
 
-from metertwin.core.settings import get_settings
+from metertwin.core.settings import get_settings, redis_cluster_nodes
 
 if TYPE_CHECKING:
     import httpx
@@ -37,8 +37,11 @@ StrRedis: TypeAlias = Any
 
 @functools.cache
 def get_redis() -> StrRedis:
-    """The zone's Redis, with timeouts on connect and on every command."""
+    """The zone's Redis (or Redis Cluster, see ``Settings.redis_url``), with timeouts on connect and every command."""
     s = get_settings()
+    cluster = redis_cluster(s.redis_url, timeout_s=s.redis_timeout_s, max_connections=s.redis_max_connections)
+    if cluster is not None:
+        return cluster
     # A blocking pool: past redis_max_connections, callers queue for a connection (bounded by
     # the timeout) instead of failing with "Too many connections" under a burst.
     pool = redis.BlockingConnectionPool.from_url(
@@ -53,6 +56,32 @@ def get_redis() -> StrRedis:
     return redis.Redis(connection_pool=pool)
 
 
+def redis_cluster(url: str, *, timeout_s: float, max_connections: int) -> StrRedis | None:
+    """A Redis Cluster client for a ``redis+cluster://`` URL (None for any other URL).
+
+    The same timeouts as one Redis; ``max_connections`` is per node, and past it callers queue
+    for a connection (a blocking pool per node) instead of failing under a burst. The client
+    discovers the slot map from the listed nodes and follows MOVED/ASK redirections itself; its
+    pipelines accept script calls (:mod:`metertwin.core.redis_cluster`).
+    """
+    found = redis_cluster_nodes(url)
+    if found is None:
+        return None
+    from metertwin.core.redis_cluster import cluster_client  # redis.cluster: only cluster zones need it
+
+    return cluster_client(*found, timeout_s=timeout_s, max_connections=max_connections)
+
+
+def async_redis_cluster(url: str, *, timeout_s: float, max_connections: int) -> StrRedis | None:
+    """:func:`redis_cluster` for asyncio (``redis.asyncio.cluster.RedisCluster``); None for a plain URL."""
+    found = redis_cluster_nodes(url)
+    if found is None:
+        return None
+    from metertwin.core.redis_cluster import async_cluster_client
+
+    return async_cluster_client(*found, timeout_s=timeout_s, max_connections=max_connections)
+
+
 _async_redis: tuple[asyncio.AbstractEventLoop, StrRedis] | None = None
 
 
@@ -64,12 +93,14 @@ def get_async_redis() -> StrRedis:
         import redis.asyncio as aioredis  # only the local gateway's async lane needs it
 
         s = get_settings()
-        pool = aioredis.BlockingConnectionPool.from_url(
-            s.redis_url, max_connections=s.redis_max_connections, timeout=s.redis_timeout_s,
-            decode_responses=True, socket_timeout=s.redis_timeout_s,
-            socket_connect_timeout=s.redis_timeout_s, health_check_interval=30,
-        )
-        client = aioredis.Redis(connection_pool=pool)
+        client = async_redis_cluster(s.redis_url, timeout_s=s.redis_timeout_s, max_connections=s.redis_max_connections)
+        if client is None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                s.redis_url, max_connections=s.redis_max_connections, timeout=s.redis_timeout_s,
+                decode_responses=True, socket_timeout=s.redis_timeout_s,
+                socket_connect_timeout=s.redis_timeout_s, health_check_interval=30,
+            )
+            client = aioredis.Redis(connection_pool=pool)
         _async_redis = (loop, client)
     return _async_redis[1]
 

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, populate_by_name=True)
 
     zone: str = Field(default="edge", description="Zone this process serves: edge, fog or cloud.")
+    #: The zone's Redis: ``redis://host:port/db`` (``rediss://`` for TLS), or a Redis Cluster as
+    #: ``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://`` for TLS):
+    #: the listed nodes are only where discovery starts (see :func:`redis_cluster_nodes`).
     redis_url: str = "redis://127.0.0.1:6379/0"
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
@@ -141,6 +144,12 @@ class Settings(BaseSettings):
         secrets_dir = getattr(file_secret_settings, "secrets_dir", None)
         return init_settings, env_settings, dotenv_settings, _SecretFilesOrDirs(settings_cls, secrets_dir)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _cluster_url_parses(cls, value: str) -> str:
+        redis_cluster_nodes(value)  # a malformed cluster URL fails at start-up, not at the first call
+        return value
+
     @field_validator("s3_endpoint_url")
     @classmethod
     def _empty_endpoint_is_aws(cls, value: str | None) -> str | None:
@@ -163,6 +172,41 @@ class Settings(BaseSettings):
     destination_max_response_bytes: int = Field(default=65_536, ge=0, le=16_777_216)
     #: MQTT EMS targets allowed beyond the meter's own ``ems/<meter_id>/...`` (exact topics, or ``prefix/#``).
     ems_mqtt_approved_topics: str = ""
+
+
+# --- Redis Cluster (metertwin.core.clients builds the client) ---
+#: URL schemes that name a Redis Cluster rather than one Redis. A scheme (not a separate flag) so that
+#: every Redis URL setting (``REDIS_URL``, the MDMS's ``HOT_REDIS_URL``) can point at either on its own.
+REDIS_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def redis_cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]] | None:
+    """For a cluster URL, the plain URL of its first node and every ``(host, port)`` listed; else None.
+
+    ``redis+cluster://user:pw@a:7000,b:7001`` gives ``("redis://user:pw@a:7000", [("a", 7000), ("b", 7001)])``.
+    A cluster has only database 0, so a path other than ``/`` or ``/0`` is refused.
+    """
+    scheme, sep, rest = url.partition("://")
+    plain = REDIS_CLUSTER_SCHEMES.get(scheme.lower())
+    if plain is None or not sep:
+        return None
+    auth, _, hosts = rest.rpartition("@")
+    hosts, _, path = hosts.partition("/")
+    if path.split("?")[0] not in ("", "0"):
+        raise ValueError(f"Redis Cluster URL {_redacted(url)!r} names database {path!r}; a cluster has only 0")
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"Redis Cluster URL {_redacted(url)!r}: node {item!r} is not host:port")
+        nodes.append((host, int(port)))
+    first = f"{plain}://{auth + '@' if auth else ''}{nodes[0][0]}:{nodes[0][1]}"
+    return first, nodes
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
 @functools.cache

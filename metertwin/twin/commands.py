@@ -141,10 +141,6 @@ class CommandService:
         self._r = client
         self.redis = client
         self._transition = client.register_script(_TRANSITION)
-        # Atomic, so a command submitted meanwhile keeps its meter in the sweep set.
-        self._forget_if_idle = client.register_script(
-            "if redis.call('ZCARD', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], ARGV[1]) end return 0"
-        )
 
     def submit(
         self, meter_id: str, kind: str, params: Any, *, expiry_s: int | None = None, actor: str = "system"
@@ -165,14 +161,19 @@ class CommandService:
             "status": "pending", "created_at": repr(now), "updated_at": repr(now),
             "expires_at": repr(now + expiry), "actor": actor, "attempts": "0",
         }
+        # The sweep set is another slot than the meter's keys on Redis Cluster, so it is written
+        # apart from the meter's MULTI: before it (a crash in between leaves the meter in the set
+        # with nothing open, which the sweep removes) and after it (so a sweep that ran in
+        # between, see _forget_if_idle, cannot have dropped the meter for good).
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(keys.command(meter_id, command_id), mapping=record)
         pipe.zadd(keys.pending_commands(meter_id), {command_id: now + expiry})
-        pipe.sadd(keys.METERS_WITH_OPEN_COMMANDS, meter_id)
         pipe.zadd(keys.command_log(meter_id), {command_id: now})
         pipe.zremrangebyrank(keys.command_log(meter_id), 0, -keys.COMMAND_LOG_MAX - 1)
         try:
+            self._r.sadd(keys.METERS_WITH_OPEN_COMMANDS, meter_id)
             pipe.execute()
+            self._r.sadd(keys.METERS_WITH_OPEN_COMMANDS, meter_id)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable storing command for {meter_id!r}: {exc}") from exc
         events.command_status(self._r, meter_id, command_id, "pending", kind)
@@ -253,9 +254,22 @@ class CommandService:
                         meter_id, command_id, raw["kind"], json.loads(raw["params"]), float(raw["expires_at"])
                     )
                     republished += published
-            self._forget_if_idle(keys=[keys.pending_commands(meter_id), keys.METERS_WITH_OPEN_COMMANDS],
-                                 args=[meter_id])
+            self._forget_if_idle(meter_id)
         return {"expired": expired, "republished": republished}
+
+    def _forget_if_idle(self, meter_id: str) -> None:
+        """Take a meter with no open command out of the sweep set.
+
+        Not one script: the set and the meter's queue are different slots on Redis Cluster.
+        Check, remove, check again, and put it back if a command was submitted meanwhile: a
+        submit re-adds the meter after its MULTI, so whichever order the steps interleave in,
+        a meter with an open command ends in the set.
+        """
+        if self._r.zcard(keys.pending_commands(meter_id)):
+            return
+        self._r.srem(keys.METERS_WITH_OPEN_COMMANDS, meter_id)
+        if self._r.zcard(keys.pending_commands(meter_id)):
+            self._r.sadd(keys.METERS_WITH_OPEN_COMMANDS, meter_id)
 
     def _move(
         self, meter_id: str, command_id: str, status: str, allowed: tuple[str, ...], extra: dict[str, str] | None = None

@@ -39,11 +39,11 @@ from metertwin.stream import events
 from metertwin.twin import keys
 from metertwin.twin.messages import MAX_SEQ, TimestampRule
 
-# KEYS[1]=twin, KEYS[2]=index; ARGV: meter_id, zone, profile_json, now
+# KEYS[1]=twin; ARGV: meter_id, zone, profile_json, now. The zone's index (keys.TWIN_INDEX) is
+# another slot on Redis Cluster, so TwinStore.create adds the id to it after this script.
 CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'v', 1, 'z', ARGV[2], 'p', ARGV[3], 'r', '{}', 'd', '{}', 's', -1, 'c', ARGV[4])
-redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -156,10 +156,20 @@ class TwinStore:
         self._merge = client.register_script(MERGE_LUA)
 
     def create(self, meter_id: str, zone: str, profile: dict[str, Any]) -> bool:
-        """Create a twin; False if it already exists."""
+        """Create a twin; False if it already exists.
+
+        The twin hash (one meter's slot) and the zone's index (its own slot) are two writes, the
+        twin first: a crash between them leaves a twin missing from the index, never an indexed
+        id without a twin. The index is written on "already exists" too (SADD is idempotent), so
+        retrying the create repairs it; with :meth:`delete`'s order the index is always a subset
+        of the twins.
+        """
         now = time.time()
-        done = self._call(self._create, [keys.twin(meter_id), keys.TWIN_INDEX],
-                          [meter_id, zone, _dumps(profile), repr(now)])
+        done = self._call(self._create, [keys.twin(meter_id)], [meter_id, zone, _dumps(profile), repr(now)])
+        try:
+            self._r.sadd(keys.TWIN_INDEX, meter_id)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable indexing twin {meter_id!r}: {exc}") from exc
         return bool(done)
 
     def get(self, meter_id: str) -> Twin:
@@ -215,11 +225,14 @@ class TwinStore:
         return self._merge_doc(meter_id, "d", values, None, if_match)
 
     def delete(self, meter_id: str) -> bool:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.delete(keys.twin(meter_id))
-        pipe.srem(keys.TWIN_INDEX, meter_id)
+        """Delete a twin; False if there was none.
+
+        Index first, then the twin (two slots on Redis Cluster, so no MULTI): a crash between
+        them leaves a live twin missing from the index, which the retried delete removes.
+        """
         try:
-            removed, _ = pipe.execute()
+            self._r.srem(keys.TWIN_INDEX, meter_id)
+            removed = self._r.delete(keys.twin(meter_id))
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
         return bool(removed)

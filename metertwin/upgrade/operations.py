@@ -118,10 +118,11 @@ class UpgradeManager(RollbackSteps, DrainSteps, OperationStatus):
         now = time.time()
         record = {"id": op_id, "spec": spec.model_dump_json(by_alias=True), "state": "planning",
                   "created_at": repr(now), "updated_at": repr(now), "plan_cursor": "0", "admitted": "0"}
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(keys.upgrade_op(op_id), mapping=record)
-        pipe.zadd(keys.UPGRADE_OPS, {op_id: now})
-        self._call(pipe.execute)
+        # The record (slot of {op_id}) before the list of operations (its own slot on Redis Cluster;
+        # no MULTI across the two): a crash in between leaves an unlisted record in ``planning``,
+        # which no one advances and which blocks nothing; the retried start makes a new operation.
+        self._call(lambda: self.r.hset(keys.upgrade_op(op_id), mapping=record))
+        self._call(lambda: self.r.zadd(keys.UPGRADE_OPS, {op_id: now}))
         return self.status(op_id, health=False)
 
     def _plan(self, op: Operation) -> bool:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import redis
 
 from metertwin.core.errors import UnknownMeter, VersionMismatch
 from metertwin.twin.state import TwinStore
+from tests.redis_backends import redis_client
 
 
 @pytest.fixture
 def store(redis_url: str) -> TwinStore:
-    return TwinStore(redis.Redis.from_url(redis_url, decode_responses=True))
+    return TwinStore(redis_client(redis_url, decode_responses=True))
 
 
 def measurement(ts: float, kwh: float = 1.0) -> dict[str, float]:
@@ -86,7 +86,7 @@ def test_twin_fits_in_one_kilobyte(store: TwinStore, redis_url: str, meter_id: s
     store.report_measurement(meter_id, measurement(1_700_000_000.123, 12345.678), seq=99)
     store.report(meter_id, {"relay": "closed", "reporting_interval_s": 900, "load_limit_w": None, "online": True})
     store.set_desired(meter_id, {"reporting_interval_s": 300})
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     from metertwin.twin import keys
 
     assert client.memory_usage(keys.twin(meter_id)) <= 1024
