@@ -11,12 +11,15 @@ ZONE ?= edge
 ## setup: idempotent; apt-installs redis-server and mosquitto when missing, builds the venv.
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml metertwin/stream/web/package-lock.json
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	command -v mosquitto_ctrl >/dev/null || missing="$$missing mosquitto-clients"; \
 	command -v kustomize >/dev/null || ! apt-cache show kustomize >/dev/null 2>&1 || missing="$$missing kustomize"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -26,6 +29,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
+	@# The dashboard's front-end libraries (pinned in package-lock.json), served by metertwin.stream.
+	npm ci --prefix metertwin/stream/web --no-audit --no-fund --silent
 	touch $(STAMP)
 
 demo: setup

@@ -242,5 +242,9 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 def create_app() -> StreamApp:
-    """The service as uvicorn runs it (``python -m metertwin.stream``)."""
-    return StreamApp()
+    """The service as uvicorn runs it (``python -m metertwin.stream``): streams and the dashboard."""
+    from metertwin.stream import dashboard
+
+    app = StreamApp()
+    app.extra_routes.update(dashboard.routes())
+    return app

@@ -1,0 +1,129 @@
+// metertwin dashboard: reads the SSE stream with fetch() (EventSource cannot send a bearer token).
+"use strict";
+
+function token() {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) { sessionStorage.setItem("mt-token", fromHash); history.replaceState(null, "", location.pathname + location.search); }
+  return sessionStorage.getItem("mt-token");
+}
+
+function showLogin(message) {
+  const form = document.getElementById("login");
+  form.hidden = false;
+  if (message) document.getElementById("login-error").textContent = message;
+  form.onsubmit = (e) => {
+    e.preventDefault();
+    sessionStorage.setItem("mt-token", document.getElementById("token").value.trim());
+    location.reload();
+  };
+}
+
+// Follow /events with the given query; onEvent(event) per event; resumes with Last-Event-ID.
+async function follow(query, onEvent) {
+  const status = document.getElementById("status");
+  let lastId = null;
+  for (;;) {
+    const headers = { Authorization: "Bearer " + token() };
+    if (lastId) headers["Last-Event-ID"] = lastId;
+    let resp;
+    try {
+      resp = await fetch("/events?" + query, { headers });
+    } catch (err) {
+      status.textContent = "disconnected, retrying";
+      await new Promise((r) => setTimeout(r, 1000));
+      continue;
+    }
+    if (resp.status === 401 || resp.status === 403) {
+      const body = await resp.json();
+      status.textContent = "not allowed";
+      showLogin(body.message);
+      return;
+    }
+    status.textContent = "live";
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let data = null, kind = "";
+        for (const line of frame.split("\n")) {
+          if (line.startsWith("data: ")) data = line.slice(6);
+          else if (line.startsWith("event: ")) kind = line.slice(7);
+          else if (line.startsWith("id: ")) lastId = line.slice(4);
+        }
+        if (data === null) continue;
+        if (kind === "close") status.textContent = "cut off: " + JSON.parse(data).reason;
+        else if (kind === "") onEvent(JSON.parse(data));
+      }
+    }
+    status.textContent = "reconnecting";
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
+function fleetPage() {
+  const seen = new Map();  // meter -> online?
+  const times = [];
+  const rows = document.getElementById("events");
+  follow("", (ev) => {
+    if (ev.type === "reading") { times.push(Date.now()); if (!seen.has(ev.meter)) seen.set(ev.meter, true); }
+    if (ev.type === "status") seen.set(ev.meter, ev.data.online);
+    const tr = document.createElement("tr");
+    for (const text of [ev.id, ev.meter, ev.type, JSON.stringify(ev.data).slice(0, 120)]) {
+      const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
+    }
+    const link = document.createElement("a"); link.href = "/meter?id=" + encodeURIComponent(ev.meter);
+    link.textContent = ev.meter; tr.children[1].replaceChildren(link);
+    rows.prepend(tr);
+    while (rows.children.length > 50) rows.lastChild.remove();
+  });
+  setInterval(() => {
+    const now = Date.now();
+    while (times.length && times[0] < now - 10000) times.shift();
+    document.getElementById("rate").textContent = (times.length / 10).toFixed(1);
+    let online = 0, offline = 0;
+    for (const v of seen.values()) v ? online++ : offline++;
+    document.getElementById("online").textContent = online;
+    document.getElementById("offline").textContent = offline;
+  }, 500);
+}
+
+function meterPage() {
+  const meter = new URLSearchParams(location.search).get("id");
+  document.getElementById("meter-id").textContent = meter;
+  const xs = [], ys = [];
+  const chart = new uPlot({ width: 800, height: 300, title: "Power (W)",
+    series: [{}, { label: "power_w", stroke: "#0b3d5c" }] }, [xs, ys], document.getElementById("chart"));
+  const commands = document.getElementById("commands");
+  follow("meter=" + encodeURIComponent(meter), (ev) => {
+    if (ev.type === "reading") {
+      const m = ev.data.measurement;
+      xs.push(m.ts); ys.push(m.power_w);
+      if (xs.length > 600) { xs.shift(); ys.shift(); }
+      chart.setData([xs, ys]);
+      document.getElementById("last-power").textContent = m.power_w;
+      document.getElementById("last-seq").textContent = ev.data.seq;
+    } else if (ev.type === "command") {
+      const tr = document.createElement("tr");
+      for (const text of [ev.data.id, ev.data.status, ev.data.kind || ""]) {
+        const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
+      }
+      commands.prepend(tr);
+    } else if (ev.type === "delta") {
+      document.getElementById("delta").textContent = JSON.stringify(ev.data.delta);
+    } else if (ev.type === "status") {
+      document.getElementById("online").textContent = ev.data.online ? "online" : "offline";
+    }
+  });
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  if (!token()) { showLogin(""); return; }
+  if (document.body.dataset.page === "meter") meterPage(); else fleetPage();
+});
