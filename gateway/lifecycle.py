@@ -13,7 +13,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import redis.asyncio as aioredis
 
@@ -76,14 +76,20 @@ class GatewayLifecycle(FunctionInvoker):
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _new_redis(self, socket_timeout_s: float) -> aioredis.Redis:
-        client = aioredis.Redis.from_url(
-            self.settings.redis_url,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=self.settings.redis_timeout_s,
-            health_check_interval=30,
-        )
+        # A redis+cluster:// URL gives a Redis Cluster client: the gateway's keys are one key per
+        # command (or one stream per MULTI), so they run on a cluster unchanged.
+        client = clients.async_redis_cluster(self.settings.redis_url, timeout_s=socket_timeout_s,
+                                             max_connections=self.settings.redis_max_connections,
+                                             decode_responses=False)
+        if client is None:
+            client = aioredis.Redis.from_url(
+                self.settings.redis_url,
+                socket_timeout=socket_timeout_s,
+                socket_connect_timeout=self.settings.redis_timeout_s,
+                health_check_interval=30,
+            )
         self._redis_clients.append(client)
-        return client
+        return cast(aioredis.Redis, client)
 
     async def startup(self) -> None:
         """Open Redis, start the count flush, the async worker and the connectors."""

@@ -18,17 +18,20 @@ from urllib.parse import urlsplit
 import httpx
 import redis.asyncio as aioredis
 
+from metertwin.core import clients
+
 if TYPE_CHECKING:
     from gateway.app import GatewayApp
 
 
 def _host_port(url: str, default_port: int) -> str:
-    parts = urlsplit(url)
+    parts = urlsplit(url.split(",")[0])  # a redis+cluster:// URL lists nodes: name the first
     return f"{parts.hostname or '?'}:{parts.port or default_port}"
 
 
 async def _redis(url: str, timeout_s: float) -> None:
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    client = clients.async_redis_cluster(url, timeout_s=timeout_s, max_connections=1) \
+        or aioredis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         await client.ping()
     finally:

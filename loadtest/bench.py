@@ -9,6 +9,8 @@
 4. With ``cached``: the access log's cost, two more edge gateways (HTTP only), one writing
    its JSON access line per call to a file and one with ``--access-log-level off``, in
    interleaved rounds.
+5. ``cluster``: cached reads, edge ingest and MDMS batch ingest on one Redis and on a
+   3-master Redis Cluster, interleaved (``loadtest/cluster_bench.py``).
 
 Load comes from ``wrk`` (apt package ``wrk``; ``make bench`` installs it) in its own
 process. The machine is shared and noisy: every figure is a median over rounds, and
@@ -253,8 +255,7 @@ def bench_memory(twins: int) -> dict[str, Any]:
             for i in range(start, min(twins, start + batch)):
                 key = keys.twin(f"mtr-{i:07d}")
                 profile = {"kind": "prosumer" if i % 3 == 0 else "household", "link": "nbiot"}
-                create(keys=[key, keys.TWIN_INDEX], args=[f"mtr-{i:07d}", "edge", json.dumps(profile), now],
-                       client=pipe)
+                create(keys=[key], args=[f"mtr-{i:07d}", "edge", json.dumps(profile), now], client=pipe)
                 m = {"ts": now, "import_kwh": 10_000 + i / 7, "export_kwh": i / 13, "power_w": 640.5,
                      "voltage_v": 231.2}
                 measure(keys=[key], args=[json.dumps(m), now, i], client=pipe)
@@ -279,15 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-reads", type=int, default=300)
     parser.add_argument("--link-ms", type=float, default=20.0)
     parser.add_argument("--twins", type=int, default=100_000)
-    parser.add_argument("--only", choices=["cached", "live", "memory"], action="append")
+    parser.add_argument("--only", choices=["cached", "live", "memory", "cluster"], action="append")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: `sudo apt-get install wrk` (make bench does it)", file=sys.stderr)
         return 2
-    only = set(args.only or ["cached", "live", "memory"])
+    only = set(args.only or ["cached", "live", "memory", "cluster"])
     results: dict[str, Any] = {}
-    if only & {"cached", "live"}:
+    if only & {"cached", "live", "cluster"}:
         with EmbeddedStack(zones=("edge",), with_s3=False) as stack:
             if "cached" in only:
                 results["cached_reads"] = bench_cached_reads(stack, rounds=args.rounds, seconds=args.seconds)
@@ -295,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
             if "live" in only:
                 results["live_reads"] = bench_live_reads(stack, reads=args.live_reads, link_ms=args.link_ms)
                 _print("live reads", results["live_reads"])
+            if "cluster" in only:
+                from loadtest.cluster_bench import bench_cluster
+
+                results["redis_cluster"] = bench_cluster(stack, rounds=args.rounds, seconds=args.seconds)
+                _print("single Redis vs Redis Cluster", results["redis_cluster"])
     if "memory" in only:
         results["memory"] = bench_memory(args.twins)
         _print("memory", results["memory"])

@@ -72,14 +72,16 @@ def redis_cluster(url: str, *, timeout_s: float, max_connections: int) -> StrRed
     return cluster_client(*found, timeout_s=timeout_s, max_connections=max_connections)
 
 
-def async_redis_cluster(url: str, *, timeout_s: float, max_connections: int) -> StrRedis | None:
+def async_redis_cluster(url: str, *, timeout_s: float, max_connections: int,
+                        decode_responses: bool = True) -> StrRedis | None:
     """:func:`redis_cluster` for asyncio (``redis.asyncio.cluster.RedisCluster``); None for a plain URL."""
     found = redis_cluster_nodes(url)
     if found is None:
         return None
     from metertwin.core.redis_cluster import async_cluster_client
 
-    return async_cluster_client(*found, timeout_s=timeout_s, max_connections=max_connections)
+    return async_cluster_client(*found, timeout_s=timeout_s, max_connections=max_connections,
+                                decode_responses=decode_responses)
 
 
 _async_redis: tuple[asyncio.AbstractEventLoop, StrRedis] | None = None
