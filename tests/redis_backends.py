@@ -23,6 +23,8 @@ CLUSTER_MODULES = frozenset({
     "tests/mdms/test_vee.py",
     "tests/upgrade/test_versioned_state.py",
     "tests/upgrade/test_upgrade_operations.py",
+    "tests/p2p/test_runner.py",
+    "tests/p2p/test_p2p.py",
 })
 
 BACKENDS = ("single", "cluster")

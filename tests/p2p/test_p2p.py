@@ -28,6 +28,7 @@ from metertwin.p2p.participants import ParticipantIn
 from metertwin.twin import keys as twin_keys
 from storage.embedded import Mosquitto
 from tests.invoke import Context, Event, call, load_handler
+from tests.redis_backends import redis_client
 
 MKT = load_handler("p2p-market")
 BID = load_handler("p2p-bid")
@@ -48,7 +49,7 @@ def _twin(r: redis.Redis, meter_id: str, power_w: float | None = None) -> None:
 
 @pytest.fixture
 def rds(env: dict[str, str]) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    client = redis_client(env["REDIS_URL"], decode_responses=True)
     yield client
     client.close()
 

@@ -29,13 +29,14 @@ from metertwin.p2p.runner import build_channels, run_market
 from metertwin.p2p.settlement import deliver_outcome, settle
 from metertwin.p2p.store import MarketStore
 from metertwin.twin import keys as twin_keys
+from tests.redis_backends import redis_client
 
 FEED_IN, RETAIL = 0.08, 0.30
 
 
 @pytest.fixture
 def rds(env: dict[str, str]) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    client = redis_client(env["REDIS_URL"], decode_responses=True)
     yield client
     client.close()
 
