@@ -15,8 +15,9 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from metertwin.core.settings import redis_cluster_nodes
 
-#: Twin state, ingest, commands, MDMS VEE and upgrade: the paths whose Lua and pipelines touch
-#: several keys. Paths relative to the repository root.
+#: Twin state, ingest, commands, MDMS (VEE, edits, archive), upgrade, P2P, DR events and the
+#: gateway's async queue: the paths whose Lua, MULTI and pipelines touch several keys. Paths
+#: relative to the repository root.
 CLUSTER_MODULES = frozenset({
     "tests/twin/test_twin_state.py",
     "tests/twin/test_functions.py",
@@ -25,6 +26,10 @@ CLUSTER_MODULES = frozenset({
     "tests/upgrade/test_upgrade_operations.py",
     "tests/p2p/test_runner.py",
     "tests/p2p/test_p2p.py",
+    "tests/mdms/test_archive.py",
+    "tests/mdms/test_vee_edits.py",
+    "tests/dr/test_dr_event.py",
+    "tests/gateway/test_gateway_async.py",
 })
 
 BACKENDS = ("single", "cluster")

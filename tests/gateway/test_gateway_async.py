@@ -12,6 +12,7 @@ import redis
 from gateway import keys
 from gateway.server import GatewayProcess
 from tests.fixtures.gateway_support import STACK, CallbackReceiver, gateway_client, write_basic_auth
+from tests.redis_backends import redis_client
 from tests.waiting import await_until, wait_until
 
 
@@ -26,7 +27,7 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[CallbackReceiver]:
 
 def queue_state(redis_url: str, zone: str = "edge") -> tuple[int, int]:
     """(entries in the stream, entries pending in the group)."""
-    r = redis.Redis.from_url(redis_url)
+    r = redis_client(redis_url)
     length = r.xlen(keys.async_queue(zone))
     try:
         pending = r.xpending(keys.async_queue(zone), keys.ASYNC_GROUP)["pending"]
