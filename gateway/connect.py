@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from gateway.connectors import CronConnector, MqttConnector, ServiceToken
 from gateway.functions import Event, Result
 from gateway.stack import load_stack
+from metertwin.core import clients
 from metertwin.core.errors import MeterTwinError
 from metertwin.core.settings import get_settings, reset_settings
 
@@ -73,8 +74,10 @@ async def run(stack_path: str, zone: str, gateway_url: str, *, instance: str, ti
     settings = get_settings()
     invoke = HttpInvoker(gateway_url, timeout_s=timeout_s)
     token = ServiceToken(zone)
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                                    socket_connect_timeout=settings.redis_timeout_s)
+    redis = clients.async_redis_cluster(settings.redis_url, timeout_s=settings.redis_timeout_s, max_connections=8,
+                                        decode_responses=False) \
+        or aioredis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                                   socket_connect_timeout=settings.redis_timeout_s)
     cron = CronConnector(zone, specs, invoke, token, redis)
     mqtt = MqttConnector(
         zone, specs, invoke, token, host=settings.mqtt_host, port=settings.mqtt_port,

@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from metertwin.core import auth, revocation
+from metertwin.core import auth, clients, revocation
 from metertwin.core.errors import MeterTwinError
 from metertwin.core.settings import get_settings, reset_settings
 
@@ -38,8 +38,9 @@ def _iso(ts: float) -> str:
 
 def _redis_clients(urls: list[str] | None) -> list[tuple[str, Any]]:
     s = get_settings()
-    return [(url, redis.Redis.from_url(url, socket_timeout=s.redis_timeout_s, socket_connect_timeout=s.redis_timeout_s,
-                                       decode_responses=True))
+    return [(url, clients.redis_cluster(url, timeout_s=s.redis_timeout_s, max_connections=4)
+             or redis.Redis.from_url(url, socket_timeout=s.redis_timeout_s, socket_connect_timeout=s.redis_timeout_s,
+                                     decode_responses=True))
             for url in (urls or [s.redis_url])]
 
 

@@ -30,6 +30,8 @@ CLUSTER_MODULES = frozenset({
     "tests/mdms/test_vee_edits.py",
     "tests/dr/test_dr_event.py",
     "tests/gateway/test_gateway_async.py",
+    "tests/gateway/test_gateway_connect.py",
+    "tests/core/test_tokens_cli.py",
 })
 
 BACKENDS = ("single", "cluster")
