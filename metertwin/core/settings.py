@@ -8,6 +8,10 @@ secret as a file, ``<secrets_dir>/<name>``; Knative (``faas-cli generate
 --api=serving.knative.dev/v1``) mounts each Kubernetes Secret as a directory of its keys,
 ``<secrets_dir>/<name>/<key>``, where ``faas-cli secret create`` names the key after the
 secret.
+
+``REDIS_URL`` (and the MDMS's ``HOT_REDIS_URL``) may name a Redis Cluster with the scheme
+``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS); see
+:func:`redis_cluster_nodes` and :mod:`metertwin.core.redis_cluster`.
 """
 
 from __future__ import annotations
