@@ -15,6 +15,7 @@ from typing import Any, Self, TypeVar
 import httpx
 
 from metertwin.client.errors import ApiError
+from metertwin.client.fleet import Fleet
 from metertwin.client.markets import DemandResponse, P2PBid, P2PMarket, Upgrades
 from metertwin.client.mdms import Archive, MdmsIngest, MdmsQuery
 from metertwin.client.transport import Api, Transport
@@ -90,6 +91,7 @@ class Client:
             for name, url in self._urls.items() if url
         }
         self.registry = self._api(Registry, "edge")
+        self.fleet = self._api(Fleet, "edge")
         self.read = self._api(Read, "edge")
         self.read_v2 = self._api(ReadV2, "edge")
         self.write = self._api(Write, "edge")

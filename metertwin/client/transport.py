@@ -104,7 +104,7 @@ class Transport:
 
     def send(
         self, method: str, url_path: str, *, params: Mapping[str, QueryValue] | None = None, json: Any = None,
-        headers: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None,
+        headers: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None, content: bytes | None = None,
     ) -> httpx.Response:
         """One call with retries; returns the response if its status is below 400, raises otherwise."""
         assert self.http is not None
@@ -115,7 +115,8 @@ class Transport:
         attempt = 0
         while True:
             try:
-                resp = self.http.request(method, url, params=_query(params), json=json, headers=hdrs, auth=auth)
+                resp = self.http.request(method, url, params=_query(params), json=json, headers=hdrs, auth=auth,
+                                         content=content)
             except httpx.TransportError as exc:
                 if method.upper() in IDEMPOTENT and attempt < self.retries:
                     self.sleep(self._delay(attempt, None))
@@ -132,10 +133,11 @@ class Transport:
 
     def call(
         self, function: str, method: str, path: str, *, params: Mapping[str, QueryValue] | None = None,
-        json: Any = None, headers: Mapping[str, str] | None = None, text: bool = False,
+        json: Any = None, headers: Mapping[str, str] | None = None, text: bool = False, content: bytes | None = None,
     ) -> Any:
         """Call ``path`` of ``function``; the decoded JSON body (or the text, with ``text=True``)."""
-        resp = self.send(method, f"/function/{function}{path}", params=params, json=json, headers=headers)
+        resp = self.send(method, f"/function/{function}{path}", params=params, json=json, headers=headers,
+                         content=content)
         if text:
             return resp.text
         try:
