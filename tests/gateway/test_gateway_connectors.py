@@ -2,40 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-import redis
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.server import GatewayProcess
 from metertwin.core import auth
 from storage.embedded import Mosquitto
-from tests.fixtures.gateway_support import CALLS_KEY, PASSWORD, STACK, gateway_client, write_basic_auth
+from tests.fixtures.gateway_support import (
+    PASSWORD,
+    STACK,
+    calls,
+    gateway_client,
+    publish,
+    write_basic_auth,
+)
 from tests.waiting import await_until, wait_until
-
-
-def calls(redis_url: str) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in redis.Redis.from_url(redis_url).lrange(CALLS_KEY, 0, -1)]
-
-
-def publish(broker: Mosquitto, topic: str, payload: bytes) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.username_pw_set(broker.service_user, broker.service_password)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        info = client.publish(topic, payload, qos=1)
-        info.wait_for_publish(timeout=5)
-        assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 @pytest.fixture
