@@ -11,7 +11,7 @@ ZONE ?= edge
 ## setup: idempotent; apt-installs redis-server and mosquitto when missing, builds the venv.
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml metertwin/stream/web/package-lock.json
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml dashboard/package-lock.json
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
@@ -30,7 +30,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml metertwin/stream/
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
 	@# The dashboard's front-end libraries (pinned in package-lock.json), served by metertwin.stream.
-	npm ci --prefix metertwin/stream/web --no-audit --no-fund --silent
+	npm ci --prefix dashboard --no-audit --no-fund --silent
 	touch $(STAMP)
 
 demo: setup

@@ -1,7 +1,7 @@
 """The operator dashboard served by the stream service: a fleet page and a meter page, live from ``/events``.
 
-Pages and scripts are files beside this module (``web/``); the front-end library (uPlot, pinned in
-``web/package.json``) is installed by ``make setup`` into ``web/node_modules`` (git-ignored) and
+Pages and scripts are in the repository's ``dashboard/`` folder; the front-end library (uPlot, pinned in
+``dashboard/package.json``) is installed by ``make setup`` into ``dashboard/node_modules`` (git-ignored) and
 served from here, never from a CDN. The pages hold no data: they log in with a token (kept in
 ``sessionStorage``, or passed once as ``#token=`` in the URL) and read ``/events`` with it, so
 what they show follows the token's scopes.
@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-WEB = Path(__file__).resolve().parent / "web"
+#: Outside the shared package on purpose: stack.yml copies ``metertwin/`` into every function image,
+#: which must not carry the dashboard or its ``node_modules``.
+WEB = Path(__file__).resolve().parents[2] / "dashboard"
 UPLOT = WEB / "node_modules" / "uplot" / "dist"
 
 #: Route -> (file, content type). A fixed table: no path from the request reaches the file system.
