@@ -11,7 +11,7 @@ ZONE ?= edge
 ## setup: idempotent; apt-installs redis-server and mosquitto when missing, builds the venv.
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml dashboard/package-lock.json
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml dashboard/package-lock.json gateway/swagger-ui/package-lock.json
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
@@ -31,6 +31,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml dashboard/package
 	$(BIN)/pip install -q --no-deps -e .
 	@# The dashboard's front-end libraries (pinned in package-lock.json), served by metertwin.stream.
 	npm ci --prefix dashboard --no-audit --no-fund --silent
+	@# The gateways' /docs assets (swagger-ui-dist; --ignore-scripts: its dependency's install script only reports usage).
+	npm ci --prefix gateway/swagger-ui --ignore-scripts --no-audit --no-fund --silent
 	touch $(STAMP)
 
 demo: setup

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.async_api import add_async_routes
+from gateway.docs_ui import add_docs
 from gateway.openapi import add_function_docs
 from gateway.readiness import readiness
 from gateway.system import VERSION, add_system_routes
@@ -23,13 +24,16 @@ if TYPE_CHECKING:
 
 def build_api(gw: GatewayApp) -> FastAPI:
     """The FastAPI part: /system, /async-function, /healthz, /readyz, /metrics and the OpenAPI document."""
+    # /docs is added by add_docs (assets served locally); no ReDoc (it would load from a CDN).
     api = FastAPI(
+        docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
         title=f"metertwin gateway ({gw.zone})",
         version=VERSION,
         description=(
             "OpenFaaS-compatible gateway of one metertwin zone. `/system/*` needs basic auth "
             "(user `admin`, secret `gateway-basic-auth-password`). Function routes are documented "
-            "under `/function/<name>/...` from each handler's `OPENAPI_PATHS`."
+            "under `/function/<name>/...` from each handler's `OPENAPI_PATHS`. Function routes take "
+            "`Authorization: Bearer <token>` (`python -m metertwin.tokens issue ...`): use *Authorize*."
         ),
     )
     pid_header = {"X-Gateway-Pid": str(os.getpid())}
@@ -53,4 +57,5 @@ def build_api(gw: GatewayApp) -> FastAPI:
     add_system_routes(api, gw)
     add_async_routes(api, gw)
     add_function_docs(api, gw)
+    add_docs(api, api.title)
     return api
