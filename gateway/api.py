@@ -5,6 +5,8 @@ Everything but ``/function/*`` (the app's raw-ASGI fast path) is served by this 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -52,6 +54,12 @@ def build_api(gw: GatewayApp) -> FastAPI:
     @api.get("/metrics", tags=["gateway"])
     async def metrics() -> Response:
         """Prometheus metrics: gateway_function_invocation_total, gateway_functions_seconds, ..."""
+        depth = -1
+        if gw.queue is not None:
+            with contextlib.suppress(Exception):  # Redis down: the depth says so, the scrape still answers
+                async with asyncio.timeout(gw.settings.redis_timeout_s):
+                    depth = int(await gw.queue.redis.xlen(gw.queue.stream))
+        gw.metrics.scrape_state(mqtt=gw.mqtt, processed=gw.queue.processed if gw.queue else 0, queue_depth=depth)
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     add_system_routes(api, gw)

@@ -230,6 +230,9 @@ class MqttConnector:
         self.delivered = 0
         #: Re-invocations after a function answered one of RETRY_STATUSES (message unacknowledged).
         self.retries = 0
+        #: Seconds from a message's receipt to its acknowledgement (retries included): the
+        #: connector's lag, observed by the gateway's metrics when set.
+        self.observe_lag: Callable[[float], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem = asyncio.Semaphore(concurrency)
         self._subscribed: set[int] = set()
@@ -359,6 +362,7 @@ class MqttConnector:
         else:  # a broker without subscription identifiers: match the filters ourselves
             names = [n for t in self.filters if mqtt.topic_matches_sub(t, msg.topic) for n in self.routes[t]]
         assert self._loop is not None
+        msg.timestamp = time.monotonic()  # receipt, on the clock observe_lag is measured with
         future = asyncio.run_coroutine_threadsafe(self._deliver(msg, list(dict.fromkeys(names))), self._loop)
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
@@ -401,3 +405,10 @@ class MqttConnector:
             self.delivered += 1
             if msg.qos > 0:
                 self.client.ack(msg.mid, msg.qos)
+            if self.observe_lag is not None:
+                self.observe_lag(time.monotonic() - msg.timestamp)
+
+    @property
+    def inflight(self) -> int:
+        """Messages received and not yet acknowledged."""
+        return len(self._tasks)

@@ -131,6 +131,7 @@ class GatewayLifecycle(FunctionInvoker):
             concurrency=self.options.mqtt_concurrency, session_expiry_s=self.options.mqtt_session_expiry_s,
             shared=self.options.mqtt_shared,
         )
+        self.mqtt.observe_lag = self.metrics.mqtt_lag.observe
         self.mqtt.start()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:

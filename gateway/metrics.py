@@ -1,5 +1,12 @@
 """Prometheus metrics with the OpenFaaS gateway's names, in a registry per gateway app.
 
+Besides OpenFaaS's ``gateway_function_invocation_total``, ``gateway_functions_seconds`` and
+``gateway_service_count``, metertwin's own: ``gateway_mqtt_lag_seconds`` (receipt to
+acknowledgement of a connector message), ``gateway_mqtt_messages_total``,
+``gateway_mqtt_retries_total``, ``gateway_mqtt_inflight`` and ``gateway_async_queue_depth``,
+``gateway_async_processed_total`` (read from the connector and the queue at scrape time, see
+:meth:`GatewayMetrics.scrape_state`). ``deploy/grafana/metertwin-gateways.json`` charts them.
+
 Invocation counts for ``/system/functions`` are kept in memory on the hot path and
 flushed to the zone's Redis hash (shared by the zone's gateway workers) once a second.
 """
@@ -10,10 +17,11 @@ import asyncio
 import logging
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis.asyncio import Redis
 
 from gateway import keys
@@ -41,6 +49,12 @@ class GatewayMetrics:
             "gateway_service_count", "Replicas per function (always 1 locally).",
             ["function_name"], registry=self.registry,
         )
+        self.mqtt_lag = Histogram(
+            "gateway_mqtt_lag_seconds", "MQTT connector: receipt of a message to its acknowledgement (with retries).",
+            buckets=BUCKETS, registry=self.registry,
+        )
+        self.state = _StateCollector()
+        self.registry.register(self.state)
         self._names = list(functions)
         for name in self._names:
             self.service_count.labels(function_name=name).set(1)
@@ -57,6 +71,13 @@ class GatewayMetrics:
         child.inc()
         self._histograms[function].observe(seconds)
         self.pending[function] += 1
+
+    def scrape_state(self, *, mqtt: Any | None, processed: int, queue_depth: int) -> None:
+        """Take the connector's and the async queue's figures (called right before :meth:`render`)."""
+        st = self.state
+        if mqtt is not None:
+            st.mqtt_messages, st.mqtt_retries, st.mqtt_inflight = mqtt.delivered, mqtt.retries, mqtt.inflight
+        st.async_processed, st.async_depth = processed, queue_depth
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -100,3 +121,25 @@ class GatewayMetrics:
         for name, n in self.pending.items():
             out[name] = out.get(name, 0) + n
         return out
+
+
+class _StateCollector:
+    """Figures the connector and the async queue keep themselves, exposed at scrape time."""
+
+    def __init__(self) -> None:
+        self.mqtt_messages = self.mqtt_retries = self.mqtt_inflight = 0
+        self.async_processed = self.async_depth = 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("gateway_mqtt_messages", "MQTT connector: messages delivered and acknowledged.",
+                                  value=self.mqtt_messages)
+        yield CounterMetricFamily("gateway_mqtt_retries",
+                                  "MQTT connector: re-invocations after a backend answered 429/502/503/504.",
+                                  value=self.mqtt_retries)
+        yield GaugeMetricFamily("gateway_mqtt_inflight", "MQTT connector: messages received, not yet acknowledged.",
+                                value=self.mqtt_inflight)
+        yield CounterMetricFamily("gateway_async_processed", "Async calls this worker completed.",
+                                  value=self.async_processed)
+        yield GaugeMetricFamily("gateway_async_queue_depth",
+                                "Async calls queued or in process in the zone's queue (-1: Redis unreachable).",
+                                value=self.async_depth)

@@ -1,5 +1,7 @@
 """The streaming service: ``GET /events`` as Server-Sent Events, ``GET /healthz``; raw ASGI.
 
+``GET /metrics``: Prometheus text (clients, events read, clients cut).
+
 The python3-http contract cannot stream, so this is a service of its own (like the VEN
 bridge), one per zone, reading the zone's stream through one :class:`~metertwin.stream.hub.Hub`.
 
@@ -72,6 +74,8 @@ class StreamApp:
             await _json(send, 200 if hub else 503, {
                 "clients": hub.clients if hub else 0, "last_id": hub.last_id if hub else None,
                 "events_read": hub.events_read if hub else 0, "clients_cut": hub.clients_cut if hub else 0})
+        elif path == "/metrics":
+            await _metrics(send, self.hub)
         elif path in self.extra_routes:
             await self.extra_routes[path](scope, receive, send)
         else:
@@ -238,6 +242,26 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
     raw = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+#: Prometheus text exposition: (name, type, help, read from the hub).
+METRICS: tuple[tuple[str, str, str, Callable[[Hub], int]], ...] = (
+    ("metertwin_stream_clients", "gauge", "SSE clients connected.", lambda h: h.clients),
+    ("metertwin_stream_events_read_total", "counter", "Events read from the zone's stream.", lambda h: h.events_read),
+    ("metertwin_stream_clients_cut_total", "counter", "Clients cut off as slow consumers.", lambda h: h.clients_cut),
+)
+
+
+async def _metrics(send: Send, hub: Hub | None) -> None:
+    """``GET /metrics``: what deploy/grafana/metertwin-gateways.json charts of this service."""
+    lines = []
+    for name, kind, text, read in METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {read(hub) if hub else 0}"]
+    raw = ("\n".join(lines) + "\n").encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                            (b"content-length", str(len(raw)).encode())]})
     await send({"type": "http.response.body", "body": raw})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -252,6 +253,7 @@ async def test_metrics_text(gw: tuple[GatewayApp, httpx.AsyncClient]) -> None:
     assert 'gateway_functions_seconds_count{function_name="edge-echo"} 3.0' in text
     assert 'gateway_functions_seconds_bucket{function_name="edge-echo",le="+Inf"} 3.0' in text
     assert 'gateway_service_count{function_name="edge-echo-two"} 1.0' in text
+    assert re.search(r"^gateway_async_queue_depth 0\.0$", text, re.M)  # read from the zone's Redis at scrape
 
 
 async def test_openapi_documents_gateway_and_function_paths(gw: tuple[GatewayApp, httpx.AsyncClient]) -> None:

@@ -182,7 +182,7 @@ async def test_backend_failure_is_retried_and_acknowledged_once_processed(
 ) -> None:
     """A 5xx means the backend failed, not the message: the connector retries and only then acks."""
     write_basic_auth(env)
-    async with gateway_client("mqtt") as (app, _):
+    async with gateway_client("mqtt") as (app, client):
         assert app.mqtt is not None
         await await_until(lambda: _ready(app), 10, "MQTT subscriptions")
         publish(mosquitto, f"{topics}/b/m-9", b'{"fail-twice": true}')
@@ -199,6 +199,12 @@ async def test_backend_failure_is_retried_and_acknowledged_once_processed(
             return app.mqtt is not None and app.mqtt.delivered == 1
 
         await await_until(acked, 5, "the message acknowledged once")
+        # What deploy/grafana charts: retries, deliveries and the lag (receipt to ack, retries included).
+        text = (await client.get("/metrics")).text
+        assert "gateway_mqtt_retries_total 2.0" in text
+        assert "gateway_mqtt_messages_total 1.0" in text
+        assert "gateway_mqtt_lag_seconds_count 1.0" in text
+        assert "gateway_mqtt_inflight 0.0" in text
 
 
 async def test_rejected_message_is_acknowledged_without_retry(

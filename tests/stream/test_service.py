@@ -179,3 +179,19 @@ def test_one_redis_reader_for_every_client(serve: Callable[..., int]) -> None:
     assert len(client.client_list()) - before <= 10
     emit("m-7")
     assert many[7].frames(1)[0].json()["meter"] == "m-7"
+
+
+def test_metrics_count_clients_and_events(serve: Callable[..., int]) -> None:
+    import httpx
+
+    port = serve()
+    clients = [SSE(port, token=token("utility")) for _ in range(2)]
+    for s in clients:
+        assert s.frames(0) == []
+    emit("m-a")
+    assert len(clients[0].frames(1)) == 1
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert "# TYPE metertwin_stream_clients gauge" in text
+    assert "\nmetertwin_stream_clients 2\n" in text
+    assert "\nmetertwin_stream_events_read_total 1\n" in text
+    assert "\nmetertwin_stream_clients_cut_total 0\n" in text
