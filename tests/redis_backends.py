@@ -32,6 +32,7 @@ CLUSTER_MODULES = frozenset({
     "tests/gateway/test_gateway_async.py",
     "tests/gateway/test_gateway_connect.py",
     "tests/core/test_tokens_cli.py",
+    "tests/aggregates/test_aggregates.py",
 })
 
 BACKENDS = ("single", "cluster")

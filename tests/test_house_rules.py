@@ -22,7 +22,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade", "stream", "fleet")
+CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade", "stream", "fleet", "grid")
 LOCAL_PLATFORM = ("gateway", "storage", "embedded", "meter_sim", "loadtest", "dr_bridge", "metertwin_upgrade", "tests")
 
 #: The modules through which one capability may use another. Anything else is private to
@@ -36,6 +36,7 @@ INTERFACES: dict[str, frozenset[str]] = {
     "p2p": frozenset(),
     "stream": frozenset({"events"}),
     "fleet": frozenset({"topology", "search"}),
+    "grid": frozenset({"aggregates"}),  # the MDMS ingest aggregates up the grid tree
 }
 
 MAX_MODULE_LINES = 450

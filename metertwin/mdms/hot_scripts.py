@@ -144,7 +144,12 @@ end
 redis.call('HINCRBY', counters, 'accepted', 1)
 if q == 'S' then redis.call('HINCRBY', counters, 'suspect', 1) end
 if n > 0 then redis.call('HINCRBY', counters, 'estimated', n) end
-return {'accepted', q, n}
+-- the neighbours in time, for the grid aggregation's energy per interval (metertwin.grid.aggregates)
+local function pt(p)
+  if p == nil then return '' end
+  return string.format('%d', p.ts) .. '|' .. string.format('%.17g', p.imp) .. '|' .. string.format('%.17g', p.exp)
+end
+return {'accepted', q, n, pt(pred), pt(succ)}
 """
 
 # KEYS: iv latest counters audit (the hot set: hot_store.edit adds the meter after)

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from metertwin.core import clients
 from metertwin.core.errors import BackendUnavailable
 from metertwin.core.settings import get_settings
+from metertwin.grid import aggregates
 from metertwin.mdms import hot_scripts, keys
 from metertwin.mdms.intervals import Row
 from metertwin.mdms.settings import MdmsSettings, get_mdms_settings
@@ -90,6 +91,7 @@ async def ingest_one_async(meter_id: str, row: Row, now_s: float | None = None) 
     try:
         outcome = outcome_of(await script(keys=ks, args=argv))
         if outcome.status in _INDEXED:
+            await aggregates.aggregate_async(client, _aggregands([(meter_id, row)], [outcome]))
             await _index_meters(client.pipeline(transaction=False), [meter_id]).execute()
     except redis.RedisError as exc:
         raise BackendUnavailable(f"hot store (Redis) failed during ingest: {exc}") from exc
@@ -125,6 +127,25 @@ class IngestOutcome:
     estimated: int = 0
     rule: str | None = None
     reason: str | None = None
+    #: The nearest actual readings before and after (ts_ms, import_kwh, export_kwh), for the grid.
+    pred: aggregates.Point | None = None
+    succ: aggregates.Point | None = None
+
+
+def _point(raw: Any) -> aggregates.Point | None:
+    if not raw:
+        return None
+    ts, imp, exp = str(raw).split("|")
+    return int(ts), float(imp), float(exp)
+
+
+def _aggregands(items: Sequence[tuple[str, Row]], outcomes: Sequence[IngestOutcome]) -> list[aggregates.Aggregand]:
+    """What the grid aggregation gets of these outcomes (accepted: aggregate; duplicate: flush only)."""
+    if not aggregates.enabled():
+        return []
+    return [aggregates.Aggregand(m, row.ts_ms, row.power_w or 0.0, row.voltage_v or 0.0, row.import_kwh, row.export_kwh,
+                                 o.pred, o.succ, fresh=o.status == "accepted")
+            for (m, row), o in zip(items, outcomes, strict=True) if o.status in _INDEXED]
 
 
 def _script(name: str, source: str) -> Any:
@@ -154,7 +175,9 @@ def ingest_args(meter_id: str, row: Row, now_s: float, s: MdmsSettings) -> tuple
 def outcome_of(raw: Sequence[Any]) -> IngestOutcome:
     status = str(raw[0])
     if status == "accepted":
-        return IngestOutcome("accepted", quality=str(raw[1]), estimated=int(raw[2]))
+        return IngestOutcome("accepted", quality=str(raw[1]), estimated=int(raw[2]),
+                             pred=_point(raw[3]) if len(raw) > 3 else None,
+                             succ=_point(raw[4]) if len(raw) > 4 else None)
     if status == "duplicate":
         return IngestOutcome("duplicate")
     return IngestOutcome("rejected", rule=str(raw[1]), reason=str(raw[2]))
@@ -174,6 +197,7 @@ def ingest_many(items: Sequence[tuple[str, Row]], now_s: float | None = None) ->
                 ks, argv = ingest_args(meter_id, row, now, s)
                 script(keys=ks, args=argv, client=pipe)
             done = [outcome_of(r) for r in pipe.execute()]
+            aggregates.aggregate(get_hot_redis(), _aggregands(chunk, done))
             seen = {m: None for (m, _row), o in zip(chunk, done, strict=True) if o.status in _INDEXED}
             _index_meters(get_hot_redis().pipeline(transaction=False), list(seen)).execute()
             out.extend(done)
@@ -188,6 +212,7 @@ def ingest_one(meter_id: str, row: Row, now_s: float | None = None) -> IngestOut
     try:
         outcome = outcome_of(_script("ingest", hot_scripts.INGEST)(keys=ks, args=argv))
         if outcome.status in _INDEXED:
+            aggregates.aggregate(get_hot_redis(), _aggregands([(meter_id, row)], [outcome]))
             _index_meters(get_hot_redis().pipeline(transaction=False), [meter_id]).execute()
     except redis.RedisError as exc:
         raise BackendUnavailable(f"hot store (Redis) failed during ingest: {exc}") from exc

@@ -1,0 +1,119 @@
+"""Aggregates up the grid tree as readings arrive (real Redis): duplicates, reordering, moves."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from metertwin.grid import load
+from metertwin.mdms import hot_store
+from tests.aggregates.helpers import INTERVAL_S, aligned, place, publish, reading, register, reset_grid
+from tests.mdms.mdms_fixtures import mdms_env, upload
+
+__all__ = ["mdms_env"]
+
+
+@pytest.fixture(autouse=True)
+def grid_env(mdms_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    reset_grid()
+    yield mdms_env
+    reset_grid()
+
+
+def _energy(level: str, node: str, lo: float, hi: float) -> dict[str, float]:
+    rows = load.history(hot_store.get_hot_redis(), level, node, int(lo * 1000), int(hi * 1000), INTERVAL_S * 1000)
+    return {r["start"]: r["import_kwh"] for r in rows}
+
+
+def test_out_of_order_and_duplicate_readings_give_the_register_differences(meter_id: str) -> None:
+    a, b = meter_id, meter_id + "b"
+    for m in (a, b):
+        register(m)
+        place(m, 1)
+    t0 = aligned(8)
+    series = {a: [reading(i, t0 + i * INTERVAL_S, 100 + i * 0.5, power=400 + i, volt=230 + i) for i in range(7)],
+              b: [reading(i, t0 + i * INTERVAL_S, 50 + i * 0.25, power=-300, volt=228) for i in range(7)]}
+    messages = [(m, r) for m, rs in series.items() for r in rs]
+    rng = random.Random(7)
+    rng.shuffle(messages)
+    messages += rng.sample(messages, 5)  # QoS 1 redeliveries
+    for m, r in messages:
+        status, body = publish(m, r)
+        assert status == 200, body
+    got = _energy("transformer", "T1", t0, t0 + 7 * INTERVAL_S)
+    # interval (t0 + (i-1) I, t0 + i I] gets each meter's register difference: 0.5 + 0.25
+    assert got == {load.iso((t0 + (i - 1) * INTERVAL_S) * 1000): 0.75 for i in range(1, 7)}
+    assert _energy("region", "R1", t0, t0 + 7 * INTERVAL_S) == got
+    now = t0 + 6 * INTERVAL_S + 10
+    s = load.summary(hot_store.get_hot_redis(), "feeder", "F1", now_s=now)
+    assert (s["import_w"], s["export_w"], s["net_w"]) == (406.0, 300.0, 106.0)
+    assert (s["meters"], s["reporting"], s["online"], s["stale"]) == (2, 2, 2, 0)
+    assert (s["voltage_min_v"], s["voltage_max_v"], s["voltage_max_meter"]) == (228.0, 236.0, a)
+    rows = load.history(hot_store.get_hot_redis(), "feeder", "F1", int(t0 * 1000), int(now * 1000),
+                        INTERVAL_S * 1000)
+    assert [r["readings"] for r in rows] == [2] * 6  # duplicates not counted; t0's reading is the interval before
+    assert (rows[-1]["voltage_min_v"], rows[-1]["voltage_max_v"]) == (228.0, 236.0)
+
+
+def test_batch_upload_aggregates_like_single_readings(meter_id: str) -> None:
+    register(meter_id)
+    place(meter_id, 1)
+    t0 = aligned(6)
+    rows = [reading(i, t0 + i * INTERVAL_S, 10 + i, power=1000) for i in range(5)]
+    upload(rows[::-1], meter_id)
+    upload(rows, meter_id)  # all duplicates
+    assert sum(_energy("substation", "S1", t0, t0 + 5 * INTERVAL_S).values()) == 4.0
+    assert load.summary(hot_store.get_hot_redis(), "substation", "S1")["import_w"] == 1000.0
+
+
+def test_a_meter_moving_transformers_takes_its_load_along(meter_id: str) -> None:
+    register(meter_id)
+    place(meter_id, 1, transformer="T1")
+    t0 = aligned(5)
+    publish(meter_id, reading(1, t0, 100, power=2000))
+    publish(meter_id, reading(2, t0 + INTERVAL_S, 101, power=2000))
+    r = hot_store.get_hot_redis()
+    assert load.summary(r, "transformer", "T1")["import_w"] == 2000.0
+    assert place(meter_id, 2, transformer="T2")
+    assert not place(meter_id, 1, transformer="T9")  # an older version arriving late is ignored
+    t1, t2 = load.summary(r, "transformer", "T1"), load.summary(r, "transformer", "T2")
+    assert (t1["import_w"], t1["meters"]) == (0.0, 0)
+    assert (t2["import_w"], t2["meters"]) == (2000.0, 1)
+    assert load.summary(r, "feeder", "F1")["meters"] == 1
+    publish(meter_id, reading(3, t0 + 2 * INTERVAL_S, 103, power=500))
+    assert sum(_energy("transformer", "T1", t0, t0 + 3 * INTERVAL_S).values()) == 1.0
+    assert sum(_energy("transformer", "T2", t0, t0 + 3 * INTERVAL_S).values()) == 2.0
+    assert sum(_energy("feeder", "F1", t0, t0 + 3 * INTERVAL_S).values()) == 3.0
+    assert load.summary(r, "transformer", "T2")["import_w"] == 500.0
+
+
+def test_a_crash_between_the_steps_is_recovered_by_the_redelivery(meter_id: str) -> None:
+    from metertwin.grid import agg_scripts, keys
+
+    register(meter_id)
+    place(meter_id, 1)
+    t0 = aligned(4)
+    publish(meter_id, reading(1, t0, 100, power=100))
+    r = hot_store.get_hot_redis()
+    # an entry made by the meter step whose node step never ran (the process died)
+    r.register_script(agg_scripts.METER)(
+        keys=[keys.meter_state(meter_id), keys.meter_outbox(meter_id)],
+        args=["reading", str(int((t0 + INTERVAL_S) * 1000)), "300.0", "231.0", "101.5", "0.0",
+              str(int(t0 * 1000)), "100.0", "0.0", "", "", "", str(INTERVAL_S * 1000)])
+    assert r.zcard(keys.meter_outbox(meter_id)) == 1
+    publish(meter_id, reading(1, t0, 100, power=100))  # a duplicate flushes the outbox
+    assert r.zcard(keys.meter_outbox(meter_id)) == 0
+    assert sum(_energy("transformer", "T1", t0, t0 + 2 * INTERVAL_S).values()) == 1.5
+    assert load.summary(r, "transformer", "T1")["import_w"] == 300.0
+
+
+def test_an_unplaced_meter_aggregates_nowhere_until_placed(meter_id: str) -> None:
+    register(meter_id)
+    t0 = aligned(3)
+    publish(meter_id, reading(1, t0, 1, power=700))
+    with pytest.raises(Exception, match="no aggregates"):
+        load.summary(hot_store.get_hot_redis(), "transformer", "T1")
+    place(meter_id, 1)
+    assert load.summary(hot_store.get_hot_redis(), "transformer", "T1")["import_w"] == 700.0
