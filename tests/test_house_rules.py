@@ -22,7 +22,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade", "stream", "fleet", "grid")
+CAPABILITIES = ("twin", "mdms", "dr", "p2p", "upgrade", "stream", "fleet", "grid", "jobs")
 LOCAL_PLATFORM = ("gateway", "storage", "embedded", "meter_sim", "loadtest", "dr_bridge", "metertwin_upgrade", "tests")
 
 #: The modules through which one capability may use another. Anything else is private to
@@ -30,12 +30,13 @@ LOCAL_PLATFORM = ("gateway", "storage", "embedded", "meter_sim", "loadtest", "dr
 #: capability's binding and inbox decide which release of a twin's functions serves a call.
 INTERFACES: dict[str, frozenset[str]] = {
     "twin": frozenset({"state", "commands", "messages", "keys", "read_query", "uplink"}),
-    "upgrade": frozenset({"binding", "inbox"}),
+    "upgrade": frozenset({"binding", "inbox", "operations"}),  # jobs hand an upgrade to the manager
     "mdms": frozenset(),
-    "dr": frozenset({"keys"}),  # the fleet search reads the opt-out of DR preferences
+    "dr": frozenset({"keys", "decisions", "store", "schedule"}),  # fleet search: opt-outs; jobs: set preferences
     "p2p": frozenset(),
     "stream": frozenset({"events"}),
     "fleet": frozenset({"topology", "search"}),
+    "jobs": frozenset({"service", "spec"}),  # e.g. a rule whose action is a bulk job
     "grid": frozenset({"aggregates"}),  # the MDMS ingest aggregates up the grid tree
 }
 
