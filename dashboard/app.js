@@ -125,5 +125,6 @@ function meterPage() {
 
 window.addEventListener("DOMContentLoaded", () => {
   if (!token()) { showLogin(""); return; }
-  if (document.body.dataset.page === "meter") meterPage(); else fleetPage();
+  const page = document.body.dataset.page;
+  if (page === "meter") meterPage(); else if (page === "fleet") fleetPage();
 });

@@ -1,4 +1,7 @@
-"""The operator dashboard served by the stream service: a fleet page and a meter page, live from ``/events``.
+"""The operator dashboard served by the stream service, live from ``/events``.
+
+Pages: fleet, meter, feeder/transformer, demand response, P2P, upgrades and jobs, MDMS data quality;
+REST reads go through :mod:`metertwin.stream.proxy` (``/api/function/...``) with the page's token.
 
 Pages and scripts are in the repository's ``dashboard/`` folder; the front-end library (uPlot, pinned in
 ``dashboard/package.json``) is installed by ``make setup`` into ``dashboard/node_modules`` (git-ignored) and
@@ -22,7 +25,13 @@ UPLOT = WEB / "node_modules" / "uplot" / "dist"
 FILES: dict[str, tuple[Path, str]] = {
     "/": (WEB / "fleet.html", "text/html; charset=utf-8"),
     "/meter": (WEB / "meter.html", "text/html; charset=utf-8"),
+    "/feeder": (WEB / "feeder.html", "text/html; charset=utf-8"),
+    "/dr": (WEB / "dr.html", "text/html; charset=utf-8"),
+    "/p2p": (WEB / "p2p.html", "text/html; charset=utf-8"),
+    "/ops": (WEB / "ops.html", "text/html; charset=utf-8"),
+    "/quality": (WEB / "quality.html", "text/html; charset=utf-8"),
     "/static/app.js": (WEB / "app.js", "text/javascript; charset=utf-8"),
+    "/static/pages.js": (WEB / "pages.js", "text/javascript; charset=utf-8"),
     "/static/app.css": (WEB / "app.css", "text/css; charset=utf-8"),
     "/favicon.svg": (WEB / "favicon.svg", "image/svg+xml"),
     "/vendor/uPlot.iife.min.js": (UPLOT / "uPlot.iife.min.js", "text/javascript; charset=utf-8"),

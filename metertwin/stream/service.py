@@ -31,7 +31,7 @@ import redis
 from metertwin.core.auth import authenticate
 from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTwinError, http_status
 from metertwin.core.settings import get_settings
-from metertwin.stream import keys
+from metertwin.stream import keys, proxy
 from metertwin.stream.access import Filter, filter_for
 from metertwin.stream.events import Event
 from metertwin.stream.hub import Framed, Hub, Subscriber, stream_id
@@ -59,6 +59,8 @@ class StreamApp:
         self.hub: Hub | None = None
         self._task: asyncio.Task[None] | None = None
         self.extra_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {}
+        #: The dashboard's REST reads (``/api/function/...``), set by :func:`create_app`.
+        self.proxy: proxy.Proxy | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -76,6 +78,8 @@ class StreamApp:
                 "events_read": hub.events_read if hub else 0, "clients_cut": hub.clients_cut if hub else 0})
         elif path == "/metrics":
             await _metrics(send, self.hub)
+        elif path.startswith(proxy.PREFIX) and self.proxy is not None:
+            await self.proxy.handle(scope, send)
         elif path in self.extra_routes:
             await self.extra_routes[path](scope, receive, send)
         else:
@@ -119,6 +123,8 @@ class StreamApp:
                 await self._task
         if self.hub is not None:
             await self.hub.client.aclose()
+        if self.proxy is not None:
+            await self.proxy.aclose()
 
     # --- /events -------------------------------------------------------------------------------
     async def _events(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -271,4 +277,5 @@ def create_app() -> StreamApp:
 
     app = StreamApp()
     app.extra_routes.update(dashboard.routes())
+    app.proxy = proxy.Proxy(proxy.parse_gateway_urls(app.settings.gateway_urls))
     return app

@@ -33,6 +33,8 @@ class StreamSettings(BaseSettings):
     read_count: int = Field(default=1000, ge=1, validation_alias=_env("READ_COUNT"))
     #: Most concurrent SSE clients of one process; more are answered 503.
     max_clients: int = Field(default=5000, ge=1, validation_alias=_env("MAX_CLIENTS"))
+    #: The dashboard's REST reads go to these gateways: ``edge=http://host:port,fog=...`` (empty: none).
+    gateway_urls: str = Field(default="", validation_alias=_env("GATEWAY_URLS"))
 
     @model_validator(mode="after")
     def _queue_holds_a_read(self) -> StreamSettings:

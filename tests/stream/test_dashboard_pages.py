@@ -1,0 +1,133 @@
+"""Issue 17 items 2 and 5: the feeder, DR, P2P, upgrades/jobs and data-quality pages in headless Chromium.
+
+The stream service reads the zones' REST APIs through real gateways (``python -m gateway`` for edge
+and fog, ``STREAM_GATEWAY_URLS``); each page loads without console errors, shows the numbers the
+REST API gives for the same token, and a consumer token cannot see another meter. One browser for
+the module. Screenshots: ``dashboard-<page>.png`` in ``$DASHBOARD_SCREENSHOTS`` (default: the
+pytest tmp dir of the test, printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.server import GatewayProcess
+from metertwin.core.auth import issue_token
+from metertwin.core.clients import get_redis
+from metertwin.mdms import dead_letters
+from metertwin.upgrade.inbox import v1_ingest
+from tests.conftest import TEST_SIGNING_KEY
+from tests.stream.test_dashboard_browser import CHROMIUM, DRIVER, pytestmark, severe, text_of, webdriver
+from tests.stream.test_service import serve  # noqa: F401 - the fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["pytestmark"]
+#: Reads the page makes of services this stack may not have yet (they degrade to a note): Chrome
+#: logs any 4xx answer to fetch() as a console error, so only these are allowed.
+ABSENT = ("/api/function/fog-grid/", "/api/function/edge-jobs/")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1100,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    yield driver
+    driver.quit()
+
+
+def errors(driver: Any) -> list[dict[str, Any]]:
+    return [e for e in severe(driver) if not any(path in e["message"] for path in ABSENT)]
+
+
+def open_page(driver: Any, url: str, tok: str) -> None:
+    driver.get(url.split("#")[0] + f"#token={tok}")
+
+
+def test_operator_pages_show_what_the_rest_api_gives(
+        serve: Callable[..., int], env: dict[str, str], browser: Any, meter_id: str,  # noqa: F811
+        tmp_path: Path) -> None:
+    shots = Path(os.environ.get("DASHBOARD_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    zone_env = {f"{z}_{k}": env[k] for z in ("EDGE", "FOG") for k in ("REDIS_URL", "MQTT_HOST", "MQTT_PORT")}
+    args = ["--no-background", "--log-level", "warning"]
+    with GatewayProcess(ROOT / "stack.yml", "edge", secrets_dir=env["SECRETS_DIR"], env=zone_env, args=args,
+                        log_path=tmp_path / "edge.log") as edge, \
+         GatewayProcess(ROOT / "stack.yml", "fog", secrets_dir=env["SECRETS_DIR"], env=zone_env, args=args,
+                        log_path=tmp_path / "fog.log") as fog:
+        port = serve(gateway_urls=f"edge={edge.url},fog={fog.url}")
+        base = f"http://127.0.0.1:{port}"
+        admin = issue_token("operator", {"admin"}, key=TEST_SIGNING_KEY)
+        mdms = issue_token("quality", {"mdms"}, key=TEST_SIGNING_KEY)
+        hdr = {"Authorization": f"Bearer {admin}"}
+
+        def rest(path: str, token: str = admin) -> dict[str, Any]:
+            resp = httpx.get(f"{base}/api/function/{path}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            assert resp.status_code == 200, (path, resp.text)
+            return dict(resp.json())
+
+        assert httpx.post(f"{edge.url}/function/edge-registry/meters", json={"meter_id": meter_id},
+                          headers=hdr, timeout=10).status_code == 201
+        patched = httpx.patch(f"{edge.url}/function/edge-fleet/meters/{meter_id}/topology",
+                              json={"feeder": "F-7", "transformer": "T-7"}, headers=hdr, timeout=10)
+        assert patched.status_code in (200, 201), patched.text
+        for rule in ("timestamp", "timestamp", "range"):
+            dead_letters.add(meter_id=meter_id, source="test", payload="{}", rule=rule, reason=f"bad {rule}")
+
+        # Feeder: the meters of the feeder from the fleet search, the aggregate load from live readings.
+        open_page(browser, f"{base}/feeder?id=F-7&level=feeder", admin)
+        text_of(browser, "status", "live", 10)
+        assert browser.find_element("id", "meters").text == str(rest("edge-fleet/meters?feeder=F-7")["count"]) == "1"
+        now = time.time()
+        v1_ingest(get_redis()).run(meter_id, json.dumps({"ts": now, "import_kwh": 1.0, "export_kwh": 0.0,
+                                                         "power_w": 812.5, "voltage_v": 230.0}), now, 1)
+        text_of(browser, "load", "812.5", 5)
+        assert "No aggregates yet" in browser.find_element("id", "aggregates").text
+        browser.save_screenshot(str(shots / "dashboard-feeder.png"))
+        assert errors(browser) == []
+
+        checks = {  # page -> (card id, the number the REST API gives)
+            "dr": ("events", len(rest("edge-dr-event/events?limit=20")["events"])),
+            "p2p": ("markets", len(rest("edge-p2p-market/markets?limit=50")["markets"])),
+            "ops": ("operations", len(rest("edge-upgrade-manager/operations")["operations"])),
+        }
+        for page, (card, expected) in checks.items():
+            open_page(browser, f"{base}/{page}", admin)
+            text_of(browser, card, str(expected), 10)
+            browser.save_screenshot(str(shots / f"dashboard-{page}.png"))
+            assert errors(browser) == [], page
+
+        # Data quality: dead letters by rule, as the fog's MDMS lists them.
+        listed = rest("fog-mdms-ingest/dead-letters?limit=1000", mdms)
+        open_page(browser, f"{base}/quality", mdms)
+        text_of(browser, "dead", str(listed["total"]), 10)
+        assert listed["total"] == 3
+        text_of(browser, "rules", "2", 5)
+        browser.save_screenshot(str(shots / "dashboard-quality.png"))
+        assert errors(browser) == []
+
+        # A consumer token: its own meter's DR page, never another meter's.
+        consumer = issue_token("home", {"consumer"}, meter=meter_id, key=TEST_SIGNING_KEY)
+        open_page(browser, f"{base}/dr?meter={meter_id}", consumer)
+        text_of(browser, "events", str(len(rest(f"edge-dr-event/meters/{meter_id}/events", consumer)["events"])), 10)
+        browser.get(f"{base}/dr?meter=someone-else")
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 10).until(lambda d: "Not allowed" in d.find_element("id", "note").text)
+        assert browser.find_element("id", "events").text == "\u2013"  # nothing shown
+        browser.save_screenshot(str(shots / "dashboard-dr-other-meter-refused.png"))
+        print(f"screenshots in {shots}")
