@@ -19,6 +19,10 @@ from typing import Any
 from dr_bridge.convert import normalize_event
 from dr_bridge.invoke import Invoke
 from dr_bridge.ven import TwinVen
+from metertwin.core.aio import cancel_and_wait, stop_requested
+
+#: How long :meth:`Bridge.stop` waits for its loops and VENs to end.
+STOP_TIMEOUT_S = 10.0
 
 log = logging.getLogger("dr_bridge")
 
@@ -108,9 +112,7 @@ class Bridge:
             await asyncio.gather(*self._starting)
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._starting, *self._opt_tasks]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._starting, *self._opt_tasks, return_exceptions=True)
+        await cancel_and_wait([*self._tasks, *self._starting, *self._opt_tasks], STOP_TIMEOUT_S)
         await asyncio.gather(*(v.stop() for v in self.vens.values()), return_exceptions=True)
         close = getattr(self.invoke, "close", None)
         if close is not None:
@@ -210,6 +212,8 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if stop_requested():
+                    raise asyncio.CancelledError from exc
                 self.stats.due_errors += 1
                 log.warning("dr-event /due failed: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(self.config.due_poll_s)
@@ -228,6 +232,8 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if stop_requested():
+                    raise asyncio.CancelledError from exc
                 log.warning("dr-event /telemetry failed: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(self.config.telemetry_refresh_s)
 

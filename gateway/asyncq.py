@@ -22,7 +22,6 @@ followed and at most ``destination_max_response_bytes`` of the answer is read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -37,6 +36,7 @@ from starlette.datastructures import Headers
 
 from gateway import keys
 from gateway.functions import Event, Result
+from metertwin.core.aio import cancel_and_wait, stop_requested
 from metertwin.core.destinations import DestinationPolicy, DestinationRefused, guarded_async_client, post_async
 from metertwin.core.errors import BackendUnavailable
 
@@ -135,6 +135,8 @@ class AsyncQueue:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # Redis gone: keep trying, accepted calls stay in the stream
+                    if stop_requested():
+                        raise asyncio.CancelledError from exc
                     log.warning("async worker %s: %s; retrying in 1 s", self.consumer, exc)
                     await asyncio.sleep(1.0)
         finally:
@@ -258,11 +260,7 @@ class AsyncQueue:
         if not self._inflight:
             return
         _, pending = await asyncio.wait(set(self._inflight), timeout=timeout_s)
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(pending, timeout_s)
 
     def stats(self) -> dict[str, Any]:
         return {"consumer": self.consumer, "inflight": len(self._inflight), "processed": self.processed,

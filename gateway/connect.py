@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from gateway.connectors import CronConnector, MqttConnector, ServiceToken
 from gateway.functions import Event, Result
 from gateway.stack import load_stack
 from metertwin.core import clients
+from metertwin.core.aio import cancel_and_wait
 from metertwin.core.errors import MeterTwinError
 from metertwin.core.settings import get_settings, reset_settings
 
@@ -95,10 +95,7 @@ async def run(stack_path: str, zone: str, gateway_url: str, *, instance: str, ti
     finally:
         await mqtt.stop(10.0)
         await cron.stop(10.0)
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks, 10.0)
         await invoke.aclose()
         await redis.aclose()
 

@@ -60,6 +60,7 @@ from gateway import keys
 from gateway.functions import Event, Result
 from gateway.stack import FunctionSpec, StackError
 from metertwin.core import auth
+from metertwin.core.aio import stop_requested
 from metertwin.core.errors import MeterTwinError
 from metertwin.core.paho_fast import speed_up_paho
 
@@ -168,6 +169,8 @@ class CronConnector:
                 won = await self._claim(keys=[keys.schedule_lock(self.zone, name)],
                                         args=[int(tick * 1000), max(2, int(2 * (following - tick)) + 60)])
             except Exception as exc:  # Redis down: skip this tick rather than fire it twice
+                if stop_requested():
+                    raise asyncio.CancelledError from exc
                 log.warning("cron %s: cannot take the tick lock: %s", name, exc)
                 continue
             if won:

@@ -22,6 +22,7 @@ from gateway.connectors import CronConnector, MqttConnector, ServiceToken
 from gateway.fastpath import FunctionInvoker, Receive, Send
 from gateway.stack import FunctionSpec, StackError
 from metertwin.core import clients
+from metertwin.core.aio import cancel_and_wait
 from metertwin.core.destinations import policy_from_settings
 from metertwin.core.settings import Settings
 
@@ -159,11 +160,7 @@ class GatewayLifecycle(FunctionInvoker):
 
         if self.mqtt is not None:
             await self.mqtt.stop(left())
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks, left())
         self._tasks.clear()
         if self.queue is not None:
             await self.queue.drain(left())

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis.asyncio import Redis
 
 from gateway import keys
+from metertwin.core.aio import stop_requested
 
 log = logging.getLogger("gateway.metrics")
 # OpenFaaS (Go client) exposes no *_created series; neither do we.
@@ -104,6 +105,8 @@ class GatewayMetrics:
             try:
                 await self.flush(redis)
             except Exception as exc:  # Redis down: keep counting, retry next interval, warn once a minute
+                if stop_requested():
+                    raise asyncio.CancelledError from exc
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - last_warning >= 60:

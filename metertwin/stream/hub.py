@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from metertwin.core.aio import stop_requested
 from metertwin.stream.access import Filter
 from metertwin.stream.events import Event
 
@@ -144,6 +145,8 @@ class Hub:
             try:
                 reply = await self.client.xread({self.key: self.last_id}, count=self.read_count, block=BLOCK_MS)
             except redis.RedisError as exc:
+                if stop_requested():
+                    raise asyncio.CancelledError from exc
                 log.warning("reading %s failed: %s; retrying", self.key, exc)
                 await asyncio.sleep(RETRY_S)
                 continue
