@@ -33,6 +33,7 @@ CLUSTER_MODULES = frozenset({
     "tests/gateway/test_gateway_connect.py",
     "tests/core/test_tokens_cli.py",
     "tests/aggregates/test_aggregates.py",
+    "tests/jobs/test_jobs.py",
 })
 
 BACKENDS = ("single", "cluster")

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from metertwin.core.clients import get_redis
+from metertwin.jobs import keys as jobs_keys
 from metertwin.jobs.service import InjectedCrash, JobService
 from metertwin.twin import keys as twin_keys
 from tests.fleet.helpers import token
@@ -116,7 +117,7 @@ def test_crash_mid_slice_then_resume_runs_no_twin_twice(env: dict[str, str], met
     job = relay_job({"filter": {}}, rate_per_s=0.001, max_in_flight=100, timeout_s=1)  # create claims 1
     ack_all_in_progress(job["id"])
     r = get_redis()
-    r.hset(f"mt:job:{{job:{job['id']}}}:doc", "rate", "1000")
+    r.hset(jobs_keys.job(job["id"]), "rate", "1000")
     crashing = JobService(r)
     crashing.crash_after = 4
     with pytest.raises(InjectedCrash):
