@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from embedded import demo_env, history
+from embedded.dashboard import Dashboard
 from embedded.stack import EmbeddedStack
 from metertwin.client import ApiError, Client
 from storage.embedded import free_port
@@ -370,6 +371,8 @@ def run(args: argparse.Namespace) -> int:
         env = demo_env.values(stack, admin_token=stack.token("admin", subject="demo-admin"),
                               billing_token=stack.token("billing", subject="demo-billing"))
         print(demo_env.describe(env, demo_env.write(env, args.env_file)), flush=True)
+        board = Dashboard(stack).start()
+        print(board.login_line(), flush=True)
         api = Client(edge=stack.url("edge"), fog=stack.url("fog"), cloud=stack.url("cloud"),
                      token=env["ADMIN_TOKEN"], basic_auth=(demo_env.GATEWAY_USER, stack.basic_auth_password))
         meters = [f"demo-{i:04d}" for i in range(args.meters)]
@@ -410,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
                               flush=True)
         finally:
             fleet.stop()
+            board.stop()
     print("stopped every process the demo started")
     return 0
 
