@@ -49,58 +49,96 @@ def _python_files(*folders: str) -> Iterator[Path]:
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 
-def _imports(path: Path) -> Iterator[tuple[int, str]]:
-    """Every absolute module name ``path`` imports (``from a.b import c`` yields ``a.b.c`` and ``a.b``)."""
+def _imports(path: Path, root: Path = ROOT) -> Iterator[tuple[int, str]]:
+    """Every absolute module name ``path`` imports (``from a.b import c`` yields ``a.b.c`` and ``a.b``);
+    relative imports are resolved against the file's package (``root`` is the tree's top)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.lineno, node.module
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module
+            if node.level:
+                package = list(path.relative_to(root).parts[:-1])
+                base = package[:len(package) - (node.level - 1)]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            if not module:
+                continue
+            yield node.lineno, module
             for alias in node.names:
-                yield node.lineno, f"{node.module}.{alias.name}"
+                yield node.lineno, f"{module}.{alias.name}"
 
 
-def _capability_of(path: Path) -> str | None:
-    rel = path.relative_to(ROOT / "metertwin").parts
+def _capability_of(path: Path, root: Path = ROOT) -> str | None:
+    rel = path.relative_to(root / "metertwin").parts
     return rel[0] if len(rel) > 1 and rel[0] in (*CAPABILITIES, "core") else None
 
 
-def test_shared_package_imports_nothing_of_the_local_platform() -> None:
-    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}"
-           for p in _python_files("metertwin") for line, name in _imports(p)
-           if name.split(".")[0] in LOCAL_PLATFORM]
-    assert not bad, "\n".join(bad)
+def _files(root: Path, folder: str) -> list[Path]:
+    return sorted((root / folder).rglob("*.py"))
 
 
-def test_core_imports_no_capability() -> None:
-    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}"
-           for p in _python_files("metertwin/core") for line, name in _imports(p)
-           if name.startswith("metertwin.") and name.split(".")[1] in CAPABILITIES]
-    assert not bad, "\n".join(bad)
+def local_platform_imports(root: Path = ROOT) -> list[str]:
+    return [f"{p.relative_to(root)}:{line} imports {name}"
+            for p in _files(root, "metertwin") for line, name in _imports(p, root)
+            if name.split(".")[0] in LOCAL_PLATFORM]
 
 
-def test_capabilities_meet_only_through_named_interfaces() -> None:
+def core_capability_imports(root: Path = ROOT) -> list[str]:
+    return [f"{p.relative_to(root)}:{line} imports {name}"
+            for p in _files(root, "metertwin/core") for line, name in _imports(p, root)
+            if name.startswith("metertwin.") and name.split(".")[1] in CAPABILITIES]
+
+
+def non_interface_imports(root: Path = ROOT) -> list[str]:
     bad = []
-    for path in _python_files("metertwin"):
-        own = _capability_of(path)
+    for path in _files(root, "metertwin"):
+        own = _capability_of(path, root)
         if own in (None, "core"):
             continue
-        for line, name in _imports(path):
+        for line, name in _imports(path, root):
             parts = name.split(".")
             if parts[0] != "metertwin" or len(parts) < 3 or parts[1] in ("core", own):
                 continue
             if parts[1] in CAPABILITIES and parts[2] not in INTERFACES[parts[1]]:
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}, not an interface of {parts[1]}")
+                bad.append(f"{path.relative_to(root)}:{line} imports {name}, not an interface of {parts[1]}")
+    return bad
+
+
+def test_shared_package_imports_nothing_of_the_local_platform() -> None:
+    bad = local_platform_imports()
     assert not bad, "\n".join(bad)
 
 
-def test_import_rule_check_can_fail(tmp_path: Path) -> None:
-    """The checks above read real imports: a planted violation is seen."""
-    planted = tmp_path / "planted.py"
-    planted.write_text("from gateway import keys\nimport metertwin.dr.keys\n")
-    assert [name for _, name in _imports(planted)] == ["gateway", "gateway.keys", "metertwin.dr.keys"]
+def test_core_imports_no_capability() -> None:
+    bad = core_capability_imports()
+    assert not bad, "\n".join(bad)
+
+
+def test_capabilities_meet_only_through_named_interfaces() -> None:
+    bad = non_interface_imports()
+    assert not bad, "\n".join(bad)
+
+
+def test_import_rule_checks_can_fail(tmp_path: Path) -> None:
+    """Each rule, run over a planted tree, reports exactly the planted violations (relative imports too)."""
+    def plant(rel: str, text: str) -> None:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+
+    plant("metertwin/__init__.py", "")
+    plant("metertwin/core/http.py", "from ..dr import decisions\nimport metertwin.core.errors\n")
+    plant("metertwin/dr/store.py", "from gateway import keys\nfrom ..twin import dynsec\n"
+                                   "from metertwin.twin import state\nfrom . import wire\n")
+    plant("metertwin/twin/state.py", "import storage.embedded\n")
+    assert local_platform_imports(tmp_path) == ["metertwin/dr/store.py:1 imports gateway",
+                                                "metertwin/dr/store.py:1 imports gateway.keys",
+                                                "metertwin/twin/state.py:1 imports storage.embedded"]
+    assert core_capability_imports(tmp_path) == ["metertwin/core/http.py:1 imports metertwin.dr",
+                                                 "metertwin/core/http.py:1 imports metertwin.dr.decisions"]
+    assert non_interface_imports(tmp_path) == [
+        "metertwin/dr/store.py:2 imports metertwin.twin.dynsec, not an interface of twin"]
 
 
 # --- keys --------------------------------------------------------------------------------
