@@ -57,6 +57,10 @@ class _Keep:
     def __init__(self, text: str) -> None:
         self.text = text
 
+    def __str__(self) -> str:
+        # openleadr's normaliser str()s some ids itself (oadrPendingReports' reportRequestIDs)
+        return self.text
+
 
 def _wrap_ids(node: Any) -> Any:
     if isinstance(node, dict):

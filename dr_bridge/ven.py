@@ -76,6 +76,8 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         self.registered = asyncio.Event()
         self._answered = False
         self._vtn_lost = False
+        #: Set by :meth:`stop`: a poll cancelled then is the shutdown, not an error to log.
+        self._stopping = False
         #: Set while the report worker waits for the VTN to answer again (created only then: 1,000 VENs).
         self._vtn_back: asyncio.Event | None = None
         #: Reports made while the VTN did not answer, oldest first.
@@ -260,6 +262,15 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
                         payload["response"].get("response_description"))
         return message_type, payload
 
+    async def _poll(self) -> None:
+        try:
+            await super()._poll()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # stop() shut the scheduler down while this poll waited for the VTN: apscheduler
+            # would log the cancellation as a job failure, with a traceback.
+
     async def poll(self) -> tuple[str | None, dict[str, Any]]:
         self._answered = False
         result = await super().poll()
@@ -314,6 +325,7 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
                 job.remove()
 
     async def stop(self) -> None:
+        self._stopping = True
         try:
             if self.client_session is not None:
                 await super().stop()

@@ -6,6 +6,7 @@ the meters' MQTT topics); every wait is event-driven with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -326,3 +327,43 @@ async def test_vtn_restart_is_quiet_and_reports_are_queued(vtn: UtilityVtn, brid
     assert "Traceback" not in text
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(unreachable) == 1
+
+
+# EiReport registration: the VTN learns from oadrCreatedReport's oadrPendingReports which of its
+# report requests the VEN created (openleadr's own check warns "was not created by the VEN")
+async def test_created_report_names_every_requested_report(vtn: UtilityVtn, bridge_for: BridgeFactory,
+                                                           meter_id: str, caplog: Any) -> None:
+    make_twin(meter_id)
+    await bridge_for([meter_id])
+    assert vtn.server is not None
+    reports = vtn.server.services["report_service"]
+    await wait_until(lambda: len(reports.requested_reports.get(meter_id, [])) >= 2
+                     and len(reports.created_reports.get(meter_id, [])) >= 2, 10)
+    requested = {r.report_request_id for r in reports.requested_reports[meter_id]}
+    assert requested <= set(reports.created_reports[meter_id]), reports.created_reports[meter_id]
+    assert "was not created by the VEN" not in caplog.text
+
+
+# bridge robustness: stopping (a pod's termination) while a poll waits for the VTN
+async def test_bridge_stop_during_a_poll_is_quiet(vtn: UtilityVtn, bridge_for: BridgeFactory, meter_id: str,
+                                                  caplog: Any) -> None:
+    make_twin(meter_id)
+    bridge = await bridge_for([meter_id])
+    assert vtn.server is not None
+    polls = vtn.server.services["poll_service"]
+    original = polls.handlers["oadrPoll"]
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def held_poll(payload: dict[str, Any]) -> Any:
+        held.set()
+        await release.wait()
+        return await original(payload)
+
+    polls.handlers["oadrPoll"] = held_poll
+    try:
+        await asyncio.wait_for(held.wait(), 10)
+        await bridge.stop()
+    finally:
+        release.set()
+    assert "Traceback" not in caplog.text
+    assert "CancelledError" not in caplog.text
