@@ -109,7 +109,8 @@ def batch(req: Request) -> Response:
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
     for v in verdicts:
         counts[v.status] += 1
-    estimated = sum(v.estimated for v in verdicts)
+    # Each verdict counts estimates added net of those it replaced: the sum is what the batch left estimated.
+    estimated = max(0, sum(v.estimated for v in verdicts))
     problems = [v.to_dict() for v in verdicts if v.status != "accepted"][:1000]
     return json_response({"received": len(verdicts), **counts, "estimated": estimated, "not_accepted": problems})
 

@@ -37,10 +37,13 @@ end
 -- registers linear between them; a gap is > 1.5 intervals and <= max_gap.
 -- Only between two hot rows: the latest registers may stand for an archived read, and
 -- between it and a hot row there may be cold rows that an estimate must not shadow.
-local function fill(iv, a, b, interval, max_gap)
+-- Never across a register discontinuity: when the average demand over the gap is above
+-- max_demand_w (W; nil: no bound), the gap stays missing and the caller flags the read suspect.
+local function fill(iv, a, b, interval, max_gap, max_demand_w)
   if a == nil or b == nil or a.latest or b.latest then return 0 end
   local span = b.ts - a.ts
   if span <= interval * 1.5 or span > max_gap then return 0 end
+  if max_demand_w and math.max(b.imp - a.imp, b.exp - a.exp) * 3.6e9 / span > max_demand_w then return 0 end
   local n = 0
   local t = (math.floor(a.ts / interval) + 1) * interval
   local pw = ((b.imp - a.imp) - (b.exp - a.exp)) * 3.6e9 / span
@@ -128,13 +131,20 @@ end
 if succ then
   if imp > succ.imp then return backwards('import_kwh', imp_s, succ.imp, 'above the later read') end
   if exp > succ.exp then return backwards('export_kwh', exp_s, succ.exp, 'above the later read') end
+  -- A read back-loaded before later registers it does not lead to (another baseline) is as
+  -- implausible as a jump after an earlier one: flagged, and the gap between is not estimated.
+  if succ.ts > ts and math.max(succ.imp - imp, succ.exp - exp) * 3.6e9 / (succ.ts - ts) > max_demand_w then
+    q = 'S'
+  end
 end
 
-drop_estimates(iv, pred and pred.ts, succ and succ.ts)
+local dropped = drop_estimates(iv, pred and pred.ts, succ and succ.ts)
 local member = ts_s .. '|' .. seq .. '|' .. imp_s .. '|' .. exp_s .. '|' .. pw_s .. '|' .. v_s .. '|' .. q
 redis.call('ZADD', iv, ts, member)
 local me = {ts = ts, imp = imp, exp = exp}
-local n = fill(iv, pred, me, interval, max_gap) + fill(iv, me, succ, interval, max_gap)
+-- n: estimated rows added net of those this read replaced, so a batch's sum is what it left estimated
+local n = fill(iv, pred, me, interval, max_gap, max_demand_w) + fill(iv, me, succ, interval, max_gap, max_demand_w)
+  - dropped
 redis.call('ZADD', seqs, ts, seq)
 redis.call('ZREMRANGEBYSCORE', seqs, '-inf', '(' .. ARGV[9])
 if lat == nil or ts > lat.ts then
@@ -143,7 +153,7 @@ if lat == nil or ts > lat.ts then
 end
 redis.call('HINCRBY', counters, 'accepted', 1)
 if q == 'S' then redis.call('HINCRBY', counters, 'suspect', 1) end
-if n > 0 then redis.call('HINCRBY', counters, 'estimated', n) end
+if n ~= 0 then redis.call('HINCRBY', counters, 'estimated', n) end
 -- the neighbours in time, for the grid aggregation's energy per interval (metertwin.grid.aggregates)
 local function pt(p)
   if p == nil then return '' end

@@ -16,10 +16,14 @@ Validation rules (each rejection names its ``rule`` and goes to the dead-letter 
 * ``register_backwards``: cumulative registers never decrease in time order.
 
 Suspect (accepted, flagged): voltage outside the nominal band, or an average demand
-since the previous read above ``MDMS_MAX_DEMAND_KW``. Estimation (in the ingest Lua
-script, :mod:`metertwin.mdms.hot_store`): a gap of more than 1.5 intervals between two reads
-gets one ``estimated`` row per interval boundary, registers linear between the reads;
-a later actual read inside the gap replaces the estimates. Editing: :func:`edit`.
+since the previous read, or until the next one (a back-load on another register baseline),
+above ``MDMS_MAX_DEMAND_KW``. Estimation (in the ingest Lua script,
+:mod:`metertwin.mdms.hot_store`): a gap of more than 1.5 intervals between two reads gets one
+``estimated`` row per interval boundary, registers linear between the reads, unless the gap's
+average demand is above ``MDMS_MAX_DEMAND_KW`` (a register discontinuity stays missing, never
+smoothed over); a later actual read inside the gap replaces the estimates. A verdict's
+``estimated`` counts rows added net of those it replaced, so a batch's sum is what it left
+estimated. Editing: :func:`edit`.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class Verdict:
         return {k: v for k, v in {
             "status": self.status, "meter_id": self.meter_id, "seq": self.seq,
             "ts": iso_ms(self.ts_ms) if self.ts_ms is not None else None, "quality": self.quality,
-            "estimated": self.estimated or None, "rule": self.rule, "reason": self.reason,
+            "estimated": max(0, self.estimated) or None, "rule": self.rule, "reason": self.reason,
             "dead_letter_id": self.dead_letter_id,
         }.items() if v is not None}
 
