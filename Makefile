@@ -45,7 +45,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy metertwin gateway storage meter_sim loadtest embedded dr_bridge metertwin_upgrade
 	@# Every handler is a module named `handler`: check them one at a time.
-	@for f in functions/*/handler.py; do $(BIN)/mypy "$$f" | grep -v '^Success' || true; done
+	@# (a failing handler fails the target: the loop used to end in `|| true`)
+	@fail=0; for f in functions/*/handler.py; do \
+		out=$$($(BIN)/mypy "$$f") || { echo "$$out"; fail=1; }; \
+	done; exit $$fail
 
 bench: setup
 	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
