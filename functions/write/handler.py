@@ -3,8 +3,8 @@
 Routes (after ``/function/<zone>-write``):
 
 * ``POST /meters/{meter_id}/commands`` ``{"kind", "params", "expiry_s"?}`` — 202 with the
-  command and its status (kinds: relay, reporting_interval, load_limit, tariff, desired,
-  trade, dr).
+  command and its status, ``Location`` naming it (kinds: relay, reporting_interval,
+  load_limit, tariff, desired, trade, dr).
 * ``GET /meters/{meter_id}/commands[/{command_id}]`` — status: pending, delivered,
   acknowledged, rejected or expired.
 * ``PATCH /meters/{meter_id}/desired`` ``{"relay"?, "reporting_interval_s"?, "load_limit_w"?,
@@ -46,7 +46,8 @@ class NewCommand(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: str = Field(description=f"one of {sorted(PARAMS_BY_KIND)}")
-    params: dict[str, Any]
+    # Optional here so an unknown kind is named first; each kind's own model says what it needs.
+    params: dict[str, Any] = Field(default_factory=dict)
     expiry_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRY_S)
 
 
@@ -60,7 +61,9 @@ def send_command(req: Request) -> Response:
     command = get_commands().submit(
         req.params["meter_id"], body.kind, body.params, expiry_s=body.expiry_s, actor=_actor(req)
     )
-    return json_response({"command": command}, 202)
+    # Relative to the request URL (the function does not know the gateway's /function/<name> prefix).
+    location = ("" if (req.event.path or "").endswith("/") else "commands/") + str(command["id"])
+    return json_response({"command": command}, 202, headers={"Location": location})
 
 
 @router.get("/meters/{meter_id}/commands", scopes=VIEWERS)
@@ -99,7 +102,7 @@ def set_desired(req: Request) -> Response:
     return json_response(
         {"meter_id": meter_id, "version": version, "desired": fields, "command": command},
         202,
-        headers={"ETag": f'"{version}"'},
+        headers={"ETag": f'"{version}"', "Location": f"commands/{command['id']}"},  # from .../desired
     )
 
 
