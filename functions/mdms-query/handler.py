@@ -40,7 +40,7 @@ def _q(name: str, typ: str = "string", *, desc: str | None = None) -> dict[str, 
 
 _MID = {"name": "meter_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _RANGE = [_q("from", desc="epoch s or ISO 8601"), _q("to", desc="epoch s or ISO 8601")]
-_FORMAT = _q("format", desc="json or csv")
+_FORMAT = _q("format", desc="json or csv (without it, Accept: text/csv asks for CSV)")
 _PAGE = [_q("limit", "integer"), _q("cursor"), _FORMAT]
 OPENAPI_PATHS: dict[str, Any] = {
     "/meters/{meter_id}/intervals": {"get": {
@@ -72,7 +72,7 @@ APPS = {"mdms", "billing", "utility"}
 def _page_response(req: Request, meters: list[str]) -> Response:
     lo, hi = mdms_query.time_range(req.query)
     limit = mdms_query.limit_of(req.query)
-    fmt = mdms_query.format_of(req.query)
+    fmt = mdms_query.format_of(req.query, req.header("Accept"))
     mdms_query.require_known(meters)
     page, cursor = mdms_query.interval_page(meters, lo, hi, limit=limit, cursor=req.query.get("cursor") or None)
     if fmt == "csv":
@@ -103,7 +103,7 @@ def energy(req: Request) -> Response:
     """Energy and maximum demand per local day or month (``period``, ``tz``)."""
     meter = req.params["meter_id"]
     lo, hi = mdms_query.time_range(req.query)
-    fmt = mdms_query.format_of(req.query)
+    fmt = mdms_query.format_of(req.query, req.header("Accept"))
     mdms_query.require_known([meter])
     result = mdms_query.energy(meter, lo, hi, req.query.get("period") or "day", req.query.get("tz") or "UTC")
     if fmt == "csv":
@@ -140,9 +140,10 @@ class BillingRequest(BaseModel):
 def _billing(req: Request, meter: str, lo: int, hi: int, tariff: Tariff) -> Response:
     mdms_query.require_known([meter])
     result = mdms_query.billing(meter, lo, hi, tariff)
-    if mdms_query.format_of(req.query) == "csv":
-        return {"statusCode": 200, "body": mdms_query.dicts_csv(result["bill"]["lines"],
-                                                                 ("item", "quantity", "unit", "rate", "amount")),
+    if mdms_query.format_of(req.query, req.header("Accept")) == "csv":
+        bill = result["bill"]
+        lines = [*bill["lines"], {"item": "total", "unit": bill["currency"], "amount": bill["total"]}]
+        return {"statusCode": 200, "body": mdms_query.dicts_csv(lines, ("item", "quantity", "unit", "rate", "amount")),
                 "headers": {"Content-Type": "text/csv"}}
     return json_response(result)
 
