@@ -302,6 +302,11 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
             await self.register_reports(self.reports)
             await self.sync_events()
 
+    async def create_party_reregistration(self, registration_id: str | None = None) -> None:
+        """The VTN asked for it (``oadrRequestReregistration``): :meth:`reregister`. openleadr's own
+        would keep the old report jobs beside the new ones and start a second report sender."""
+        await self.reregister()
+
     async def start(self) -> None:
         """Register (retrying with backoff while the VTN is unreachable) and start polling."""
         cfg = self.bridge.config

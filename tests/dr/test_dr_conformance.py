@@ -367,3 +367,39 @@ async def test_bridge_stop_during_a_poll_is_quiet(vtn: UtilityVtn, bridge_for: B
         release.set()
     assert "Traceback" not in caplog.text
     assert "CancelledError" not in caplog.text
+
+
+# oadrRequestReregistration: the VTN asks in answer to a poll; the VEN registers again and re-offers
+# its reports, replacing (not doubling) its report jobs and report sender
+async def test_requested_reregistration_registers_again_without_doubling_reports(
+        vtn: UtilityVtn, bridge_for: BridgeFactory, meter_id: str) -> None:
+    make_twin(meter_id)
+    bridge = await bridge_for([meter_id])
+    ven = bridge.vens[meter_id]
+    assert vtn.server is not None
+    await wait_until(lambda: vtn.report_registrations.get(meter_id) == 2, 10)
+    polls = vtn.server.services["poll_service"]
+    original = polls.handlers["oadrPoll"]
+    asked: list[str] = []
+
+    async def ask_once(payload: dict[str, Any]) -> Any:
+        if asked:
+            return await original(payload)
+        asked.append(str(payload["ven_id"]))
+        return "oadrRequestReregistration", {"ven_id": payload["ven_id"]}
+
+    polls.handlers["oadrPoll"] = ask_once
+    await wait_until(lambda: len(vtn.registered_at.get(meter_id, [])) >= 2, 10)
+    await wait_until(lambda: vtn.report_registrations.get(meter_id) == 4, 10)
+
+    def report_jobs() -> int:
+        return sum(1 for job in ven.scheduler.get_jobs() if "update_report" in repr(job.func))
+
+    def senders() -> int:
+        return sum(1 for task in asyncio.all_tasks() if not task.done()
+                   and getattr(task.get_coro(), "__qualname__", "") == "TwinVen._report_queue_worker"
+                   and task.get_coro().cr_frame is not None and task.get_coro().cr_frame.f_locals.get("self") is ven)
+
+    await wait_until(lambda: report_jobs() == 2, 10)
+    assert report_jobs() == 2
+    assert senders() == 1
