@@ -32,12 +32,13 @@ UNAUTHORIZED_HEADERS = [
 
 REDACTED = "[redacted]"
 #: Variable names that hold a secret whatever their value looks like.
-_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|KEY|CREDENTIAL", re.IGNORECASE)
-#: ``scheme://user:password@host``: the user-info part of a URL.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
-#: ``?password=...`` / ``&token=...`` inside a URL's query.
-_SECRET_QUERY = re.compile(r"(?P<key>[?&;][^=&;#\s]*(?:password|passwd|secret|token|key)[^=&;#\s]*=)[^&;#\s]*",
-                           re.IGNORECASE)
+_SECRET_NAME = re.compile(r"PASS|PWD|SECRET|TOKEN|KEY|CREDENTIAL|AUTH|DSN|PRIVATE", re.IGNORECASE)
+#: ``scheme://user:password@host``: everything of the authority up to its *last* '@' (a password may
+#: hold '@', as redis-py and urllib read it; a cluster URL may name credentials before each host).
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+#: ``password=...`` / ``token=...`` in a URL's query or fragment, or in a ``key=value`` DSN.
+_SECRET_QUERY = re.compile(
+    r"(?P<key>(?:^|[?&;#\s])[^=&;#\s]*(?:pass|pwd|secret|token|key|auth)[^=&;#\s]*=)[^&;#\s]*", re.IGNORECASE)
 
 
 def redact_environment(env: dict[str, str]) -> dict[str, str]:

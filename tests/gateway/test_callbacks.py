@@ -288,3 +288,20 @@ async def test_async_call_to_no_route_needs_a_valid_token(env: dict[str, str], r
 
         await await_until(called_back, 15, "the authenticated callback")
     assert receiver.call_ids() == {call_id}
+
+
+def test_redaction_hides_every_credential_shape() -> None:
+    """Found by the outside probe: a password holding '@' (redis-py reads up to the last '@') left its
+    tail visible, a second host's credentials in a cluster URL were shown, and secret-like names
+    beyond PASSWORD/SECRET/TOKEN/KEY (MQTT_PASS, REDIS_PWD, REDIS_AUTH, a DSN) were not recognised."""
+    out = redact_environment({
+        "REDIS_URL": "redis://twin:hunt@er2@127.0.0.1:1/0",
+        "FOG_REDIS_URL": "redis+cluster://u:pw1@h1:1,u:pw2@h2:2/0",
+        "MQTT_PASS": "s1", "REDIS_PWD": "s2", "REDIS_AUTH": "s3", "PG_DSN": "host=x password=hunter9",
+        "CALLBACK": "https://h/x?a=1&api_key=k9#frag", "BANNER": "hello",
+    })
+    text = repr(out)
+    for secret in ("er2", "pw1", "pw2", "s1", "s2", "s3", "hunter9", "k9"):
+        assert secret not in text, (secret, out)
+    assert out["REDIS_URL"].endswith("@127.0.0.1:1/0")
+    assert out["BANNER"] == "hello"
