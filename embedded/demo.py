@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import http.server
 import json
 import logging
 import os
@@ -29,16 +28,16 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from embedded import demo_env, history
+from embedded.callbacks import callback_receiver
 from embedded.dashboard import Dashboard
 from embedded.stack import EmbeddedStack
 from metertwin.client import ApiError, Client
-from storage.embedded import free_port
 
 T = TypeVar("T")
 
@@ -328,32 +327,6 @@ class Demo:
             f"{final['readings']['applied_by_old']}, by v2 {final['readings']['applied_by_new']}, "
             f"missing {final['readings']['missing']}; {chosen[0]} now bound to {bound.get('release', bound)}"
         )
-
-
-@contextlib.contextmanager
-def callback_receiver(received: list[dict[str, Any]]) -> Iterator[str]:
-    """A one-route HTTP server on loopback that records POSTed callbacks."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length)
-            received.append({"status": self.headers.get("X-Function-Status"), "body": body[:200]})
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_args: Any) -> None:
-            return
-
-    port = free_port()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/callback"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def run(args: argparse.Namespace) -> int:
