@@ -403,3 +403,24 @@ async def test_requested_reregistration_registers_again_without_doubling_reports
     await wait_until(lambda: report_jobs() == 2, 10)
     assert report_jobs() == 2
     assert senders() == 1
+
+
+# signals: ELECTRICITY_PRICE price in currencyPerKWh with its siScaleCode, and a standard
+# signal name the twin does not execute (DEMAND_CHARGE) answered 460, through the real VTN
+async def test_price_signal_scaled_and_unexecuted_standard_signal(vtn: UtilityVtn, bridge_for: BridgeFactory,
+                                                                  meter_id: str) -> None:
+    make_twin(meter_id)
+    await bridge_for([meter_id])
+    milli = ("currencyPerKWh", "USD", "m")
+    cheap = vtn.issue([meter_id], signal_name="ELECTRICITY_PRICE", signal_type="price", intervals=[(60.0, 5.0, 100)],
+                      measurement=milli)  # 0.10 per kWh: under the consumer's 0.30 threshold
+    dear = vtn.issue([meter_id], signal_name="ELECTRICITY_PRICE", signal_type="price", intervals=[(60.0, 5.0, 500)],
+                     measurement=milli)  # 0.50 per kWh
+    demand = vtn.issue([meter_id], signal_name="DEMAND_CHARGE", signal_type="price", intervals=[(60.0, 5.0, 7)],
+                       measurement=("currencyPerKW", "USD", "none"))
+    await wait_until(lambda: all(answer(vtn, e, meter_id) for e in (cheap, dear, demand)), 10)
+    assert (answer(vtn, cheap, meter_id).opt_type, record(meter_id, cheap)["plan"]) == ("optIn", [])
+    assert answer(vtn, dear, meter_id).opt_type == "optIn"
+    assert [w for _, w in record(meter_id, dear)["plan"]] == [1250.0]
+    assert (answer(vtn, demand, meter_id).opt_type, answer(vtn, demand, meter_id).response_code) == \
+        ("optOut", decisions.SIGNAL_NOT_SUPPORTED)
