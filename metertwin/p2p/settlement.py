@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Protocol
 
 from metertwin.core.errors import MeterTwinError
@@ -31,20 +32,34 @@ class TradeSink(Protocol):
     def deliver(self, slot_start: float, trades: list[tuple[str, float, float]], expiry_s: int) -> dict[str, Any]: ...
 
 
+#: Money is rounded half-up to this (cents of the market's currency), line by line.
+CENT = Decimal("0.01")
+
+
+def money(x: float) -> Decimal:
+    """``x`` currency units as a Decimal rounded half-up to cents (from its shortest repr, not its binary value)."""
+    return Decimal(repr(x)).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
 def settle(market_id: str, spec: Mapping[str, Any], params: MarketParams, neg: Negotiation,
            allocations: list[Allocation], negotiation_ms: float
            ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The market's result and one trade record (settlement line) per participant."""
     trade_records: dict[str, dict[str, Any]] = {}
+    amounts: list[Decimal] = []
     for a in allocations:
         # What the same energy would have cost (or earned) with the grid alone.
-        grid = a.kwh * (params.retail_tariff if a.kwh > 0 else params.feed_in_tariff)
+        grid = money(a.kwh * (params.retail_tariff if a.kwh > 0 else params.feed_in_tariff))
+        amount = money(a.amount)
+        amounts.append(amount)
         trade_records[a.meter_id] = {
             "market_id": market_id, "meter_id": a.meter_id, "slot_start": spec["slot_start"],
             "slot_minutes": spec["slot_minutes"], "side": a.side, "wanted_kwh": a.wanted_kwh, "kwh": a.kwh,
-            "price": a.price, "amount": a.amount, "grid_amount": grid, "benefit": grid - a.amount,
+            "price": a.price, "amount": float(amount), "grid_amount": float(grid), "benefit": float(grid - amount),
             "counterparty": "pool" if a.kwh else None,
         }
+    paid = sum((x for x in amounts if x > 0), Decimal("0.00"))
+    received = -sum((x for x in amounts if x < 0), Decimal("0.00"))
     bought = math.fsum(a.kwh for a in allocations if a.kwh > 0)
     sold = math.fsum(-a.kwh for a in allocations if a.kwh < 0)
     last = neg.rounds[-1] if neg.rounds else None
@@ -54,8 +69,9 @@ def settle(market_id: str, spec: Mapping[str, Any], params: MarketParams, neg: N
         "price": neg.price, "rounds": len(neg.rounds), "participants": len(allocations),
         "excess_kwh": excess_demand(neg.final_answers.values()),
         "bought_kwh": bought, "sold_kwh": sold,
-        "paid": math.fsum(a.amount for a in allocations if a.amount > 0),
-        "received": math.fsum(-a.amount for a in allocations if a.amount < 0),
+        "paid": float(paid), "received": float(received),
+        # Each line is rounded to cents: what the pool keeps (or, negative, pays) for that rounding.
+        "rounding": float(paid - received),
         "missing_last_round": last.missing if last else [],
         "negotiation_ms": round(negotiation_ms, 3),
         "feed_in_tariff": params.feed_in_tariff, "retail_tariff": params.retail_tariff,

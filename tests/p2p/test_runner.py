@@ -26,7 +26,7 @@ from metertwin.p2p.negotiation import negotiate
 from metertwin.p2p.participants import ParticipantIn
 from metertwin.p2p.registration import market_params, register
 from metertwin.p2p.runner import build_channels, run_market
-from metertwin.p2p.settlement import deliver_outcome, settle
+from metertwin.p2p.settlement import deliver_outcome, money, settle
 from metertwin.p2p.store import MarketStore
 from metertwin.twin import keys as twin_keys
 from tests.redis_backends import redis_client
@@ -184,14 +184,21 @@ def test_settle_prices_every_line_against_the_grid() -> None:
     result, lines = settle("mkt", spec, params, neg, allocations, 1.23456)
     assert set(lines) == {"buyer", "seller"}
     buy, sell = lines["buyer"], lines["seller"]
-    assert buy["grid_amount"] == buy["kwh"] * RETAIL
-    assert sell["grid_amount"] == sell["kwh"] * FEED_IN
-    assert buy["benefit"] == buy["grid_amount"] - buy["amount"]
+    # Money is in cents, rounded half-up line by line (issue 12 item 8: a trade showed 0.08620271944660955 EUR).
+    for line in (buy, sell):
+        for key in ("amount", "grid_amount", "benefit"):
+            assert line[key] == round(line[key], 2), (key, line[key])
+        assert line["amount"] == float(money(line["kwh"] * line["price"]))
+    assert buy["grid_amount"] == float(money(buy["kwh"] * RETAIL))
+    assert sell["grid_amount"] == float(money(sell["kwh"] * FEED_IN))
+    assert buy["benefit"] == pytest.approx(buy["grid_amount"] - buy["amount"], abs=1e-9)
     assert buy["benefit"] >= 0
     assert sell["benefit"] >= 0
     assert buy["counterparty"] == sell["counterparty"] == "pool"
     assert (result["participants"], result["negotiation_ms"], result["price"]) == (2, 1.235, neg.price)
-    assert math.isclose(result["paid"], result["received"], abs_tol=1e-9)
+    # The pool's residual from rounding each line: at most half a cent per line.
+    assert result["rounding"] == pytest.approx(result["paid"] - result["received"], abs=1e-9)
+    assert abs(result["rounding"]) <= 0.005 * len(lines) + 1e-9
 
 
 class RecordingSink:
