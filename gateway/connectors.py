@@ -5,7 +5,8 @@ worker subscribes to ``$share/gw-<zone>/<filter>`` (the zone's workers split the
 zone served by one worker may subscribe plainly, ``--mqtt-no-share``, which survives a
 broker restart: Mosquitto 2.0 does not restore shared subscriptions of persistent sessions)
 with a subscription identifier per filter, so a message is routed to exactly the
-functions whose filter it matched. Each message invokes the function with the payload as
+functions whose filter it matched. Each message invokes the function (or, annotated
+``mqtt-batch``, joins a batch call: ``gateway.mqtt_batcher``) with the payload as
 body, ``POST /``, headers ``X-Topic``, ``Content-Type: application/json`` and the
 gateway's service bearer token. Delivery is at-least-once: messages are QoS1 and
 acknowledged (``manual_ack``) only after the handler returned with an answer other than
@@ -58,8 +59,9 @@ from starlette.datastructures import Headers
 
 from gateway import keys
 from gateway.functions import Event, Result
+from gateway.mqtt_batcher import Batcher
 from gateway.stack import FunctionSpec, StackError
-from metertwin.core import auth
+from metertwin.core import auth, mqtt_batch
 from metertwin.core.aio import stop_requested
 from metertwin.core.errors import MeterTwinError
 from metertwin.core.paho_fast import speed_up_paho
@@ -224,12 +226,24 @@ class MqttConnector:
         self.share = shared
         self.filters: list[str] = []
         self.routes: dict[str, list[str]] = {}
+        specs = list(specs)
         for spec in specs:
             for topic in spec.topics:
                 if topic not in self.routes:
                     self.filters.append(topic)
                     self.routes[topic] = []
                 self.routes[topic].append(spec.name)
+        #: Functions that take their messages in batch calls (annotation ``mqtt-batch``, gateway.mqtt_batcher).
+        self.batchers: dict[str, Batcher] = {}
+        for spec in specs:
+            if spec.topics and spec.annotations.get(mqtt_batch.ANNOTATION):
+                try:
+                    size, wait_s = mqtt_batch.parse_settings(spec.annotations[mqtt_batch.ANNOTATION])
+                except ValueError as exc:
+                    raise StackError(f"functions.{spec.name}.annotations.{mqtt_batch.ANNOTATION}: {exc}") from None
+                self.batchers[spec.name] = Batcher(
+                    spec.name, invoke, token.header, size, wait_s, retry_statuses=RETRY_STATUSES,
+                    retry_min_s=RETRY_MIN_S, retry_max_s=RETRY_MAX_S, stopping=lambda: self._stopping)
         self.delivered = 0
         #: Re-invocations after a function answered one of RETRY_STATUSES (message unacknowledged).
         self.retries = 0
@@ -276,7 +290,8 @@ class MqttConnector:
         self._loop = asyncio.get_running_loop()
         props = _props(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
-        props.ReceiveMaximum = self.concurrency
+        # A batch fills only if the broker may send that many unacknowledged messages.
+        props.ReceiveMaximum = max([self.concurrency, *(2 * b.size for b in self.batchers.values())])
         # connect_async + loop_forever(retry_first_connection=True): the network thread keeps
         # (re)connecting with backoff until stop(), including when the broker is down at startup.
         self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
@@ -304,6 +319,8 @@ class MqttConnector:
             return
         self._stopping = True
         deadline = time.monotonic() + timeout_s
+        for batcher in self.batchers.values():
+            batcher.flush()
         unsubscribed = threading.Event()
         self.client.on_unsubscribe = lambda *_args: unsubscribed.set()
         with contextlib.suppress(Exception):
@@ -372,6 +389,20 @@ class MqttConnector:
 
     # -- event loop ----------------------------------------------------------------------------
     async def _deliver(self, msg: mqtt.MQTTMessage, names: list[str]) -> None:
+        direct = [n for n in names if n not in self.batchers]
+        if direct and not await self._deliver_direct(msg, direct):
+            return
+        batched = [self.batchers[n].submit(msg) for n in names if n in self.batchers]
+        if batched and not all(await asyncio.gather(*batched)):
+            return  # unacknowledged: redelivered
+        self.delivered += 1
+        if msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)
+        if self.observe_lag is not None:
+            self.observe_lag(time.monotonic() - msg.timestamp)
+
+    async def _deliver_direct(self, msg: mqtt.MQTTMessage, names: list[str]) -> bool:
+        """One invocation per function; False if the message must stay unacknowledged."""
         async with self._sem:
             raw = [(b"x-topic", msg.topic.encode()), (b"content-type", b"application/json")]
             pending = names
@@ -395,21 +426,17 @@ class MqttConnector:
                 except Exception:
                     # Not acknowledged: the broker redelivers it on the next connection of this session.
                     log.exception("delivering %s to %s failed; leaving it unacknowledged", msg.topic, pending)
-                    return
+                    return False
                 pending = failed
                 if pending:
                     if self._stopping:
-                        return  # unacknowledged: redelivered to the session's next connection
+                        return False  # unacknowledged: redelivered to the session's next connection
                     self.retries += 1
                     # Holding the message (and its slot of the receive window) is the backpressure:
                     # the broker sends no more than the window until the backend answers again.
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_S)
-            self.delivered += 1
-            if msg.qos > 0:
-                self.client.ack(msg.mid, msg.qos)
-            if self.observe_lag is not None:
-                self.observe_lag(time.monotonic() - msg.timestamp)
+            return True
 
     @property
     def inflight(self) -> int:

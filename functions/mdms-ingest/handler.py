@@ -5,6 +5,8 @@ Triggered two ways:
 * the MQTT connector (stack.yml annotation ``topic: meters/+/up/reading``) invokes
   ``POST /`` with the message as body, ``X-Topic: meters/<id>/up/reading`` and a service
   token. A QoS1 redelivery answers ``duplicate`` and is counted once;
+* a concentrator's batch on ``dcu/<id>/up/readings``, and the connector's batches of messages
+  (``POST /mqtt-batch``, annotation ``mqtt-batch``): metertwin.mdms.mqtt_ingest;
 * head-end systems upload batches: ``POST /readings/batch``.
 
 Every MQTT message not stored is retried (503: left unacknowledged) or dead-lettered with
@@ -27,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from metertwin.core import auth
+from metertwin.core import auth, mqtt_batch, topics
 from metertwin.core.errors import InvalidInput, MeterTwinError, NotFound, PayloadTooLarge, UnknownMeter
 from metertwin.core.http import (
     Context,
@@ -40,7 +42,7 @@ from metertwin.core.http import (
     parse_json,
     validate_meter_id,
 )
-from metertwin.mdms import dead_letters, hot_store, vee
+from metertwin.mdms import dead_letters, hot_store, mqtt_ingest, vee
 from metertwin.mdms.settings import get_mdms_settings
 
 router = Router()
@@ -96,8 +98,16 @@ def _answer(meter_id: str, verdict: vee.Verdict) -> Response:
 def on_message(req: Request) -> Response:
     """One reading from MQTT (``X-Topic`` names the meter)."""
     topic = req.header("X-Topic") or ""
+    if topic.startswith(topics.CONCENTRATOR_ROOT + "/"):  # a concentrator's batch: each reading on its own
+        [(status, body)] = mqtt_ingest.ingest_messages([(topic, req.event.body)])
+        return json_response(body, status)
     meter_id = vee.reading_meter(topic, req.event.body)  # a topic naming no meter is dead-lettered too
     return _answer(meter_id, vee.ingest([vee.Candidate(meter_id, req.event.body, "mqtt", topic)])[0])
+
+
+@router.post(mqtt_batch.PATH, scopes=set(MQTT_SCOPES))
+def on_batch(req: Request) -> Response:  # the MQTT connector's batch: one answer per message
+    return json_response(mqtt_batch.answer(mqtt_ingest.ingest_messages(mqtt_batch.decode(req.event.body))))
 
 
 @router.post("/readings/batch", scopes={"mdms", "utility"})
@@ -228,7 +238,8 @@ def handle(event: Event, context: Context) -> Response:
 async def handle_async(event: Event, context: Context) -> Any:
     """The local gateway's async lane for the MQTT path (``POST /``): exactly what :func:`on_message`
     does, awaited on the event loop; every other request goes to :func:`handle` (``NotImplemented``)."""
-    if event.method.upper() != "POST" or (event.path or "/") != "/":
+    if (event.method.upper() != "POST" or (event.path or "/") != "/"
+            or (event.headers.get("X-Topic") or "").startswith(topics.CONCENTRATOR_ROOT + "/")):
         return NotImplemented
     try:
         auth.authorize(auth.authenticate(event.headers.get("Authorization")), MQTT_SCOPES)

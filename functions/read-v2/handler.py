@@ -26,11 +26,11 @@ from typing import Any
 
 import redis
 
-from metertwin.core import topics
 from metertwin.core.clients import get_mqtt, get_redis
 from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTimeout, UnknownMeter
 from metertwin.core.http import Context, Event, Request, Response, Router, json_response, query_float, validate
 from metertwin.twin import keys as twin_keys
+from metertwin.twin.concentrators import downlink
 from metertwin.twin.messages import ReadResponse
 from metertwin.twin.read_query import ReadQuery
 from metertwin.twin.state import twin_store
@@ -92,7 +92,8 @@ def read(req: Request) -> Response:
     if cached is not None and q.served_from_cache(cached):
         return _served(req, version, cached, "cache")
     try:
-        answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=q.timeout_s)
+        topic, address = downlink(get_redis(), meter_id, "read")  # direct, or via its concentrator
+        answer = get_mqtt().request(meter_id, topic, address, timeout_s=q.timeout_s)
     except MeterTimeout as exc:
         body = exc.to_dict()
         body["details"] = {"meter_id": meter_id, "timeout_s": q.timeout_s}

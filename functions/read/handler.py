@@ -24,7 +24,6 @@ import json
 import time
 from typing import Any
 
-from metertwin.core import topics
 from metertwin.core.clients import get_async_redis, get_mqtt, get_redis
 from metertwin.core.errors import InvalidInput, MeterTimeout, MeterTwinError
 from metertwin.core.http import (
@@ -37,6 +36,7 @@ from metertwin.core.http import (
     json_response,
     validate,
 )
+from metertwin.twin.concentrators import downlink
 from metertwin.twin.messages import ReadResponse
 from metertwin.twin.read_query import ReadQuery
 from metertwin.twin.state import TwinStore, reading_async, twin_store
@@ -94,7 +94,8 @@ def read(req: Request) -> Response:
     if cached is not None and q.served_from_cache(cached):
         return _served(req, version, cached, "cache")
     try:
-        answer = get_mqtt().request(meter_id, topics.read_requests(meter_id), {}, timeout_s=q.timeout_s)
+        topic, address = downlink(get_redis(), meter_id, "read")  # direct, or via its concentrator
+        answer = get_mqtt().request(meter_id, topic, address, timeout_s=q.timeout_s)
     except MeterTimeout as exc:
         return _timed_out(req, meter_id, cached, exc, q.timeout_s)
     try:

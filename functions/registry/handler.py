@@ -51,12 +51,14 @@ from metertwin.core.http import (
 from metertwin.core.settings import get_settings
 from metertwin.fleet.topology import TOPOLOGY_FIELDS, TopologyFields, public, topology_store
 from metertwin.twin import keys
+from metertwin.twin.concentrators import Concentrators, register_concentrator_routes
 from metertwin.twin.dynsec import get_dynsec, new_password
 from metertwin.twin.reconcile import reconcile
 from metertwin.twin.state import TwinStore, twin_store
 
 router = Router()
 OPERATORS = {"admin", "utility"}
+register_concentrator_routes(router, OPERATORS)  # POST /concentrators, PUT /meters/{id}/route, ...
 
 
 class Profile(TopologyFields):
@@ -208,6 +210,7 @@ def get_meter(req: Request) -> Response:
 
 def _remove(meter_ids: list[str]) -> list[str]:
     """Remove twins and accounts; returns the ids that had a twin or an (orphaned) account."""
+    Concentrators(get_redis(), get_dynsec()).forget(meter_ids)  # off their concentrators first
     removed = set(_drop(meter_ids))
     accounts = get_dynsec().delete_meters(meter_ids)
     return [m for m in meter_ids if m in removed or accounts.get(m)]

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     max_bulk_meters: int = 10_000
     default_read_max_age_s: float = 900.0
     command_expiry_s: int = 3600
+    #: A concentrator's batch message: at most this many readings and bytes (larger: refused whole).
+    concentrator_max_readings: int = Field(default=1000, ge=1, le=100_000)
+    concentrator_max_bytes: int = Field(default=524_288, ge=1024)
 
     # Secrets: file names in secrets_dir (or env vars of the same name for local runs).
     # Each is read from the file ``<secrets_dir>/<name-with-hyphens>`` (an OpenFaaS

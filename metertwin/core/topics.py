@@ -85,6 +85,44 @@ def meter_id_of(topic: str) -> str:
     return parts[1]
 
 
+# --- concentrators (data concentrator units, DCUs) -----------------------------------------
+#: A concentrator owns ``dcu/<concentrator_id>/``; its account may also publish on the ``up``
+#: topics (and receive the ``down`` topics) of the meters assigned to it, and nothing else.
+CONCENTRATOR_ROOT = "dcu"
+
+
+def concentrator_root(concentrator_id: str) -> str:
+    return f"{CONCENTRATOR_ROOT}/{concentrator_id}"
+
+
+def concentrator_readings(concentrator_id: str) -> str:
+    """A batch of readings of the concentrator's meters (QoS1): ``{"readings": [{meter_id, seq, ts, ...}]}``."""
+    return f"{CONCENTRATOR_ROOT}/{concentrator_id}/up/readings"
+
+
+def concentrator_read_requests(concentrator_id: str) -> str:
+    """On-demand reads of a meter behind the concentrator (``{"meter_id": ...}``, MQTT v5 request/response;
+    the answer goes to the meter's own response topic, :func:`responses`)."""
+    return f"{CONCENTRATOR_ROOT}/{concentrator_id}/down/read"
+
+
+def concentrator_commands(concentrator_id: str) -> str:
+    """Commands for a meter behind the concentrator (the command plus ``meter_id``); the concentrator
+    publishes the meter's ack on the meter's own :func:`command_acks` topic."""
+    return f"{CONCENTRATOR_ROOT}/{concentrator_id}/down/cmd"
+
+
+ALL_CONCENTRATOR_READINGS = f"{CONCENTRATOR_ROOT}/+/up/readings"
+
+
+def concentrator_id_of(topic: str) -> str:
+    """Return the concentrator id in a ``dcu/<id>/...`` topic."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != CONCENTRATOR_ROOT:
+        raise ValueError(f"topic {topic!r} is not under {CONCENTRATOR_ROOT}/<concentrator_id>/")
+    return parts[1]
+
+
 #: EMS-side topic for MQTT-routed EMS endpoints (configured per meter).
 def ems_inbox(meter_id: str) -> str:
     return f"ems/{meter_id}/inbox"

@@ -27,13 +27,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from metertwin.core import topics
 from metertwin.core.clients import StrRedis, get_mqtt, get_redis
 from metertwin.core.errors import BackendUnavailable, InvalidInput, NotFound, UnknownMeter
 from metertwin.core.http import validate
 from metertwin.core.settings import get_settings
 from metertwin.stream import events
 from metertwin.twin import keys
+from metertwin.twin.concentrators import downlink
 from metertwin.twin.messages import CommandAck
 
 OPEN = ("pending", "delivered")
@@ -189,8 +189,10 @@ class CommandService:
         payload = {"id": command_id, "kind": kind, "params": params, "expires_at": expires_at}
         self._r.hincrby(keys.command(meter_id, command_id), "attempts", 1)
         try:
+            # Direct, or down the concentrator the meter is behind, addressed by meter_id.
+            topic, address = downlink(self._r, meter_id, "cmd")
             get_mqtt().publish(
-                topics.commands(meter_id), payload, timeout_s=get_settings().publish_timeout_s, properties=props
+                topic, {**payload, **address}, timeout_s=get_settings().publish_timeout_s, properties=props
             )
         except BackendUnavailable:
             return False  # stays pending; the sweeper retries

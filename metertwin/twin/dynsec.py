@@ -48,6 +48,33 @@ def meter_acls(meter_id: str) -> list[dict[str, Any]]:
     ]
 
 
+def concentrator_username(concentrator_id: str) -> str:
+    """The MQTT username of a concentrator: ``dcu/<id>`` (a ``/`` is in no meter id: no clash)."""
+    return f"{topics.CONCENTRATOR_ROOT}/{concentrator_id}"
+
+
+def concentrator_role(concentrator_id: str) -> str:
+    return f"dcu-{concentrator_id}"
+
+
+def concentrator_acls(concentrator_id: str) -> list[dict[str, Any]]:
+    """The concentrator's own subtree: publish on ``dcu/<id>/up/#``, receive ``dcu/<id>/down/#``."""
+    up = f"{topics.concentrator_root(concentrator_id)}/up/#"
+    down = f"{topics.concentrator_root(concentrator_id)}/down/#"
+    return [
+        {"acltype": "publishClientSend", "topic": up, "allow": True},
+        {"acltype": "subscribePattern", "topic": down, "allow": True},
+        {"acltype": "unsubscribePattern", "topic": down, "allow": True},
+        {"acltype": "publishClientReceive", "topic": down, "allow": True},
+    ]
+
+
+def relay_acl(meter_id: str) -> dict[str, Any]:
+    """What a concentrator may do for one assigned meter: publish on its ``up`` topics (acks, read
+    answers, status, single readings). Its downlink comes through the concentrator's own topics."""
+    return {"acltype": "publishClientSend", "topic": f"{topics.meter_root(meter_id)}/up/#", "allow": True}
+
+
 def new_password() -> str:
     return secrets.token_urlsafe(18)
 
@@ -113,6 +140,41 @@ class DynSec:
         results = self._run(commands)
         return {m: not results[2 * i].get("error") or not results[2 * i + 1].get("error")
                 for i, m in enumerate(ids)}
+
+    def create_concentrator(self, concentrator_id: str, password: str) -> str | None:
+        """Create (or replace, with a new password) a concentrator's account and role; error or None.
+
+        The role starts with the concentrator's own topics only; :meth:`relay` adds its meters.
+        """
+        role, user = concentrator_role(concentrator_id), concentrator_username(concentrator_id)
+        self._run([{"command": "deleteClient", "username": user}])
+        res = self._run([
+            {"command": "createRole", "rolename": role, "acls": concentrator_acls(concentrator_id)},
+            {"command": "createClient", "username": user, "password": password, "roles": [{"rolename": role}]},
+        ])
+        errors = [r["error"] for r in res if r.get("error") and r["error"] != "Role already exists"]
+        return errors[0] if errors else None
+
+    def delete_concentrator(self, concentrator_id: str) -> None:
+        self._run([{"command": "deleteClient", "username": concentrator_username(concentrator_id)},
+                   {"command": "deleteRole", "rolename": concentrator_role(concentrator_id)}])
+
+    def relay(self, concentrator_id: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> dict[str, str]:
+        """Let the concentrator publish for ``add``'s meters and no longer for ``remove``'s (batched).
+
+        Returns ``{meter_id: error}`` for commands that failed (an ACL already there, or already
+        gone, is no failure: moves are retried).
+        """
+        role = concentrator_role(concentrator_id)
+        commands: list[dict[str, Any]] = [{"command": "addRoleACL", "rolename": role, **relay_acl(m)} for m in add]
+        commands += [{"command": "removeRoleACL", "rolename": role, "acltype": "publishClientSend",
+                      "topic": relay_acl(m)["topic"]} for m in remove]
+        failed: dict[str, str] = {}
+        for cmd, res in zip(commands, self._run(commands), strict=True):
+            err = str(res.get("error") or "")
+            if err and "already" not in err.lower() and "not found" not in err.lower():
+                failed[cmd["topic"].split("/")[1]] = err
+        return failed
 
     def meter_accounts(self) -> set[str]:
         """Meter ids that have an account in the broker, known by their own role (``meter-<id>``).

@@ -65,3 +65,29 @@ FORWARD_LOG_MAXLEN = 500
 def registry_entry(meter_id: str) -> str:
     """Hash: which edge zone serves the meter, its profile, its MQTT username."""
     return f"{PREFIX}:reg:{{{meter_id}}}"
+
+
+# --- concentrators (DCUs) -------------------------------------------------------------------
+#: The twin hash field naming the concentrator a meter is behind (absent: the meter is direct).
+#: It lives in the twin hash so that the ingest script checks it atomically with the reading.
+ROUTE_FIELD = "dcu"
+
+
+def concentrator(concentrator_id: str) -> str:
+    """Hash: the concentrator's record (created, MQTT username). Hash tag ``{dcu:<id>}``."""
+    return f"{PREFIX}:dcu:{{dcu:{concentrator_id}}}"
+
+
+def concentrator_meters(concentrator_id: str) -> str:
+    """Set: the meters assigned to the concentrator (the twin hash's ``dcu`` field is the authority)."""
+    return f"{PREFIX}:dcu:{{dcu:{concentrator_id}}}:meters"
+
+
+def concentrator_rejections(concentrator_id: str) -> str:
+    """Stream: readings the concentrator sent for meters not assigned to it, with the reason."""
+    return f"{PREFIX}:dcu:{{dcu:{concentrator_id}}}:rejected"
+
+
+CONCENTRATOR_REJECTIONS_MAXLEN = 1000
+#: Set of every concentrator id in this zone.
+CONCENTRATOR_INDEX = f"{PREFIX}:dcus"

@@ -39,6 +39,9 @@ log = logging.getLogger("metertwin.binding")
 #: ``seq`` value that means "no new reading: only drain the inbox".
 DRAIN_ONLY = -2
 
+#: Status of a concentrator's reading for a meter not assigned to it (nothing written).
+NOT_ASSIGNED = -3
+
 #: Readings this far behind the newest one are taken as already applied (see ``fresh`` below).
 SEQ_WINDOW = 32
 
@@ -95,14 +98,20 @@ def ingest_script(release: str, apply_lua: str, extra_keys: int) -> str:
     """The ingest script of one release.
 
     KEYS: twin, inbox, switch, then ``extra_keys`` release-specific keys (as ``KEYS[4..]``).
-    ARGV: measurement JSON, ts, seq (``DRAIN_ONLY``: none), parked member.
+    ARGV: measurement JSON, ts, seq (``DRAIN_ONLY``: none), parked member, and, for a reading from
+    a concentrator's batch, the concentrator's id (the meter must be assigned to it).
     ``apply_lua`` defines ``local function apply(mjson, ts, seq)`` returning 1 applied, 0 duplicate.
     Returns ``{status, twin version, bound release, applied count}``: status 1 applied,
-    0 duplicate, 2 parked for the bound release, -1 no twin.
+    0 duplicate, 2 parked for the bound release, -1 no twin, ``NOT_ASSIGNED`` (-3) the meter is
+    not behind the concentrator named in ARGV[5].
     """
     del extra_keys  # documented in KEYS; Lua sees them all
     return LUA_COMMON + apply_lua + f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {{-1, 0, '', 0}} end
+-- From a concentrator's batch: only for a meter assigned to it, checked with the reading.
+if ARGV[5] and ARGV[5] ~= '' and redis.call('HGET', KEYS[1], '{twin_keys.ROUTE_FIELD}') ~= ARGV[5] then
+  return {{{NOT_ASSIGNED}, 0, '', 0}}
+end
 local bound = redis.call('HGET', KEYS[1], 'b') or '{DEFAULT_RELEASE}'
 local seq = tonumber(ARGV[3])
 if bound ~= '{release}' then
@@ -191,6 +200,52 @@ class IngestScript:
         if status == 1 and seq >= 0:
             events.reading_applied(self.client, meter_id, measurement_json, seq)
         return IngestOutcome("applied" if status == 1 else "duplicate", int(version), str(bound), drained)
+
+    def run_many(self, readings: list[tuple[str, str, float, int, str]],
+                 authorization: str | None = None) -> list[dict[str, Any]]:
+        """Apply ``(meter_id, measurement JSON, ts, seq, concentrator)`` readings in one pipelined round trip.
+
+        Each reading runs its meter's script (one hash tag each: a Redis Cluster pipeline groups
+        them by slot), so each is applied, counted a duplicate, parked or refused on its own and
+        atomically; a crash part-way leaves whole readings applied, and the redelivered batch finds
+        them duplicates. ``concentrator`` (or ``''``): the reading came in its batch, so it is
+        applied only if the meter is assigned to it (``not_assigned`` otherwise). Returns one
+        :meth:`IngestOutcome.to_dict` per reading, in order, or a ``"result": "rejected"`` dict with rule and reason.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for meter_id, mjson, ts, seq, concentrator in readings:
+            self._script(keys=self._keys(meter_id), args=[mjson, repr(ts), seq, f"{seq}|{mjson}", concentrator],
+                         client=pipe)
+        try:
+            results = pipe.execute(raise_on_error=False) if readings else []
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable applying a batch of {len(readings)} readings: {exc}") from exc
+        out: list[dict[str, Any]] = []
+        applied: list[events.Event] = []
+        for (meter_id, mjson, _ts, seq, concentrator), result in zip(readings, results, strict=True):
+            if isinstance(result, Exception):
+                # Nothing of a failed script is written: the whole message is retried (503).
+                raise BackendUnavailable(f"Redis failed applying a reading of {meter_id!r}: {result}")
+            status, version, bound, n = result
+            if status == -1:
+                out.append({"meter_id": meter_id, "seq": seq, "result": "rejected", "rule": "unknown_meter",
+                            "reason": f"meter {meter_id!r} has no twin in this zone"})
+                continue
+            if status == NOT_ASSIGNED:
+                out.append({"meter_id": meter_id, "seq": seq, "result": "rejected", "rule": "not_assigned",
+                            "reason": f"meter {meter_id!r} is not assigned to concentrator {concentrator!r}"})
+                continue
+            drained = max(0, int(n) - (1 if status == 1 else 0))
+            if status == 2:
+                nudged = park_and_nudge(self.client, meter_id, str(bound), authorization)
+                out.append(IngestOutcome("parked", int(version), str(bound), 0, nudged).to_dict(meter_id, seq))
+                continue
+            if status == 1:
+                applied.append(events.reading_event(meter_id, mjson, seq))
+            outcome = IngestOutcome("applied" if status == 1 else "duplicate", int(version), str(bound), drained)
+            out.append(outcome.to_dict(meter_id, seq))
+        events.emit(self.client, *applied)
+        return out
 
     def drain_many(self, meter_ids: list[str]) -> tuple[int, list[tuple[str, str]]]:
         """Drain the inboxes of ``meter_ids`` in one pipeline; returns (applied, [(meter, bound elsewhere)])."""
