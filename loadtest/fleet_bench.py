@@ -13,7 +13,11 @@ code the ``edge-fleet`` function runs, without HTTP):
 * search p50/p99 for a one-feeder page of 100 (``search_p99_ms``), and for feeder ∧ offline ∧
   stale (``search_live_p99_ms``: live filters read every candidate's twin).
 
-Aggregation and bulk jobs are not built yet: ``agg_us_per_reading`` and ``job_per_s`` are null.
+* ``job_per_s`` (:mod:`loadtest.job_bench`): one bulk job sending a command to the first
+  ``--job-twins`` twins (100,000 at full size) at ``--job-rate`` (1000/s), acked by the bench as
+  the meters; with ``job_counts``, the exact final counts. ``--job-twins 0`` skips it.
+
+Aggregation is not measured here yet: ``agg_us_per_reading`` is null.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 import redis
 
+from loadtest.job_bench import run_job
 from metertwin.fleet import keys
 from metertwin.fleet.search import Query, fleet_search
 from metertwin.fleet.topology import topology_store
@@ -81,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--transformers", type=int, default=5000)
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--json", dest="json_file")
+    ap.add_argument("--job-twins", type=int, default=100_000, help="twins of the bulk job (0: no job)")
+    ap.add_argument("--job-rate", type=float, default=1000.0, help="the job's rate_per_s")
     args = ap.parse_args(argv)
     rnd = random.Random(13)
     with RedisServer() as server:
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         page = _latency(r, [{"feeder": f, "limit": "100"} for f in feeders])
         live = _latency(r, [{"feeder": f, "online": "false", "stale_s": "900", "limit": "100"} for f in feeders])
         r.close()
+        job_twins = min(args.job_twins, args.meters)
+        job = run_job(server.url, [f"m-{i:08d}" for i in range(job_twins)], args.job_rate) if job_twins else {}
     out = {
         "meters": args.meters, "feeders": args.feeders, "transformers": args.transformers,
         "bytes_per_twin": round(per_twin, 1), "fleet_bytes_per_twin": round(fleet_per_twin, 1),
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "search_p50_ms": page["p50_ms"], "search_p99_ms": page["p99_ms"],
         "search_live_p50_ms": live["p50_ms"], "search_live_p99_ms": live["p99_ms"],
         "feeder_page": page, "feeder_offline_stale": live,
-        "agg_us_per_reading": None, "job_per_s": None,
+        "agg_us_per_reading": None, "job_per_s": job.get("job_per_s"),
+        **{k: v for k, v in job.items() if k != "job_per_s"},
     }
     print(json.dumps(out, indent=2))
     if args.json_file:

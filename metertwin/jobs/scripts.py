@@ -102,15 +102,21 @@ end
 return {{moved, state}}
 """
 
-# ARGV: meter, reference (command id or operation id): kept on an in-progress execution.
+# ARGV: (meter, reference) pairs — a command id or operation id, kept on an in-progress execution.
 ATTACH = """
-local raw = redis.call('HGET', KEYS[2], ARGV[1])
-if not raw then return 0 end
-local e = cjson.decode(raw)
-if e.s ~= 'in_progress' or e.c then return 0 end
-e.c = ARGV[2]
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(e))
-return 1
+local n = 0
+for i = 1, #ARGV, 2 do
+  local raw = redis.call('HGET', KEYS[2], ARGV[i])
+  if raw then
+    local e = cjson.decode(raw)
+    if e.s == 'in_progress' and not e.c then
+      e.c = ARGV[i + 1]
+      redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(e))
+      n = n + 1
+    end
+  end
+end
+return n
 """
 
 # ARGV: action (pause, resume, cancel, running), now, reason. Returns {changed (1/0), state}.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +33,8 @@ from metertwin.jobs import actions, keys, scripts
 from metertwin.jobs.spec import MAX_TARGETS, JobSpec
 from metertwin.jobs.upgrade import UpgradeStep
 
+#: Twins acted on at once within a slice (each action waits on Redis and the MQTT broker's PUBACK).
+WORKERS = 16
 SNAPSHOT_PAGE = 5_000
 CLAIM_BATCH = 200
 CHECK_BATCH = 2_000
@@ -148,16 +151,12 @@ class JobService:
             if not claimed:
                 break
             timeout_s = int(doc["timeout_s"])
-            done: list[tuple[str, str, str]] = []
-            for meter_id in claimed:
-                if self.crash_after is not None and acted >= self.crash_after:
-                    raise InjectedCrash(f"crash after {acted} twins")
-                outcome = actions.run(self.r, action, job_id, meter_id, timeout_s)
-                acted += 1
-                if outcome.status == "in_progress":
-                    self.attach(job_id, meter_id, outcome.ref)
-                else:
-                    done.append((meter_id, outcome.status, outcome.reason))
+            if self.crash_after is not None and acted + len(claimed) > self.crash_after:
+                for meter_id in claimed[:max(0, self.crash_after - acted)]:  # sent, not yet recorded
+                    actions.run(self.r, action, job_id, meter_id, timeout_s)
+                raise InjectedCrash(f"crash after {self.crash_after} twins")
+            done = self._act(job_id, action, claimed, timeout_s)
+            acted += len(claimed)
             state = self.finish(job_id, done)
         if state in ("cancelled", "aborted"):
             self._cancel_queued(job_id, state)
@@ -166,6 +165,16 @@ class JobService:
         if ended:
             self._do(lambda: self.r.srem(keys.ACTIVE, job_id))
         return self.status(job_id)
+
+    def _act(self, job_id: str, action: dict[str, Any], claimed: list[str], timeout_s: int
+             ) -> list[tuple[str, str, str]]:
+        """Act on the claimed twins, ``WORKERS`` at a time (the actions wait on Redis and the broker);
+        records the commands sent and returns the twins already finished."""
+        outcomes = list(_pool().map(lambda m: actions.run(self.r, action, job_id, m, timeout_s), claimed))
+        sent = [(m, o.ref) for m, o in zip(claimed, outcomes, strict=True) if o.status == "in_progress"]
+        if sent:
+            self.attach_many(job_id, sent)
+        return [(m, o.status, o.reason) for m, o in zip(claimed, outcomes, strict=True) if o.status != "in_progress"]
 
     def _check(self, job_id: str, action: dict[str, Any]) -> str:
         """Outcomes of the twins in progress; returns the job's state after them."""
@@ -179,15 +188,16 @@ class JobService:
         pending = [(m, _json(e).get("c")) for m, e in zip(deadlines, execs, strict=True)]
         if action["type"] in actions.COMMANDING:
             finished, found = actions.command_outcomes(self.r, job_id, pending, now, deadlines)
-            for meter_id, cid in found:
-                self.attach(job_id, meter_id, cid)
+            if found:
+                self.attach_many(job_id, found)
         else:  # an immediate action still in progress: the runner stopped between acting and recording
             finished = [(m, "timed_out", "outcome unknown: the runner stopped while acting on this twin; not "
                          "run again (a twin never runs twice)") for m, _ in pending if now >= deadlines[m]]
         return self.finish(job_id, finished) if finished else state
 
-    def attach(self, job_id: str, meter_id: str, ref: str) -> None:
-        self._do(lambda: self._attach(keys=scripts.job_keys(job_id), args=[meter_id, ref]))
+    def attach_many(self, job_id: str, refs: list[tuple[str, str]]) -> None:
+        """Keep each ``(meter, command or operation id)`` on its in-progress execution."""
+        self._do(lambda: self._attach(keys=scripts.job_keys(job_id), args=[x for pair in refs for x in pair]))
 
     def finish(self, job_id: str, done: list[tuple[str, str, str]], *, source: str = "in_progress") -> str:
         """Record final statuses (from ``source``); applies the abort rule; returns the job's state."""
@@ -288,6 +298,16 @@ def _json(raw: str | None) -> dict[str, Any]:
 def _public(meter_id: str, e: dict[str, Any]) -> dict[str, Any]:
     return {"meter_id": meter_id, "status": e.get("s"), "reason": e.get("r"), "ref": e.get("c"),
             "started_at": e.get("t0"), "ended_at": e.get("t1")}
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="job-action")
+    return _executor
 
 
 _services: dict[int, JobService] = {}

@@ -52,8 +52,8 @@ class UpgradeStep:
         while True:  # hand every queued twin over (idempotent: claims move each twin once)
             claimed = jobs._do(lambda: jobs._claim(keys=scripts.job_keys(job_id),
                                                    args=[repr(time.time()), HANDOVER_BATCH, "all"]))
-            for meter_id in claimed:
-                jobs.attach(job_id, meter_id, op_id)
+            if claimed:
+                jobs.attach_many(job_id, [(m, op_id) for m in claimed])
             if len(claimed) < HANDOVER_BATCH:
                 break
         status = self.manager.advance(op_id, budget_s=0.5)

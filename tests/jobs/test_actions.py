@@ -78,7 +78,7 @@ def test_cron_slice_advances_every_active_job(env: dict[str, str], meter_id: str
     code, job = create({"target": {"meters": ids}, "action": {"type": "topology", "patch": {"tariff": "flat"}},
                         "rollout": {"rate_per_s": 0.001}})  # the create slice does one twin
     assert job["progress"]["succeeded"] == 1
-    r.hset(jobs_keys.job(job["id"]), "rate", "1000")
+    r.hset(jobs_keys.job(job["id"]), mapping={"rate": "1000", "tokens": "1000"})
     code, answer = call(jobs, "POST", "/", token=token("service"), headers={"X-Connector": "cron-connector"})
     assert code == 200, answer
     assert answer["jobs"][job["id"]] == "completed"

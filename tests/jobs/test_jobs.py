@@ -117,7 +117,7 @@ def test_crash_mid_slice_then_resume_runs_no_twin_twice(env: dict[str, str], met
     job = relay_job({"filter": {}}, rate_per_s=0.001, max_in_flight=100, timeout_s=1)  # create claims 1
     ack_all_in_progress(job["id"])
     r = get_redis()
-    r.hset(jobs_keys.job(job["id"]), "rate", "1000")
+    r.hset(jobs_keys.job(job["id"]), mapping={"rate": "1000", "tokens": "1000"})
     crashing = JobService(r)
     crashing.crash_after = 4
     with pytest.raises(InjectedCrash):
