@@ -8,6 +8,9 @@
   :meth:`DrStore.claim_due` claims due members atomically (a Lua ZRANGEBYSCORE + ZREM), so
   several callers never run one action twice;
 * per event an index meter -> answer, for the operator's view.
+
+Every change of an event record is a ``dr`` event on the zone's stream (:func:`change_of` names
+it), appended in the same pipeline as the operator's index: no round trip of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from metertwin.core.errors import BackendUnavailable, NotFound
 from metertwin.dr import keys
 from metertwin.dr.decisions import Preferences
 from metertwin.dr.settings import get_dr_settings
+from metertwin.stream import events as stream_events
 
 # KEYS[1]=due set; ARGV: now, limit. Claims (removes and returns) due members atomically.
 _CLAIM = """
@@ -32,6 +36,36 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
 return due
 """
+
+
+#: Execution states (``record["exec"]["state"]``) in which the meter is being limited for the event.
+_SHEDDING = frozenset({"applying", "applied"})
+
+
+def change_of(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """What a record change means for watchers (one of ``events.DR_CHANGES``), or None (nothing to tell).
+
+    A first record is ``received`` (its data carries the answer, ``opt``); later ones, first match:
+    ``cancelled``, ``modified`` (a new modification number), ``opted_out``/``opted_in``, then the
+    execution: ``active`` (a limit being sent or acknowledged), ``completed`` (restored after the
+    event), ``execution`` (any other execution state: rejected, meter unreachable, restoring ...).
+    """
+    if old is None:
+        return "cancelled" if new.get("cancelled") else "received"
+    if new.get("cancelled") and not old.get("cancelled"):
+        return "cancelled"
+    if new.get("modification_number") != old.get("modification_number"):
+        return "modified"
+    if new.get("opt") != old.get("opt"):
+        return "opted_out" if new.get("opt") == "optOut" else "opted_in"
+    was, now = (old.get("exec") or {}).get("state"), (new.get("exec") or {}).get("state")
+    if was == now:
+        return None
+    if now in _SHEDDING:
+        return "active"
+    if now == "restored" and not new.get("cancelled"):
+        return "completed"
+    return "execution"
 
 
 def retention_s(record: dict[str, Any], now: float | None = None) -> int:
@@ -69,6 +103,7 @@ class DrStore:
                 with self.redis.pipeline(transaction=True) as pipe:
                     pipe.watch(key)
                     raw = pipe.hget(key, event_id)
+                    before = json.loads(raw) if raw else None
                     new = change(json.loads(raw) if raw else None)
                     if new is None:
                         pipe.unwatch()
@@ -85,12 +120,13 @@ class DrStore:
             except redis.RedisError as exc:
                 raise BackendUnavailable(f"Redis unavailable updating DR event {event_id!r} of {meter_id!r}: {exc}") \
                     from exc
-            self._index(meter_id, event_id, new)
+            self._index(meter_id, event_id, new, change_of(before, new))
             return new
         raise BackendUnavailable(f"DR event {event_id!r} of {meter_id!r} kept changing; gave up after 20 tries")
 
-    def _index(self, meter_id: str, event_id: str, record: dict[str, Any]) -> None:
-        """The operator's per-event view; other hash slots, so outside the meter's transaction."""
+    def _index(self, meter_id: str, event_id: str, record: dict[str, Any], change: str | None) -> None:
+        """The operator's per-event view, and the ``dr`` event of the change; other hash slots, so
+        outside the meter's transaction."""
         entry = {"opt": record.get("opt"), "code": record.get("response_code"),
                  "mod": record.get("modification_number"), "cancelled": record.get("cancelled"),
                  "exec": (record.get("exec") or {}).get("state"), "baseline_w": record.get("baseline_w")}
@@ -101,6 +137,8 @@ class DrStore:
         pipe.expire(keys.dr_event_meters(event_id), ttl, gt=True)
         pipe.zadd(keys.DR_EVENT_INDEX, {event_id: float(record.get("start") or time.time())})
         pipe.zremrangebyscore(keys.DR_EVENT_INDEX, "-inf", time.time() - keys.DR_RETENTION_S)
+        if change is not None:
+            stream_events.queue(self.redis, pipe, stream_events.dr_event(meter_id, event_id, change, record))
         self._do(pipe.execute)
 
     def prune(self, meter_id: str, now: float) -> int:

@@ -5,6 +5,10 @@ added only while it is ``open``; exactly one caller wins the move to ``running``
 (Lua compare-and-set), so a market is never negotiated twice. Trades, the
 settlement and the per-meter trade index are written in one MULTI, so a reader
 never sees a cleared market without its trades.
+
+Each change is a ``p2p`` event on the zone's stream (``metertwin.stream.events``): the market's
+status (``open``, ``running``, ``cleared``, ``failed``; no meter), each negotiation round (one per
+round, appended in the round's own pipeline) and each twin's trade (an event of its meter).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import redis
 
 from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, NotFound
 from metertwin.p2p import keys
+from metertwin.stream import events
 
 # KEYS: market, participants; ARGV: meter id, profile json, max participants
 _PUT_PARTICIPANT = """
@@ -91,6 +96,7 @@ class MarketStore:
             self.redis.hset(keys.p2p_market(market_id), mapping=record)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable creating market {market_id!r}: {exc}") from exc
+        events.emit(self.redis, events.p2p_market(market_id, "open"))
         return self.get(market_id)
 
     def get(self, market_id: str) -> dict[str, Any]:
@@ -138,6 +144,7 @@ class MarketStore:
             raise Conflict(
                 f"market {market_id!r} is {status!r}, not {frm!r}", market_id=market_id, status=status
             )
+        events.emit(self.redis, events.p2p_market(market_id, to, {field: value} if field else None))
 
     def begin_run(self, market_id: str, *, stale_after_s: float) -> str:
         """Move to ``running``; returns the previous status (``open``, or ``running`` for a dead run).
@@ -156,6 +163,7 @@ class MarketStore:
         if done == 0:
             raise Conflict(f"market {market_id!r} is {status!r}; only an 'open' market can run",
                            market_id=market_id, status=status)
+        events.emit(self.redis, events.p2p_market(market_id, "running"))
         return str(status)
 
     # -- participants -----------------------------------------------------------------
@@ -192,6 +200,7 @@ class MarketStore:
         pipe.rpush(keys.p2p_rounds(market_id), _dump(record))
         if record.get("round") == 1:
             pipe.expire(keys.p2p_rounds(market_id), keys.P2P_ROUNDS_RETENTION_S)
+        events.queue(self.redis, pipe, events.p2p_round(market_id, record))
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -203,6 +212,7 @@ class MarketStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.rpush(keys.p2p_rounds(market_id), *[_dump(r) for r in records])
         pipe.expire(keys.p2p_rounds(market_id), keys.P2P_ROUNDS_RETENTION_S)
+        events.queue(self.redis, pipe, *[events.p2p_round(market_id, r) for r in records])
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -241,6 +251,9 @@ class MarketStore:
             pipe.execute()
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable recording the outcome of {market_id!r}: {exc}") from exc
+        # After the MULTI (another slot on Redis Cluster): watchers never hear of trades not stored.
+        events.emit(self.redis, events.p2p_market(market_id, "cleared", result),
+                    *[events.p2p_trade(market_id, t) for t in trades.values() if t["kwh"] != 0])
 
     def set_delivery(self, market_id: str, meter_id: str, delivery: dict[str, Any]) -> None:
         """Attach the write-capability outcome (command id, status) to a recorded trade."""

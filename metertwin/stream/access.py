@@ -1,9 +1,12 @@
 """What one SSE client sees: the filters it asked for, narrowed by what its token may see.
 
 * ``utility``, ``mdms``, ``admin`` and ``service`` see every event of the zone;
-* ``consumer`` sees every event of its own meter (the token's ``meter`` claim), nothing else;
+* ``consumer`` sees every event of its own meter (the token's ``meter`` claim): its readings,
+  settings, commands, DR events, P2P trades, upgrade steps and job executions; never an event of
+  no meter (market rounds, operations, jobs, alerts: the fleet's business) nor another meter's;
 * ``ems`` sees only ``ems`` and ``reading`` events of its meter;
-* ``billing`` sees ``reading`` events of any meter (what it bills from).
+* ``billing`` sees ``reading`` and ``p2p`` events of any meter (what it bills from: readings, and
+  the trades' settlement lines with the rounds and clearing that priced them).
 
 A request for more than the token allows is a 403 that says why, not a silently empty stream.
 Filters: ``meter`` (comma list), ``type`` (comma list of :data:`~metertwin.stream.events.TYPES`)
@@ -19,13 +22,13 @@ from typing import Final
 
 from metertwin.core.auth import Principal
 from metertwin.core.errors import Forbidden, InvalidInput
-from metertwin.stream.events import EMS, READING, TYPES, Event
+from metertwin.stream.events import EMS, P2P, READING, TYPES, Event
 
 #: Scopes that see the whole zone.
 FLEET_SCOPES: Final = frozenset({"utility", "mdms", "admin", "service"})
 #: Per other scope, the event types it may see (None: all).
 TYPES_BY_SCOPE: Final[dict[str, frozenset[str] | None]] = {
-    "consumer": None, "ems": frozenset({EMS, READING}), "billing": frozenset({READING})}
+    "consumer": None, "ems": frozenset({EMS, READING}), "billing": frozenset({READING, P2P})}
 #: Scopes bound to the token's own meter.
 OWN_METER_SCOPES: Final = frozenset({"consumer", "ems"})
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from metertwin.core.clients import StrRedis
 from metertwin.core.errors import Conflict, InvalidInput
+from metertwin.stream import events
 from metertwin.twin import keys as twin_keys
 from metertwin.twin.messages import CommandAck
 from metertwin.upgrade import keys
@@ -122,7 +123,10 @@ class UpgradeManager(RollbackSteps, DrainSteps, OperationStatus):
         # no MULTI across the two): a crash in between leaves an unlisted record in ``planning``,
         # which no one advances and which blocks nothing; the retried start makes a new operation.
         self._call(lambda: self.r.hset(keys.upgrade_op(op_id), mapping=record))
-        self._call(lambda: self.r.zadd(keys.UPGRADE_OPS, {op_id: now}))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zadd(keys.UPGRADE_OPS, {op_id: now})
+        events.queue(self.r, pipe, events.upgrade_state(op_id, "planning", **{"from": spec.source, "to": spec.to}))
+        self._call(pipe.execute)
         return self.status(op_id, health=False)
 
     def _plan(self, op: Operation) -> bool:
@@ -338,13 +342,17 @@ class UpgradeManager(RollbackSteps, DrainSteps, OperationStatus):
             return "stale: the meter is not switching in this operation"
         if version == target:
             if ack.status != "applied":
-                done = self._reject(keys=[keys.upgrade_switch(meter_id)],
-                                    args=[op_id, ack.id, (ack.reason or "no reason given")[:300], repr(time.time())])
+                why = (ack.reason or "no reason given")[:300]
+                done = self._reject(keys=[keys.upgrade_switch(meter_id)], args=[op_id, ack.id, why, repr(time.time())])
+                if done:
+                    events.emit(self.r, events.upgrade_twin(op_id, meter_id, "rejected", why))
                 return "rejected" if done else f"ignored ({phase})"
             code, why = migration(self.r, source, target).flip(meter_id, op_id, ack.id)
             if code == 1:
-                self._call(lambda: self.r.smove(keys.upgrade_op_set(op_id, "rebinding"),
-                                                keys.upgrade_op_set(op_id, "switched"), meter_id))
+                pipe = self.r.pipeline(transaction=False)
+                pipe.smove(keys.upgrade_op_set(op_id, "rebinding"), keys.upgrade_op_set(op_id, "switched"), meter_id)
+                events.queue(self.r, pipe, events.upgrade_twin(op_id, meter_id, "switched"))
+                self._call(pipe.execute)
                 return "switched"
             return "already switched" if code == 2 else f"ignored ({why})"
         if version == source:

@@ -5,6 +5,10 @@ it reads the operation (``keys.upgrade_op``) and its per-meter index sets, moves
 between sets, and turns Redis errors into :class:`BackendUnavailable`. The steps built on
 it (:mod:`~metertwin.upgrade.switch`, :mod:`~metertwin.upgrade.drain`,
 :mod:`~metertwin.upgrade.rollback`) register their Lua in :meth:`OperationStore._register_scripts`.
+
+A state change (:meth:`OperationStore._set` with ``state``) and a twin's move into
+:data:`TWIN_STEPS` (:meth:`OperationStore._move`) are ``upgrade`` events on the zone's stream,
+appended in the same pipeline as the write (``metertwin.stream.events``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import redis
 
 from metertwin.core.clients import StrRedis
 from metertwin.core.errors import BackendUnavailable, NotFound
+from metertwin.stream import events
 from metertwin.upgrade import keys
 from metertwin.upgrade.spec import ACTIVE, ALL_SETS, InjectedCrash, Move, Operation, OperationSpec
 
@@ -27,6 +32,9 @@ from metertwin.upgrade.spec import ACTIVE, ALL_SETS, InjectedCrash, Move, Operat
 Publish = Callable[[str, dict[str, Any], int], None]
 #: Fetches the gateway's Prometheus metrics text from a URL.
 FetchMetrics = Callable[[str], str]
+#: A twin's moves into these sets are events of its meter (the steps in between are not: a large
+#: operation would flood the stream with admitted/prepared/synced for every twin).
+TWIN_STEPS = frozenset({"failed", "skipped", "rolled_back"})
 
 
 class OperationStore:
@@ -115,12 +123,20 @@ class OperationStore:
                 pipe.hset(keys.upgrade_op_set(op_id, "failures"), meter_id, why[:300])
             elif dst == "skipped" and why:
                 pipe.hset(keys.upgrade_op_set(op_id, "skips"), meter_id, why[:300])
+        events.queue(self.r, pipe, *[events.upgrade_twin(op_id, meter_id, dst, why or "")
+                                     for meter_id, _src, dst, why in moves if dst in TWIN_STEPS])
         self._call(pipe.execute)
 
     def _set(self, op_id: str, **fields: Any) -> None:
         values = {k: ("" if v is None else str(v)) for k, v in fields.items()}
         values["updated_at"] = repr(time.time())
-        self._call(lambda: self.r.hset(keys.upgrade_op(op_id), mapping=values))
+        if "state" not in fields:
+            self._call(lambda: self.r.hset(keys.upgrade_op(op_id), mapping=values))
+            return
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.upgrade_op(op_id), mapping=values)
+        events.queue(self.r, pipe, events.upgrade_state(op_id, values["state"], reason=values.get("reason")))
+        self._call(pipe.execute)
 
     @staticmethod
     def _call(fn: Callable[[], Any]) -> Any:
