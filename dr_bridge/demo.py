@@ -223,8 +223,9 @@ class UtilityVtn:
             sampling = max(low, min(high, timedelta(seconds=self.sampling_s)))
 
             def on_data(data: list[tuple[datetime, float]], ven_id: str = ven_id, r_id: str = r_id) -> None:
-                for _dt, value in data:
-                    self.reports.append(ReportValue(ven_id, name, r_id, float(value), time.monotonic()))
+                for dt, value in data:
+                    self.reports.append(ReportValue(ven_id, name, r_id, float(value), time.monotonic(),
+                                                    sampled=dt))
 
             out.append((r_id, on_data, sampling))
             self.report_registrations[ven_id] = self.report_registrations.get(ven_id, 0) + 1

@@ -78,6 +78,8 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         self._vtn_lost = False
         #: Set by :meth:`stop`: a poll cancelled then is the shutdown, not an error to log.
         self._stopping = False
+        #: True while :meth:`reregister` runs: queued reports wait for the VTN's new report requests.
+        self._reregistering = False
         #: Set while the report worker waits for the VTN to answer again (created only then: 1,000 VENs).
         self._vtn_back: asyncio.Event | None = None
         #: Reports made while the VTN did not answer, oldest first.
@@ -141,7 +143,7 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
                 while not self.pending_reports.empty():
                     self.report_backlog.append(self.pending_reports.get_nowait())
                 del self.report_backlog[:-REPORT_QUEUE_MAX]  # bounded: the oldest go first
-                report = self.report_backlog[0]
+                report = self.report_backlog[0] = self._for_current_request(self.report_backlog[0])
                 self._answered = False
                 try:
                     result = await self._perform_request("EiReport", self._report_message(report))
@@ -159,6 +161,17 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
                 payload = result[1] if isinstance(result, tuple) else {}
                 if "cancel_report" in payload:
                     await self.cancel_report(payload["cancel_report"])
+
+    def _for_current_request(self, report: Any) -> Any:
+        """A queued report under the VTN's current request for its report: after a restart and
+        re-registration the VTN knows only its new report request ids (openleadr's VTN silently
+        drops values sent under an id it does not know)."""
+        current = [r for r in self.report_requests if r.get("report_specifier_id") == report.report_specifier_id]
+        if not current or any(r.get("report_request_id") == report.report_request_id for r in current):
+            return report
+        report = copy.copy(report)
+        report.report_request_id = current[-1]["report_request_id"]
+        return report
 
     # --- events ----------------------------------------------------------------------
     async def _on_event(self, message: dict[str, Any]) -> None:
@@ -244,8 +257,8 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.debug("VEN %s: %s to %s failed: %s: %s", self.meter_id, service, url, type(exc).__name__, exc)
             return None, {}
-        if self._vtn_back is not None:
-            self._vtn_back.set()
+        if self._vtn_back is not None and not (self._vtn_lost or self._reregistering):
+            self._vtn_back.set()  # (after a restart, reregister() wakes the report sender once done)
         if not content:
             return None, {}
         try:
@@ -289,18 +302,24 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
     async def reregister(self) -> None:
         """Register again, and the reports with it: a restarted VTN has forgotten both (openleadr #186)."""
         self.bridge.stats.reregistrations += 1
-        requests: list[dict[str, Any]] = list(self.report_requests)
-        for request in requests:
-            job = request.get("job")
-            if job is not None:
-                with contextlib.suppress(Exception):  # already gone
-                    job.remove()
-        self.report_requests.clear()
-        self.incomplete_reports.clear()
-        await self.create_party_registration(ven_id=self.ven_id)
-        if self.registration_id:
-            await self.register_reports(self.reports)
-            await self.sync_events()
+        self._reregistering = True
+        try:
+            requests: list[dict[str, Any]] = list(self.report_requests)
+            for request in requests:
+                job = request.get("job")
+                if job is not None:
+                    with contextlib.suppress(Exception):  # already gone
+                        job.remove()
+            self.report_requests.clear()
+            self.incomplete_reports.clear()
+            await self.create_party_registration(ven_id=self.ven_id)
+            if self.registration_id:
+                await self.register_reports(self.reports)
+                await self.sync_events()
+        finally:
+            self._reregistering = False
+            if self._vtn_back is not None:
+                self._vtn_back.set()  # queued reports go now, under the new report requests
 
     async def create_party_reregistration(self, registration_id: str | None = None) -> None:
         """The VTN asked for it (``oadrRequestReregistration``): :meth:`reregister`. openleadr's own

@@ -424,3 +424,21 @@ async def test_price_signal_scaled_and_unexecuted_standard_signal(vtn: UtilityVt
     assert [w for _, w in record(meter_id, dear)["plan"]] == [1250.0]
     assert (answer(vtn, demand, meter_id).opt_type, answer(vtn, demand, meter_id).response_code) == \
         ("optOut", decisions.SIGNAL_NOT_SUPPORTED)
+
+
+# bridge robustness: what was queued while the VTN restarted reaches the restarted VTN's report
+# callbacks (openleadr's VTN drops values of report requests it does not know: the old ones)
+async def test_reports_queued_during_a_restart_reach_the_new_report_requests(
+        vtn: UtilityVtn, bridge_for: BridgeFactory, meter_id: str) -> None:
+    make_twin(meter_id, power_w=1750.0)
+    bridge = await bridge_for([meter_id])
+    ven = bridge.vens[meter_id]
+    await wait_until(lambda: any(r.ven_id == meter_id for r in vtn.reports), 10)
+    await vtn.stop()
+    await wait_until(lambda: len(ven.report_backlog) >= 2, 15)
+    queued = {(r.report_specifier_id, i.dtstart) for r in list(ven.report_backlog)[:2] for i in r.intervals}
+    vtn.reports.clear()
+    await vtn.start()
+    names = {f"usage-{meter_id}": "TELEMETRY_USAGE", f"status-{meter_id}": "TELEMETRY_STATUS"}
+    await wait_until(lambda: {(names[s], at) for s, at in queued}
+                     <= {(r.report_name, r.sampled) for r in vtn.reports if r.ven_id == meter_id}, 15)
