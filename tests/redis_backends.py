@@ -34,6 +34,8 @@ CLUSTER_MODULES = frozenset({
     "tests/core/test_tokens_cli.py",
     "tests/aggregates/test_aggregates.py",
     "tests/jobs/test_jobs.py",
+    "tests/concentrator/test_concentrators.py",
+    "tests/concentrator/test_batch_crash.py",
 })
 
 BACKENDS = ("single", "cluster")
