@@ -356,3 +356,9 @@ def test_mosquitto_bootstrap_is_valid_sh() -> None:
     script = K8S / "base" / "mosquitto" / "bootstrap.sh"
     assert subprocess.run([sh, "-n", str(script)], capture_output=True).returncode == 0
     assert os.access(script, os.R_OK)
+
+
+@pytest.mark.parametrize("name", ["connect", "dr-bridge"])
+def test_the_copy_at_deploy_top_level_is_the_overlay_file(name: str) -> None:
+    """docs name both deploy/<name>.yml and deploy/k8s/<name>/<name>.yml: one content, so they cannot drift."""
+    assert (ROOT / "deploy" / f"{name}.yml").read_text() == (K8S / name / f"{name}.yml").read_text()
