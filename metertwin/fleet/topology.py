@@ -246,6 +246,28 @@ class TopologyStore:
             end = "(" + batch[-1][0]
         return out
 
+    def changes_after(self, after: str, *, count: int = 1000) -> tuple[list[tuple[str, str, dict[str, Any] | None]],
+                                                                      bool]:
+        """Topology changes after audit stream id ``after`` (``"0"``: from the start), oldest first, as
+        ``(id, meter, new document or None)``; and whether entries after ``after`` may have been trimmed
+        away (then the caller resyncs from :meth:`documents`). The fog's copy of each meter's place
+        follows the edge through this (:mod:`metertwin.grid.places`)."""
+        start = "-" if after == "0" else f"({after}"
+        batch = self._redis(self._r.xrange, keys.AUDIT, start, "+", count=count)
+        first = self._redis(self._r.xrange, keys.AUDIT, "-", "+", count=1)
+        gap = after != "0" and bool(first) and _stream_id(first[0][0]) > _stream_id(after)
+        return [(entry_id, f.get("meter", ""), _loads(f.get("new"))) for entry_id, f in batch], gap
+
+    def last_change(self) -> str:
+        """The id of the newest audit entry (``"0"`` when none)."""
+        last = self._redis(self._r.xrevrange, keys.AUDIT, "+", "-", count=1)
+        return str(last[0][0]) if last else "0"
+
+    def documents(self) -> Any:
+        """Every (meter, document) of the zone, by HSCAN (a resync)."""
+        for meter_id, raw in self._r.hscan_iter(keys.TOPOLOGY, count=1000):
+            yield meter_id, _loads(raw)
+
     def _apply(self, meter_id: str, raw: str, old: dict[str, Any] | None, new: dict[str, Any] | None,
                actor: str) -> bool:
         old_keys, new_keys = index_keys(old), index_keys(new)
@@ -304,3 +326,8 @@ def _loads(raw: str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,155 +1,180 @@
-"""Lua scripts of the aggregation (used by :mod:`metertwin.grid.aggregates`).
+"""Lua of the aggregation (used by :mod:`metertwin.grid.aggregates` and the MDMS ingest script).
 
-``METER`` runs in the meter's slot (``{meter_id}``), ``NODE`` in one tree node's slot
-(``{grid:<level>:<node>}``): a reading is never one script across slots (Redis Cluster), but a
-sequence ``METER`` → ``NODE`` (up to 8 calls) → ``ACK`` whose crash-safe order is explained in
-:mod:`metertwin.grid.aggregates`.
+* :data:`INGEST_TAIL` is appended to the MDMS ingest script (meter slot ``{meter_id}``): for an
+  accepted reading it updates the meter's latest values and appends an outbox entry, in the same
+  atomic step as the interval row, so no accepted reading is left out and none is entered twice;
+* :data:`METER` (meter slot): a new place (``place``) or an acknowledgement (``ack``);
+* :data:`NODE` (one tree node's slot ``{grid:<level>:<node>}``): applies a batch of meters'
+  entries, each at most once (the node keeps the last entry number applied per meter).
 """
 
 from __future__ import annotations
 
-# KEYS: state outbox (the meter's slot)
-# ARGV: 'reading', ts_ms, power_w, voltage_v, import_kwh, export_kwh, pred_ts, pred_imp, pred_exp,
-#       succ_ts, succ_imp, succ_exp, interval_ms          (pred/succ '' when none)
-#    or 'place', version, transformer, feeder, substation, region   ('' for a level not set)
-#    or 'flush'
-#    or 'ack', n
-# Returns the outbox: the JSON entries not yet acknowledged, oldest first.
-METER = r"""
-local st, out = KEYS[1], KEYS[2]
-local mode = ARGV[1]
-local LEVELS = {'transformer', 'feeder', 'substation', 'region'}
-if mode == 'ack' then
-  redis.call('ZREMRANGEBYSCORE', out, '-inf', ARGV[2])
-  return {}
-end
-local function path(prefix)
-  local vals = redis.call('HMGET', st, prefix .. 'transformer', prefix .. 'feeder', prefix .. 'substation',
-    prefix .. 'region')
-  local p, any = {}, false
-  for i, lv in ipairs(LEVELS) do
-    if vals[i] and vals[i] ~= '' then p[lv] = vals[i]; any = true end
+# Helpers over the meter's grid state (KEYS of the caller: state, outbox). An outbox entry is one
+# string (no JSON: the drain splits it): ``n|ts|pw|v|ops|parts`` with ops ``level,node,op`` and
+# parts ``bucket,d_import_kwh,d_export_kwh,readings,v_lo,v_hi`` each joined by ';' (node names
+# hold none of | ; , : metertwin.fleet.topology.NAME_RE).
+LUA_GRID = r"""
+local GRID_LEVELS = {'transformer', 'feeder', 'substation', 'region'}
+-- The meter's grid state in one read: latest ts, pw, v; place p_*; counted path c_*.
+local function grid_state(st)
+  local f = redis.call('HMGET', st, 'ts', 'pw', 'v', 'p_transformer', 'p_feeder', 'p_substation', 'p_region',
+    'c_transformer', 'c_feeder', 'c_substation', 'c_region')
+  local g = {placed = {}, counted = {}, any = false}
+  if f[1] then g.cur = {f[1], f[2], f[3]} end
+  for i, lv in ipairs(GRID_LEVELS) do
+    if f[3 + i] and f[3 + i] ~= '' then g.placed[lv] = f[3 + i]; g.any = true end
+    if f[7 + i] and f[7 + i] ~= '' then g.counted[lv] = f[7 + i]; g.any = true end
   end
-  return p, any
+  return g
 end
--- The node operations that move the meter's counted path to its place: leave, then set.
-local function relocate()
-  local placed = path('p_')
-  local counted = path('c_')
+-- Append the entry that moves the counted path to the place (leave, then set) with these parts.
+local function grid_push(st, out, g, parts)
   local ops = {}
-  for _, lv in ipairs(LEVELS) do
-    local c, p = counted[lv], placed[lv]
-    if c and c ~= p then ops[#ops + 1] = {lv, c, 'leave'} end
-    if p then ops[#ops + 1] = {lv, p, 'set'} end
-    redis.call('HSET', st, 'c_' .. lv, p or '')
+  for _, lv in ipairs(GRID_LEVELS) do
+    local c, p = g.counted[lv], g.placed[lv]
+    if c and c ~= p then ops[#ops + 1] = lv .. ',' .. c .. ',leave' end
+    if p then ops[#ops + 1] = lv .. ',' .. p .. ',set' end
+    if c ~= p then redis.call('HSET', st, 'c_' .. lv, p or '') end
   end
-  return ops
-end
-local function push(entry)
-  if #entry.ops == 0 then return end
+  if #ops == 0 then return end
   local n = redis.call('HINCRBY', st, 'n', 1)
-  entry.n = n
-  redis.call('ZADD', out, n, cjson.encode(entry))
+  redis.call('ZADD', out, n, n .. '|' .. g.cur[1] .. '|' .. g.cur[2] .. '|' .. g.cur[3] .. '|'
+    .. table.concat(ops, ';') .. '|' .. table.concat(parts, ';'))
 end
-local function current()
-  local c = redis.call('HMGET', st, 'ts', 'pw', 'v')
-  if not c[1] then return nil end
-  return {tonumber(c[1]), tonumber(c[2]), tonumber(c[3])}
-end
+"""
 
-if mode == 'place' then
+# Appended to the MDMS INGEST script, after an accepted reading: needs its locals ts, ts_s, pw_s, v_s,
+# imp, exp, pred, succ (tables with ts, imp, exp, or nil); KEYS[6] state, KEYS[7] outbox;
+# ARGV[14] '1' to aggregate, ARGV[15] the aggregate interval (ms).
+INGEST_TAIL = r"""
+if ARGV[14] == '1' then
+  local st, out = KEYS[6], KEYS[7]
+  local I = tonumber(ARGV[15])
+  -- interval of a segment or reading ending at t: (start, start + I]
+  local function bucket(t) return string.format('%d', math.floor((t - 1) / I) * I) end
+  local function num(x) return string.format('%.17g', x) end
+  local g = grid_state(st)
+  if not g.cur or ts > tonumber(g.cur[1]) then
+    redis.call('HSET', st, 'ts', ts_s, 'pw', pw_s, 'v', v_s)
+    g.cur = {ts_s, pw_s, v_s}
+  end
+  if g.any then
+    -- energy: the new segments (pred, me] and (me, succ] replace the old one (pred, succ]
+    local parts = {bucket(ts) .. ',0,0,1,' .. v_s .. ',' .. v_s}
+    if pred then
+      parts[#parts + 1] = bucket(ts) .. ',' .. num(imp - pred.imp) .. ',' .. num(exp - pred.exp) .. ',0,,'
+    end
+    if succ then
+      if pred then
+        parts[#parts + 1] = bucket(succ.ts) .. ',' .. num(pred.imp - imp) .. ',' .. num(pred.exp - exp) .. ',0,,'
+      else
+        parts[#parts + 1] = bucket(succ.ts) .. ',' .. num(succ.imp - imp) .. ',' .. num(succ.exp - exp) .. ',0,,'
+      end
+    end
+    grid_push(st, out, g, parts)
+  end
+end
+"""
+
+# KEYS: state outbox (the meter's slot)
+# ARGV: 'place', version, transformer, feeder, substation, region   ('' for a level not set)
+#    or 'ack', n
+# Returns the number of entries left in the outbox.
+METER = LUA_GRID + r"""
+local st, out = KEYS[1], KEYS[2]
+if ARGV[1] == 'ack' then
+  redis.call('ZREMRANGEBYSCORE', out, '-inf', ARGV[2])
+elseif ARGV[1] == 'place' then
   local pv = tonumber(redis.call('HGET', st, 'p_v') or '-1')
   if tonumber(ARGV[2]) > pv then
     redis.call('HSET', st, 'p_v', ARGV[2], 'p_transformer', ARGV[3], 'p_feeder', ARGV[4],
       'p_substation', ARGV[5], 'p_region', ARGV[6])
-    local cur = current()
-    if cur then push({ops = relocate(), cur = cur, e = {}}) end
-  end
-elseif mode == 'reading' then
-  local ts, pw, v = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-  local imp, exp = tonumber(ARGV[5]), tonumber(ARGV[6])
-  local pts, pimp, pexp = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-  local sts, simp, sexp = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-  local I = tonumber(ARGV[13])
-  -- interval of a segment or reading ending at t: (start, start + I]
-  local function bucket(t) return math.floor((t - 1) / I) * I end
-  local cur = current()
-  if cur == nil or ts > cur[1] then
-    redis.call('HSET', st, 'ts', ARGV[2], 'pw', ARGV[3], 'v', ARGV[4])
-    cur = {ts, pw, v}
-  end
-  local _, placed = path('p_')
-  local _, counted = path('c_')
-  if placed or counted then
-    -- energy: the new segments (pred, me] and (me, succ] replace the old one (pred, succ]
-    local e = {}
-    if pts then e[#e + 1] = {bucket(ts), imp - pimp, exp - pexp} end
-    if sts then
-      if pts then e[#e + 1] = {bucket(sts), pimp - imp, pexp - exp}
-      else e[#e + 1] = {bucket(sts), simp - imp, sexp - exp} end
-    end
-    push({ops = relocate(), cur = cur, e = e, r = {bucket(ts), v}})
+    local g = grid_state(st)
+    if g.cur then grid_push(st, out, g, {}) end
   end
 end
-return redis.call('ZRANGE', out, 0, -1)
+return redis.call('ZCARD', out)
 """
 
 # KEYS: cur meters seen volt history buckets (one node's slot)
-# ARGV: meter, n, op ('set'|'leave'), cur_ts, cur_pw, cur_v, reading_bucket ('' none), reading_v, now_ms,
-#       then (bucket, d_import_kwh, d_export_kwh) triples
-# Returns 1 applied, 0 already applied (n not above the node's for this meter).
+# ARGV: now_ms, then per meter: meter, n, op ('set'|'leave'), cur_ts, cur_pw, cur_v, k, then k
+#       (bucket, d_import_kwh, d_export_kwh, readings, v_lo, v_hi) sextets ('' where none)
+# Returns the number of meters applied (a meter whose n the node has seen already is skipped).
 NODE = r"""
 local cur, meters, seen, volt, hist, hb = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local meter, n, op = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local old = redis.call('HGET', meters, meter)
-local on, ots, opw, ov
-if old then
-  local f = {}
-  for part in string.gmatch(old, '([^|]+)') do f[#f + 1] = tonumber(part) end
-  on, ots, opw, ov = f[1], f[2], f[3], f[4]
-end
+local now = ARGV[1]
+local d_imp, d_exp, applied = 0, 0, 0
+local acc, last_b = {}, nil
 local function contrib(p, sign)
-  if p > 0 then redis.call('HINCRBYFLOAT', cur, 'import_w', sign * p)
-  elseif p < 0 then redis.call('HINCRBYFLOAT', cur, 'export_w', -sign * p) end
+  if p > 0 then d_imp = d_imp + sign * p elseif p < 0 then d_exp = d_exp - sign * p end
 end
-if op == 'leave' then
+local i = 2
+while i <= #ARGV do
+  local meter, n_s, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local n = tonumber(n_s)
+  local ts, pw, v = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local k = tonumber(ARGV[i + 6])
+  local first = i + 7
+  i = first + 6 * k
+  local old = redis.call('HGET', meters, meter)
+  local on, ots, opw, ov
   if old then
-    contrib(opw, -1)
-    redis.call('HDEL', meters, meter)
-    redis.call('ZREM', seen, meter)
-    redis.call('ZREM', volt, meter)
-    redis.call('HSET', cur, 'at_ms', ARGV[9])
+    local f = {}
+    for part in string.gmatch(old, '([^|]+)') do f[#f + 1] = tonumber(part) end
+    on, ots, opw, ov = f[1], f[2], f[3], f[4]
   end
-  return 1
+  if op == 'leave' then
+    if old then
+      contrib(opw, -1)
+      redis.call('HDEL', meters, meter)
+      redis.call('ZREM', seen, meter)
+      redis.call('ZREM', volt, meter)
+      applied = applied + 1
+    end
+  elseif not (old and n <= on) then
+    applied = applied + 1
+    for j = first, first + 6 * (k - 1), 6 do
+      local b = ARGV[j]
+      local a = acc[b]
+      if not a then a = {0, 0, 0, nil, nil}; acc[b] = a end
+      a[1] = a[1] + tonumber(ARGV[j + 1]); a[2] = a[2] + tonumber(ARGV[j + 2]); a[3] = a[3] + tonumber(ARGV[j + 3])
+      local lo, hi = tonumber(ARGV[j + 4]), tonumber(ARGV[j + 5])
+      if lo and (a[4] == nil or lo < a[4]) then a[4] = lo end
+      if hi and (a[5] == nil or hi > a[5]) then a[5] = hi end
+      if ARGV[j + 3] ~= '0' and (last_b == nil or tonumber(b) > tonumber(last_b)) then last_b = b end
+    end
+    if old and ots > ts then ts, pw, v = ots, opw, ov end
+    if old then contrib(opw, -1) end
+    contrib(pw, 1)
+    redis.call('HSET', meters, meter, n_s .. '|' .. string.format('%d', ts) .. '|'
+      .. string.format('%.17g', pw) .. '|' .. string.format('%.17g', v))
+    redis.call('ZADD', seen, ts, meter)
+    redis.call('ZADD', volt, v, meter)
+  end
 end
-if old and n <= on then return 0 end
-for i = 10, #ARGV, 3 do
-  local b = ARGV[i]
-  redis.call('HINCRBYFLOAT', hist, b .. ':i', ARGV[i + 1])
-  redis.call('HINCRBYFLOAT', hist, b .. ':e', ARGV[i + 2])
+if applied == 0 then return 0 end
+if d_imp ~= 0 then redis.call('HINCRBYFLOAT', cur, 'import_w', d_imp) end
+if d_exp ~= 0 then redis.call('HINCRBYFLOAT', cur, 'export_w', d_exp) end
+redis.call('HSET', cur, 'at_ms', now)
+for b, a in pairs(acc) do
+  if a[1] ~= 0 then redis.call('HINCRBYFLOAT', hist, b .. ':i', a[1]) end
+  if a[2] ~= 0 then redis.call('HINCRBYFLOAT', hist, b .. ':e', a[2]) end
+  if a[3] ~= 0 then redis.call('HINCRBY', hist, b .. ':n', a[3]) end
+  if a[4] then
+    local lo = tonumber(redis.call('HGET', hist, b .. ':lo'))
+    if lo == nil or a[4] < lo then redis.call('HSET', hist, b .. ':lo', string.format('%.17g', a[4])) end
+    local hi = tonumber(redis.call('HGET', hist, b .. ':hi'))
+    if hi == nil or a[5] > hi then redis.call('HSET', hist, b .. ':hi', string.format('%.17g', a[5])) end
+  end
   redis.call('ZADD', hb, b, b)
 end
-local ts, pw, v = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if old and ots > ts then ts, pw, v = ots, opw, ov end
-if old then contrib(opw, -1) end
-contrib(pw, 1)
-redis.call('HSET', meters, meter, ARGV[2] .. '|' .. string.format('%d', ts) .. '|' .. string.format('%.17g', pw)
-  .. '|' .. string.format('%.17g', v))
-redis.call('ZADD', seen, ts, meter)
-redis.call('ZADD', volt, v, meter)
-redis.call('HSET', cur, 'at_ms', ARGV[9])
-local rb = ARGV[7]
-if rb ~= '' then
-  local rv = tonumber(ARGV[8])
-  redis.call('HINCRBY', hist, rb .. ':n', 1)
-  local lo, hi = tonumber(redis.call('HGET', hist, rb .. ':lo')), tonumber(redis.call('HGET', hist, rb .. ':hi'))
-  if lo == nil or rv < lo then redis.call('HSET', hist, rb .. ':lo', ARGV[8]) end
-  if hi == nil or rv > hi then redis.call('HSET', hist, rb .. ':hi', ARGV[8]) end
+if last_b then
+  -- the peak net import seen at an update, in the interval of the newest reading applied
   local c = redis.call('HMGET', cur, 'import_w', 'export_w')
   local net = (tonumber(c[1]) or 0) - (tonumber(c[2]) or 0)
-  local pk = tonumber(redis.call('HGET', hist, rb .. ':pk'))
-  if pk == nil or net > pk then redis.call('HSET', hist, rb .. ':pk', string.format('%.17g', net)) end
-  redis.call('ZADD', hb, rb, rb)
+  local pk = tonumber(redis.call('HGET', hist, last_b .. ':pk'))
+  if pk == nil or net > pk then redis.call('HSET', hist, last_b .. ':pk', string.format('%.17g', net)) end
 end
-return 1
+return applied
 """

@@ -1,27 +1,26 @@
 """Aggregation up the grid tree as readings arrive: the interface the MDMS ingest calls.
 
-For each accepted reading the MDMS ingest script (meter slot) returns the reading's nearest
-actual neighbours in time (``pred``, ``succ``). Then, in this order:
+Two steps, each in one Redis Cluster slot, in a crash-safe order:
 
-1. ``METER`` (meter slot, :mod:`metertwin.grid.agg_scripts`): updates the meter's latest
-   power/voltage and appends an *outbox entry* numbered ``n`` (per meter, +1 each): the node
-   operations (``set`` on every node of the meter's place, ``leave`` on nodes it was counted
-   under before a move), its latest values, the energy deltas per interval and the reading's
-   interval and voltage. It returns every entry not yet acknowledged.
-2. ``NODE`` per entry and node (each node's own slot, one pipeline): applies an entry once: a
-   node remembers the last ``n`` it applied per meter and skips anything not above it.
-3. ``METER ack`` (meter slot): drops the entries up to the highest ``n`` applied.
-
-Crash safety: a crash after 1 leaves entries in the outbox; the meter's next reading, or the
-redelivery of this one (which the MDMS answers ``duplicate``: it only flushes the outbox), returns
-them and 2 applies them; a node that had applied them already skips them (its ``n``). A crash
-between the MDMS script and 1 loses this reading's energy segment and nothing else (the next
-reading's latest values still arrive); it never double counts, because only an *accepted*
-reading makes an entry and the MDMS accepts a reading once.
+1. **In the MDMS ingest script** (meter slot; :data:`agg_scripts.INGEST_TAIL`): an accepted
+   reading updates the meter's latest power/voltage and appends an *outbox entry* numbered
+   ``n`` (per meter, +1 each): the node operations (``set`` on each node of the meter's place,
+   ``leave`` on nodes it was counted under before a move), its latest values, the energy deltas
+   per interval (from the reading's neighbours in time) and the reading's interval and voltage.
+   It is the same atomic step as the interval row: an accepted reading always has its entry, a
+   duplicate (which the MDMS answers ``duplicate``) never gets a second one. The meter is then
+   added to the ``DIRTY`` set (zone-wide slot) with the MDMS's own sets, after the script; a
+   crash in between leaves an entry that the meter's next reading (or the redelivery) marks.
+2. **The drain** (:func:`drain`; fog-grid's cron tick, or ``POST /drain``): reads the dirty
+   meters' outboxes, groups the entries per node and runs one ``NODE`` script per node for the
+   whole batch. A node keeps the last entry number applied per meter and skips anything not
+   above it, so a drain that dies half way is simply run again. Then it acknowledges the
+   entries (``METER ack``) and takes the meters off ``DIRTY`` (putting back any that got a new
+   entry meanwhile).
 
 Out of order: energy is computed from the reading's neighbours, so a late reading splits the
-segment ``(pred, succ]`` into ``(pred, me]`` and ``(me, succ]``: the sum over intervals stays the
-register difference. Latest values only move forward in time. Duplicates add nothing.
+segment ``(pred, succ]`` into ``(pred, me]`` and ``(me, succ]``; the sum over intervals stays the
+register difference. Latest values only move forward in time.
 
 A moved meter (new place, :func:`set_place`) leaves its old nodes at once (its current power and
 voltage, and its row in the reporting counts) and joins the new ones; energy of later readings
@@ -30,10 +29,8 @@ goes to the new nodes. History already recorded stays where it was.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -42,28 +39,34 @@ from metertwin.core.errors import BackendUnavailable
 from metertwin.grid import agg_scripts, keys
 from metertwin.grid.settings import get_grid_settings
 
-#: (ts_ms, import_kwh, export_kwh) of a neighbouring actual reading.
-Point = tuple[int, float, float]
-
-
-@dataclass(frozen=True, slots=True)
-class Aggregand:
-    """One reading the MDMS has judged; ``fresh``: accepted now (False: a duplicate, flush only)."""
-
-    meter_id: str
-    ts_ms: int
-    power_w: float
-    voltage_v: float
-    import_kwh: float
-    export_kwh: float
-    pred: Point | None = None
-    succ: Point | None = None
-    fresh: bool = True
+#: The Lua appended to the MDMS ingest script (needs its locals; see agg_scripts.INGEST_TAIL).
+LUA_HELPERS = agg_scripts.LUA_GRID
+INGEST_TAIL = agg_scripts.INGEST_TAIL
+#: Meters drained per batch.
+DRAIN_BATCH = 2000
 
 
 def enabled() -> bool:
     """Whether the ingest aggregates (``GRID_AGGREGATION``)."""
     return get_grid_settings().enabled
+
+
+def ingest_keys(meter_id: str) -> list[str]:
+    """The grid keys the MDMS ingest script takes after its own (KEYS[6], KEYS[7])."""
+    return [keys.meter_state(meter_id), keys.meter_outbox(meter_id)]
+
+
+def ingest_args() -> list[str]:
+    """ARGV[14], ARGV[15] of the MDMS ingest script: aggregate or not, the interval (ms)."""
+    s = get_grid_settings()
+    return ["1" if s.enabled else "0", str(s.interval_s * 1000)]
+
+
+def mark_dirty(pipe: Any, meter_ids: Sequence[str]) -> Any:
+    """Queue on ``pipe`` the add of these meters to the set the drain visits."""
+    if meter_ids and enabled():
+        pipe.sadd(keys.DIRTY, *meter_ids)
+    return pipe
 
 
 _scripts: dict[int, tuple[Any, Any, Any]] = {}
@@ -77,141 +80,128 @@ def _registered(client: Any) -> tuple[Any, Any]:
     return found[1], found[2]
 
 
-def _pt(p: Point | None) -> list[str]:
-    return [str(p[0]), repr(p[1]), repr(p[2])] if p else ["", "", ""]
+def _evalsha(pipe: Any, script: Any, ks: list[str], argv: list[str]) -> None:
+    """EVALSHA queued on a pipeline without redis-py's SCRIPT EXISTS per execute (the caller loads once)."""
+    pipe.evalsha(script.sha, len(ks), *ks, *argv)
 
 
-def meter_call(a: Aggregand) -> tuple[list[str], list[str]]:
-    """KEYS and ARGV of the ``METER`` step for one reading."""
-    ks = [keys.meter_state(a.meter_id), keys.meter_outbox(a.meter_id)]
-    if not a.fresh:
-        return ks, ["flush"]
-    interval_ms = get_grid_settings().interval_s * 1000
-    return ks, ["reading", str(a.ts_ms), repr(a.power_w), repr(a.voltage_v), repr(a.import_kwh),
-                repr(a.export_kwh), *_pt(a.pred), *_pt(a.succ), str(interval_ms)]
+def _node_keys(level: str, node: str) -> list[str]:
+    return [keys.node_state(level, node), keys.node_meters(level, node), keys.node_seen(level, node),
+            keys.node_voltage(level, node), keys.node_history(level, node), keys.node_buckets(level, node)]
 
 
-def node_calls(meter_id: str, raw_entries: Sequence[str], now_ms: int) -> tuple[list[tuple[list[str], list[str]]], int]:
-    """The ``NODE`` calls of a meter's outbox entries, in order, and the highest entry number."""
-    calls: list[tuple[list[str], list[str]]] = []
-    top = 0
-    for raw in raw_entries:
-        entry = json.loads(raw)
-        n = int(entry["n"])
-        top = max(top, n)
-        cur = entry.get("cur") or [0, 0, 0]
-        reading = entry.get("r")
-        energy = [str(x) if i % 3 == 0 else repr(float(x))
-                  for triple in entry.get("e") or [] for i, x in enumerate(triple)]
-        for level, node, op in entry.get("ops") or []:
-            ks = [keys.node_state(level, node), keys.node_meters(level, node), keys.node_seen(level, node),
-                  keys.node_voltage(level, node), keys.node_history(level, node), keys.node_buckets(level, node)]
-            argv = [meter_id, str(n), op, str(int(cur[0])), repr(float(cur[1])), repr(float(cur[2]))]
-            if op == "set" and reading:
-                argv += [str(int(reading[0])), repr(float(reading[1])), str(now_ms), *energy]
-            else:
-                argv += ["", "", str(now_ms)]
-            calls.append((ks, argv))
-    return calls, top
+def node_batches(outboxes: dict[str, list[str]]) -> tuple[dict[tuple[str, str], list[str]], dict[str, int]]:
+    """Per node, the NODE script's per-meter ARGV (entries of one meter merged); per meter, its top ``n``.
 
-
-def _nodes_of(calls: Sequence[tuple[list[str], list[str]]]) -> set[tuple[str, str]]:
-    out = set()
-    for ks, argv in calls:
-        if argv[2] == "set":
-            tag = ks[0].split("{grid:", 1)[1].split("}", 1)[0]
-            level, node = tag.split(":", 1)
-            out.add((level, node))
-    return out
-
-
-def aggregate(client: Any, items: Sequence[Aggregand]) -> None:
-    """Run the three steps for these readings (pipelined: three round trips for the whole batch)."""
-    if not items:
-        return
-    meter_script, node_script = _registered(client)
-    try:
-        pipe = client.pipeline(transaction=False)
-        for a in items:
-            ks, argv = meter_call(a)
-            meter_script(keys=ks, args=argv, client=pipe)
-        outboxes: dict[str, list[str]] = {}
-        for a, box in zip(items, pipe.execute(), strict=True):
-            outboxes[a.meter_id] = box  # the last reply of a meter holds all its pending entries
-        _apply(client, node_script, meter_script, outboxes)
-    except redis.RedisError as exc:
-        raise BackendUnavailable(f"grid aggregation (Redis) failed: {exc}") from exc
-
-
-def _apply(client: Any, node_script: Any, meter_script: Any, outboxes: dict[str, list[str]]) -> None:
-    now_ms = int(time.time() * 1000)
-    pipe = client.pipeline(transaction=False)
+    Entries are strings (see :mod:`metertwin.grid.agg_scripts`); their numbers pass through as text.
+    """
+    per_node: dict[tuple[str, str], dict[str, list[Any]]] = {}
     tops: dict[str, int] = {}
-    nodes: set[tuple[str, str]] = set()
     for meter_id, box in outboxes.items():
-        if not box:
-            continue
-        calls, tops[meter_id] = node_calls(meter_id, box, now_ms)
-        nodes |= _nodes_of(calls)
-        for ks, argv in calls:
-            node_script(keys=ks, args=argv, client=pipe)
-    if not tops:
-        return
-    for level, node in nodes:
-        pipe.zadd(keys.nodes(level), {node: now_ms / 1000}, nx=True)
-    pipe.execute()
-    ack = client.pipeline(transaction=False)
-    for meter_id, top in tops.items():
-        meter_script(keys=[keys.meter_state(meter_id), keys.meter_outbox(meter_id)], args=["ack", str(top)],
-                     client=ack)
-    ack.execute()
+        for raw in box:
+            n, ts, pw, v, ops, parts = raw.split("|")
+            tops[meter_id] = max(tops.get(meter_id, 0), int(n))
+            fields = [x for part in parts.split(";") if part for x in part.split(",")] if parts else []
+            for op_text in ops.split(";"):
+                level, node, op = op_text.split(",")
+                rec = per_node.setdefault((level, node), {}).get(meter_id)
+                if rec is None:
+                    rec = per_node[(level, node)][meter_id] = [n, op, ts, pw, v, []]
+                else:
+                    rec[:5] = [n, op, ts, pw, v]
+                if op == "set":
+                    rec[5] += fields
+    out: dict[tuple[str, str], list[str]] = {}
+    for key, recs in per_node.items():
+        argv = out[key] = []
+        for meter_id, (n, op, ts, pw, v, fields) in recs.items():
+            argv += [meter_id, n, op, ts, pw, v, str(len(fields) // 6), *fields]
+    return out, tops
 
 
-async def aggregate_async(client: Any, items: Sequence[Aggregand]) -> None:
-    """:func:`aggregate` on an asyncio client."""
-    if not items:
-        return
+def apply_outboxes(client: Any, outboxes: dict[str, list[str]]) -> int:
+    """Apply these meters' outbox entries to their nodes, then acknowledge them; returns entries applied."""
     meter_script, node_script = _registered(client)
+    batches, tops = node_batches(outboxes)
+    if not tops:
+        return 0
     now_ms = int(time.time() * 1000)
-    try:
-        outboxes: dict[str, list[str]] = {}
-        for a in items:
-            ks, argv = meter_call(a)
-            outboxes[a.meter_id] = await meter_script(keys=ks, args=argv)
-        pipe = client.pipeline(transaction=False)
-        tops: dict[str, int] = {}
-        nodes: set[tuple[str, str]] = set()
-        for meter_id, box in outboxes.items():
-            if box:
-                calls, tops[meter_id] = node_calls(meter_id, box, now_ms)
-                nodes |= _nodes_of(calls)
-                for ks, argv in calls:
-                    await node_script(keys=ks, args=argv, client=pipe)
-        if not tops:
-            return
-        for level, node in nodes:
+
+    def nodes(pipe: Any) -> None:
+        for (level, node), argv in batches.items():
+            _evalsha(pipe, node_script, _node_keys(level, node), [str(now_ms), *argv])
             pipe.zadd(keys.nodes(level), {node: now_ms / 1000}, nx=True)
-        await pipe.execute()
+
+    def acks(pipe: Any) -> None:
         for meter_id, top in tops.items():
-            await meter_script(keys=[keys.meter_state(meter_id), keys.meter_outbox(meter_id)], args=["ack", str(top)])
+            _evalsha(pipe, meter_script, ingest_keys(meter_id), ["ack", str(top)])
+
+    _run(client, nodes)  # every node first; only then the acknowledgements
+    _run(client, acks)
+    return sum(len(box) for box in outboxes.values())
+
+
+_loaded: set[int] = set()
+
+
+def _run(client: Any, queue: Any) -> None:
+    """Execute a pipeline of EVALSHAs, loading the scripts once per client (again after a SCRIPT FLUSH
+    or a restart: the whole pipeline is then run again, which the scripts make harmless)."""
+    for attempt in range(2):
+        if id(client) not in _loaded or attempt:
+            client.script_load(agg_scripts.NODE)
+            client.script_load(agg_scripts.METER)
+            _loaded.add(id(client))
+        pipe = client.pipeline(transaction=False)
+        queue(pipe)
+        try:
+            pipe.execute()
+            return
+        except redis.exceptions.NoScriptError:
+            if attempt:
+                raise
+
+
+def drain(client: Any, *, max_meters: int = 100_000) -> dict[str, int]:
+    """Apply every dirty meter's pending entries (in batches of :data:`DRAIN_BATCH`); bounded."""
+    done = {"meters": 0, "entries": 0}
+    try:
+        while done["meters"] < max_meters:
+            ids = client.srandmember(keys.DIRTY, min(DRAIN_BATCH, max_meters - done["meters"]))
+            if not ids:
+                break
+            pipe = client.pipeline(transaction=False)
+            for m in ids:
+                pipe.zrange(keys.meter_outbox(m), 0, -1)
+            outboxes = dict(zip(ids, pipe.execute(), strict=True))
+            done["entries"] += apply_outboxes(client, outboxes)
+            done["meters"] += len(ids)
+            client.srem(keys.DIRTY, *ids)
+            pipe = client.pipeline(transaction=False)
+            for m in ids:
+                pipe.zcard(keys.meter_outbox(m))
+            again = [m for m, n in zip(ids, pipe.execute(), strict=True) if n]
+            if again:  # an entry arrived between the read and the SREM: drain it next time
+                client.sadd(keys.DIRTY, *again)
     except redis.RedisError as exc:
         raise BackendUnavailable(f"grid aggregation (Redis) failed: {exc}") from exc
+    return done
 
 
 def set_place(client: Any, meter_id: str, place: dict[str, str | None], version: int) -> bool:
     """Record the meter's place (``transformer``/``feeder``/``substation``/``region``) at ``version``.
 
     An older or equal version is ignored (places may arrive out of order). A newer one moves the
-    meter's current contribution from its old nodes to the new ones at once. Returns whether the
-    version was newer.
+    meter's current contribution from its old nodes to the new ones at once (this meter's
+    outbox is applied here). Returns whether the version was newer.
     """
-    meter_script, node_script = _registered(client)
-    ks = [keys.meter_state(meter_id), keys.meter_outbox(meter_id)]
+    meter_script, _node = _registered(client)
     try:
         before = client.hget(keys.meter_state(meter_id), "p_v")
-        box = meter_script(keys=ks, args=["place", str(int(version)),
-                                          *[str(place.get(level) or "") for level in keys.LEVELS]])
-        _apply(client, node_script, meter_script, {meter_id: box})
+        left = meter_script(keys=ingest_keys(meter_id), args=["place", str(int(version)),
+                                                              *[str(place.get(level) or "") for level in keys.LEVELS]])
+        if int(left):
+            apply_outboxes(client, {meter_id: client.zrange(keys.meter_outbox(meter_id), 0, -1)})
     except redis.RedisError as exc:
         raise BackendUnavailable(f"grid place of {meter_id!r} (Redis) failed: {exc}") from exc
     return before is None or int(before) < int(version)

@@ -90,3 +90,14 @@ def rule_alerts(rule_id: str) -> str:
 def rule_alert_order(rule_id: str) -> str:
     """Sorted set: alert id scored by opened at (epoch s): listing, capping."""
     return f"{PREFIX}:grid:r:{{grid-rule:{rule_id}}}:order"
+
+
+#: String: the edge topology audit stream id up to which places were copied (:mod:`metertwin.grid.places`).
+PLACES_CURSOR = f"{PREFIX}:grid:{{grid-ix}}:places-cursor"
+#: String: where the last bounded rule evaluation stopped (rule index, subject offset) for the next tick.
+EVAL_CURSOR = f"{PREFIX}:grid:{{grid-ix}}:eval-cursor"
+#: String with a TTL: set by the cron tick that runs the archive, so it runs at most this often.
+ARCHIVE_DUE = f"{PREFIX}:grid:{{grid-ix}}:archive-due"
+ARCHIVE_EVERY_S = 3600
+#: Set: meters whose outbox may hold entries not applied yet (written after the MDMS script; drained).
+DIRTY = f"{PREFIX}:grid:{{grid-ix}}:dirty"

@@ -28,12 +28,20 @@ class GridSettings(BaseSettings):
     #: Aggregate history older than this is archived to S3 and trimmed from Redis.
     hot_retention_s: int = Field(default=7 * 86_400, ge=3600, validation_alias=_env("HOT_RETENTION_S"))
     cold_prefix: str = Field(default="grid/v1", validation_alias=_env("COLD_PREFIX"))
+    #: The edge zone's Redis, whose topology audit stream the fog's places follow (unset: places come
+    #: only through ``PUT /places/{meter_id}``).
+    edge_redis_url: str | None = Field(default=None, validation_alias=_env("EDGE_REDIS_URL"))
+    #: Topology changes copied per sync call (cron tick).
+    places_batch: int = Field(default=10_000, ge=1, validation_alias=_env("PLACES_BATCH"))
+    #: Where a rule's ``job`` action posts its job (the edge gateway's ``/function/edge-jobs/jobs``);
+    #: unset: the action is recorded as pending on the alert.
+    jobs_url: str | None = Field(default=None, validation_alias=_env("JOBS_URL"))
     #: Bounds of one ``POST /rules/evaluate`` (cron tick): subjects judged per call.
     eval_max_subjects: int = Field(default=5000, ge=1, validation_alias=_env("EVAL_MAX_SUBJECTS"))
     max_rules: int = Field(default=1000, ge=1, validation_alias=_env("MAX_RULES"))
     #: Alerts kept per rule (oldest closed ones dropped first).
     alerts_max: int = Field(default=1000, ge=10, validation_alias=_env("ALERTS_MAX"))
-    #: Timeout of one webhook notification.
+    #: Timeout of one MQTT or job notification (webhooks follow the destination policy's timeout).
     notify_timeout_s: float = Field(default=5.0, gt=0, le=30, validation_alias=_env("NOTIFY_TIMEOUT_S"))
     #: Longest load history one query may span.
     query_max_range_s: int = Field(default=93 * 86_400, ge=3600, validation_alias=_env("QUERY_MAX_RANGE_S"))

@@ -7,6 +7,8 @@ script (see ``hot_store._index_meters`` for why that order is safe).
 
 from __future__ import annotations
 
+from metertwin.grid import aggregates
+
 # Shared Lua: parse a member, find the nearest non-estimated neighbours, fill gaps.
 LUA_COMMON = r"""
 local function parse(m)
@@ -75,9 +77,11 @@ local function latest_point(latest)
 end
 """
 
-# KEYS: iv seqs latest counters registry (one meter's slot; the zone-wide sets: hot_store._index_meters)
+# KEYS: iv seqs latest counters registry, grid state, grid outbox (one meter's slot; the zone-wide sets:
+#       hot_store._index_meters)
 # ARGV: ts_ms seq imp exp power volt quality interval_ms seq_floor_ms max_gap_ms max_demand_w require_reg meter
-INGEST = LUA_COMMON + r"""
+#       grid_on grid_interval_ms (the grid's tail: metertwin.grid.aggregates)
+INGEST = LUA_COMMON + aggregates.LUA_HELPERS + r"""
 local iv, seqs, latest, counters, registry = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local ts_s, seq = ARGV[1], ARGV[2]
 local ts = tonumber(ts_s)
@@ -154,12 +158,8 @@ end
 redis.call('HINCRBY', counters, 'accepted', 1)
 if q == 'S' then redis.call('HINCRBY', counters, 'suspect', 1) end
 if n ~= 0 then redis.call('HINCRBY', counters, 'estimated', n) end
--- the neighbours in time, for the grid aggregation's energy per interval (metertwin.grid.aggregates)
-local function pt(p)
-  if p == nil then return '' end
-  return string.format('%d', p.ts) .. '|' .. string.format('%.17g', p.imp) .. '|' .. string.format('%.17g', p.exp)
-end
-return {'accepted', q, n, pt(pred), pt(succ)}
+""" + aggregates.INGEST_TAIL + r"""
+return {'accepted', q, n}
 """
 
 # KEYS: iv latest counters audit (the hot set: hot_store.edit adds the meter after)

@@ -91,7 +91,6 @@ async def ingest_one_async(meter_id: str, row: Row, now_s: float | None = None) 
     try:
         outcome = outcome_of(await script(keys=ks, args=argv))
         if outcome.status in _INDEXED:
-            await aggregates.aggregate_async(client, _aggregands([(meter_id, row)], [outcome]))
             await _index_meters(client.pipeline(transaction=False), [meter_id]).execute()
     except redis.RedisError as exc:
         raise BackendUnavailable(f"hot store (Redis) failed during ingest: {exc}") from exc
@@ -117,6 +116,7 @@ def _index_meters(pipe: Any, meter_ids: Sequence[str]) -> Any:
     if meter_ids:
         pipe.sadd(keys.MDMS_HOT_METERS, *meter_ids)
         pipe.sadd(keys.MDMS_METERS, *meter_ids)
+        aggregates.mark_dirty(pipe, meter_ids)  # the same reasoning: metertwin.grid.aggregates
     return pipe
 
 
@@ -127,25 +127,6 @@ class IngestOutcome:
     estimated: int = 0
     rule: str | None = None
     reason: str | None = None
-    #: The nearest actual readings before and after (ts_ms, import_kwh, export_kwh), for the grid.
-    pred: aggregates.Point | None = None
-    succ: aggregates.Point | None = None
-
-
-def _point(raw: Any) -> aggregates.Point | None:
-    if not raw:
-        return None
-    ts, imp, exp = str(raw).split("|")
-    return int(ts), float(imp), float(exp)
-
-
-def _aggregands(items: Sequence[tuple[str, Row]], outcomes: Sequence[IngestOutcome]) -> list[aggregates.Aggregand]:
-    """What the grid aggregation gets of these outcomes (accepted: aggregate; duplicate: flush only)."""
-    if not aggregates.enabled():
-        return []
-    return [aggregates.Aggregand(m, row.ts_ms, row.power_w or 0.0, row.voltage_v or 0.0, row.import_kwh, row.export_kwh,
-                                 o.pred, o.succ, fresh=o.status == "accepted")
-            for (m, row), o in zip(items, outcomes, strict=True) if o.status in _INDEXED]
 
 
 def _script(name: str, source: str) -> Any:
@@ -162,12 +143,13 @@ def ingest_args(meter_id: str, row: Row, now_s: float, s: MdmsSettings) -> tuple
     member = row.encode().split("|")
     ks = [
         keys.mdms_intervals(meter_id), keys.mdms_sequences(meter_id), keys.mdms_latest(meter_id),
-        keys.mdms_counters(meter_id), twin_keys.registry_entry(meter_id),
+        keys.mdms_counters(meter_id), twin_keys.registry_entry(meter_id), *aggregates.ingest_keys(meter_id),
     ]
     argv = [
         member[0], member[1], member[2], member[3], member[4], member[5], member[6],
         str(s.interval_ms), str(int((now_s - s.horizon_s) * 1000)), str(int(s.estimation_max_gap_s * 1000)),
         repr(s.max_demand_kw * 1000), "1" if s.require_registered_meter else "0", meter_id,
+        *aggregates.ingest_args(),
     ]
     return ks, argv
 
@@ -175,9 +157,7 @@ def ingest_args(meter_id: str, row: Row, now_s: float, s: MdmsSettings) -> tuple
 def outcome_of(raw: Sequence[Any]) -> IngestOutcome:
     status = str(raw[0])
     if status == "accepted":
-        return IngestOutcome("accepted", quality=str(raw[1]), estimated=int(raw[2]),
-                             pred=_point(raw[3]) if len(raw) > 3 else None,
-                             succ=_point(raw[4]) if len(raw) > 4 else None)
+        return IngestOutcome("accepted", quality=str(raw[1]), estimated=int(raw[2]))
     if status == "duplicate":
         return IngestOutcome("duplicate")
     return IngestOutcome("rejected", rule=str(raw[1]), reason=str(raw[2]))
@@ -197,7 +177,6 @@ def ingest_many(items: Sequence[tuple[str, Row]], now_s: float | None = None) ->
                 ks, argv = ingest_args(meter_id, row, now, s)
                 script(keys=ks, args=argv, client=pipe)
             done = [outcome_of(r) for r in pipe.execute()]
-            aggregates.aggregate(get_hot_redis(), _aggregands(chunk, done))
             seen = {m: None for (m, _row), o in zip(chunk, done, strict=True) if o.status in _INDEXED}
             _index_meters(get_hot_redis().pipeline(transaction=False), list(seen)).execute()
             out.extend(done)
@@ -212,7 +191,6 @@ def ingest_one(meter_id: str, row: Row, now_s: float | None = None) -> IngestOut
     try:
         outcome = outcome_of(_script("ingest", hot_scripts.INGEST)(keys=ks, args=argv))
         if outcome.status in _INDEXED:
-            aggregates.aggregate(get_hot_redis(), _aggregands([(meter_id, row)], [outcome]))
             _index_meters(get_hot_redis().pipeline(transaction=False), [meter_id]).execute()
     except redis.RedisError as exc:
         raise BackendUnavailable(f"hot store (Redis) failed during ingest: {exc}") from exc

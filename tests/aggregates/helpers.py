@@ -26,6 +26,11 @@ def place(meter_id: str, version: int, transformer: str | None = "T1", feeder: s
         "transformer": transformer, "feeder": feeder, "substation": substation, "region": region}, version)
 
 
+def drain() -> dict[str, int]:
+    """Apply the pending entries (what fog-grid's cron tick does)."""
+    return aggregates.drain(hot_store.get_hot_redis())
+
+
 def grid_handler() -> Any:
     return load_handler("grid")
 
