@@ -17,7 +17,10 @@ code the ``edge-fleet`` function runs, without HTTP):
   ``--job-twins`` twins (100,000 at full size) at ``--job-rate`` (1000/s), acked by the bench as
   the meters; with ``job_counts``, the exact final counts. ``--job-twins 0`` skips it.
 
-Aggregation is not measured here yet: ``agg_us_per_reading`` is null.
+* ``agg_us_per_reading`` (:mod:`loadtest.agg_bench`): CPU per reading the grid aggregation adds,
+  the same run's MDMS ingest with and without it, ``--agg-meters`` x ``--agg-readings`` readings
+  per round (``aggregation``: the detail, ``agg_cpu_ratio`` the target's ratio, <= 0.20).
+  ``--agg-meters 0`` skips it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import redis
 
+from loadtest import agg_bench
 from loadtest.job_bench import run_job
 from metertwin.fleet import keys
 from metertwin.fleet.search import Query, fleet_search
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", dest="json_file")
     ap.add_argument("--job-twins", type=int, default=100_000, help="twins of the bulk job (0: no job)")
     ap.add_argument("--job-rate", type=float, default=1000.0, help="the job's rate_per_s")
+    ap.add_argument("--agg-meters", type=int, default=2000, help="meters per aggregation round (0: skip)")
+    ap.add_argument("--agg-readings", type=int, default=5, help="readings per meter per aggregation round")
     args = ap.parse_args(argv)
     rnd = random.Random(13)
     with RedisServer() as server:
@@ -103,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r.close()
         job_twins = min(args.job_twins, args.meters)
         job = run_job(server.url, [f"m-{i:08d}" for i in range(job_twins)], args.job_rate) if job_twins else {}
+        agg = agg_bench.measure(server.url, meters=args.agg_meters, readings=args.agg_readings,
+                                transformers=max(1, min(args.transformers, args.agg_meters // 4))) \
+            if args.agg_meters else {}
     out = {
         "meters": args.meters, "feeders": args.feeders, "transformers": args.transformers,
         "bytes_per_twin": round(per_twin, 1), "fleet_bytes_per_twin": round(fleet_per_twin, 1),
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "search_p50_ms": page["p50_ms"], "search_p99_ms": page["p99_ms"],
         "search_live_p50_ms": live["p50_ms"], "search_live_p99_ms": live["p99_ms"],
         "feeder_page": page, "feeder_offline_stale": live,
-        "agg_us_per_reading": None, "job_per_s": job.get("job_per_s"),
+        "agg_us_per_reading": agg.get("agg_us_per_reading"), "aggregation": agg, "job_per_s": job.get("job_per_s"),
         **{k: v for k, v in job.items() if k != "job_per_s"},
     }
     print(json.dumps(out, indent=2))
