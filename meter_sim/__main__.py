@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from meter_sim import accounts
+from meter_sim.concentrator import ConcentratorFleet
 from meter_sim.fleet import FleetStats, MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.profile import LinkProfile
 
@@ -52,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a fleet of simulated meters")
     run.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), help="HOST:PORT (127.0.0.1:1883)")
-    run.add_argument("--credentials", type=Path, required=True,
+    run.add_argument("--credentials", type=Path, default=None,
                      help='JSON {"meters": [{"meter_id", "password"}]} (the registry\'s bulk provisioning answer)')
+    run.add_argument("--concentrators", type=Path, default=None,
+                     help='concentrator mode: JSON {"concentrators": [{"concentrator_id", "username", "password", '
+                          '"meters": [...]}]} (the registry\'s answers); each publishes its meters\' readings '
+                          'in batches (meter_sim.concentrator)')
+    run.add_argument("--batch-max", type=int, default=1000, help="readings per concentrator message at most (1000)")
     run.add_argument("--meters-from", choices=("creds",), default="creds",
                      help="where the meter list comes from: the credentials file")
     run.add_argument("--meters", type=int, default=None, help="use only the first N meters of the file")
@@ -182,6 +188,25 @@ async def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> Fleet
     return final
 
 
+def run_concentrators(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Concentrator mode: N concentrators x M meters, batches every ``--interval`` for ``--duration``."""
+    specs = json.loads(args.concentrators.read_text())["concentrators"]
+    host, port = args.broker
+    fleet = ConcentratorFleet(host, port, specs, reporting_interval_s=args.interval, batch_max=args.batch_max,
+                              seed=args.seed, prosumer_share=args.prosumers)
+    meters = sum(len(s["meters"]) for s in specs)
+    out.write(f"meter_sim: {len(specs)} concentrators x {meters} meters -> {host}:{port}, "
+              f"interval {args.interval:g} s, batches of at most {args.batch_max}\n")
+    with fleet, contextlib.suppress(KeyboardInterrupt):
+        time.sleep(args.duration if args.duration > 0 else 10**9)  # the run's length, not a wait
+    final = fleet.stats()
+    out.write(f"done: {final.readings} readings in {final.batches} batches, {final.reads_answered} reads, "
+              f"{final.commands_applied} commands applied\n")
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps(asdict(final), indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
@@ -194,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         accounts.save_credentials(args.out, creds)
         print(f"created {len(creds)} meter accounts; credentials in {args.out}")
         return 0
+    if args.concentrators is not None:
+        return run_concentrators(args)
+    if args.credentials is None:
+        print("meter_sim: run needs --credentials or --concentrators", file=sys.stderr)
+        return 2
     raise_nofile_limit()
     try:
         asyncio.run(run_fleet(args))
