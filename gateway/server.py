@@ -32,7 +32,7 @@ import httpx
 import uvicorn
 
 from gateway.app import GatewayApp, create_app
-from storage.embedded import ServiceError
+from storage.embedded import ServiceError, private_log
 
 _LISTENING_RE = re.compile(r"gateway listening on http://\S+:(\d+) ")
 
@@ -132,7 +132,7 @@ class GatewayProcess:
             argv += ["--secrets-dir", str(secrets_dir)]
         argv += args or []
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
+        with private_log(self.log_path) as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                 start_new_session=True, cwd=Path(__file__).resolve().parent.parent,

@@ -32,11 +32,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 
 class ServiceError(RuntimeError):
     """An embedded service failed to start or stop."""
+
+
+def private_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending, mode 0600 (made by this process, so the children's umask 077 does not apply)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # a log left by an earlier run keeps its mode otherwise
+    return os.fdopen(fd, "ab")
 
 
 def free_port() -> int:
@@ -82,7 +89,7 @@ class _Process:
         """Start the process (again) with the same arguments, port and data directory."""
         if self.alive():
             return
-        log = open(self.dir / f"{self.name}.log", "ab")  # noqa: SIM115 - kept open for the child
+        log = private_log(self.dir / f"{self.name}.log")
         self.proc = subprocess.Popen(
             self._argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=0o077
         )
@@ -246,6 +253,7 @@ class Mosquitto(_Process):
         self._write_dynsec()
         plugin = _dynsec_plugin()
         conf = self.dir / "mosquitto.conf"
+        conf.touch(mode=0o600)
         conf.write_text(
             "\n".join([
                 "per_listener_settings false",

@@ -72,3 +72,12 @@ def test_bill_honours_accept_csv_and_its_csv_ends_with_the_total(stack: Embedded
         assert rows[-1]["item"] == "total", rows
         assert float(rows[-1]["amount"]) == pytest.approx(total)
         assert sum(float(r["amount"]) for r in rows[:-1]) == pytest.approx(total)
+
+
+def test_files_the_stack_writes_are_private(stack: EmbeddedStack) -> None:
+    """docs/security.md: the data files *and the logs* are 0600. The logs were opened by the parent
+    (umask 022), so gateway-<zone>.log, redis.log and mosquitto.log were 0644."""
+    stack.call("edge", "edge-registry", "GET", "/meters", token=stack.token("admin"))  # something in the logs
+    loose = sorted(f"{oct(p.stat().st_mode & 0o777)} {p.relative_to(stack.dir)}" for p in stack.dir.rglob("*")
+                   if p.is_file() and p.stat().st_mode & 0o077)
+    assert not loose, loose
