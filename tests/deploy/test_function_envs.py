@@ -7,7 +7,11 @@ gateway runs every function in the repository's one virtualenv, which hides a mi
 (edge-p2p-bid once died on OpenFaaS with ``No module named 'httpx'``). So, per function:
 
 - a virtualenv with :data:`tests.python3_http.TEMPLATE_REQUIREMENTS` and then the function's
-  requirements, installed in two pip runs as the Dockerfile does. Identical requirement sets share one
+  requirements, installed in two pip runs as the Dockerfile does. Two differences from the image
+  remain: the interpreter is this one (the template's default is ``PYTHON_VERSION=3.12``, alpine), and
+  the function's requirements go into the same site-packages (the Dockerfile uses ``pip install
+  --target=/home/app/python`` with that folder first on ``PYTHONPATH``, so a function pin of one of
+  flask's own dependencies would shadow it there; none of the functions pins one). Identical requirement sets share one
   environment, cached under ``${XDG_CACHE_HOME:-~/.cache}/metertwin/fn-envs/<key>`` (override:
   ``METERTWIN_FN_ENVS``), where the key is a hash of the Python version and the normalised
   requirement set: a changed pin builds a new environment, an unchanged one is reused.
@@ -222,3 +226,17 @@ def test_requirement_sets_are_shared_and_keyed_by_content(tmp_path: Path) -> Non
     assert env_key(requirement_lines(a)) != env_key(requirement_lines(b))
     sets = {requirement_lines(spec.handler_dir / "requirements.txt") for spec in STACK.functions.values()}
     assert len(sets) < len(STACK.functions)  # the stack's 14 functions share a few environments
+
+
+#: Flask's and waitress's own distributions (flask 3.1 requires werkzeug, jinja2, itsdangerous, click,
+#: blinker, markupsafe).
+TEMPLATE_DISTRIBUTIONS = {"flask", "waitress", "werkzeug", "jinja2", "itsdangerous", "click", "blinker", "markupsafe"}
+
+
+def test_no_function_pins_a_distribution_of_the_template() -> None:
+    """In the image a function's pin of one of these would shadow the template's copy (``--target`` folder
+    first on ``PYTHONPATH``), which these one-site-packages environments would not show."""
+    for name, spec in sorted(STACK.functions.items()):
+        pinned = {re.split(r"[<>=!~\[;@ ]", line, maxsplit=1)[0]
+                  for line in requirement_lines(spec.handler_dir / "requirements.txt")}
+        assert not pinned & TEMPLATE_DISTRIBUTIONS, f"{name} pins {sorted(pinned & TEMPLATE_DISTRIBUTIONS)}"
