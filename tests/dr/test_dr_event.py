@@ -406,3 +406,16 @@ def test_numeric_ids_from_openleadr_are_accepted(dr_env: dict[str, str]) -> None
     assert doc["signals"][0]["intervals"][0]["start"] == raw["active_period"]["dtstart"]
     answers = deliver("0421", doc, ven_id="0421")
     assert answers["1234"]["opt"] == "optIn"
+
+
+def test_test_events_run_only_when_the_setting_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    test_event = {**ev(level=2), "test_event": True}
+    off = _decide(test_event)
+    assert (off.opt, off.steps) == (decisions.OPT_IN, [])
+    monkeypatch.setenv("DR_EXECUTE_TEST_EVENTS", "true")
+    get_dr_settings.cache_clear()
+    try:
+        assert [w for _, w in _decide(test_event).steps] == [1250.0]
+    finally:
+        monkeypatch.delenv("DR_EXECUTE_TEST_EVENTS")
+        get_dr_settings.cache_clear()
