@@ -67,33 +67,6 @@ async function follow(query, onEvent) {
   }
 }
 
-function fleetPage() {
-  const seen = new Map();  // meter -> online?
-  const times = [];
-  const rows = document.getElementById("events");
-  follow("", (ev) => {
-    if (ev.type === "reading") { times.push(Date.now()); if (!seen.has(ev.meter)) seen.set(ev.meter, true); }
-    if (ev.type === "status") seen.set(ev.meter, ev.data.online);
-    const tr = document.createElement("tr");
-    for (const text of [ev.id, ev.meter, ev.type, JSON.stringify(ev.data).slice(0, 120)]) {
-      const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
-    }
-    const link = document.createElement("a"); link.href = "/meter?id=" + encodeURIComponent(ev.meter);
-    link.textContent = ev.meter; tr.children[1].replaceChildren(link);
-    rows.prepend(tr);
-    while (rows.children.length > 50) rows.lastChild.remove();
-  });
-  setInterval(() => {
-    const now = Date.now();
-    while (times.length && times[0] < now - 10000) times.shift();
-    document.getElementById("rate").textContent = (times.length / 10).toFixed(1);
-    let online = 0, offline = 0;
-    for (const v of seen.values()) v ? online++ : offline++;
-    document.getElementById("online").textContent = online;
-    document.getElementById("offline").textContent = offline;
-  }, 500);
-}
-
 function meterPage() {
   const meter = new URLSearchParams(location.search).get("id");
   document.getElementById("meter-id").textContent = meter;
@@ -126,5 +99,5 @@ function meterPage() {
 window.addEventListener("DOMContentLoaded", () => {
   if (!token()) { showLogin(""); return; }
   const page = document.body.dataset.page;
-  if (page === "meter") meterPage(); else if (page === "fleet") fleetPage();
+  if (page === "meter") meterPage();
 });

@@ -81,18 +81,28 @@ async function feederPage() {
   });
 }
 
+// The sub-topic of an event (topic's last level), e.g. "received" for meters/m/dr/received.
+function subOf(ev) { const parts = ev.topic.split("/"); return parts.length > (ev.meter ? 3 : 2) ? parts[parts.length - 1] : ""; }
+
+function lastChange(text) { put("last-change", new Date().toLocaleTimeString() + " " + text); }
+
 async function drPage() {
   const meter = param("meter");
-  if (meter) {  // one twin: its events and its own opt-in/out
+  if (meter) {  // one twin: its events and its own opt-in/out, refreshed on its dr events
     put("subject", "meter " + meter);
-    const [ev, pref] = await Promise.all([api("edge-dr-event/meters/" + encodeURIComponent(meter) + "/events"),
-      api("edge-dr-event/meters/" + encodeURIComponent(meter) + "/dr-preferences")]);
-    if (explain(ev, "this meter's events") || explain(pref, "this meter's preferences")) return;
-    const events = ev.body.events || [];
-    put("events", events.length);
-    const out = pref.body.preferences ? pref.body.preferences.opt_out : pref.body.opt_out;
-    put("opt-in", out ? 0 : 1); put("opt-out", out ? 1 : 0); put("shed", "–");
-    fill("event-rows", events, (e) => [e.event_id, e.start, 1, e.opt === "optIn" ? 1 : 0, e.opt === "optOut" ? 1 : 0, e.shed_w]);
+    const one = async () => {
+      const [ev, pref] = await Promise.all([api("edge-dr-event/meters/" + encodeURIComponent(meter) + "/events"),
+        api("edge-dr-event/meters/" + encodeURIComponent(meter) + "/dr-preferences")]);
+      if (explain(ev, "this meter's events") || explain(pref, "this meter's preferences")) return false;
+      const events = ev.body.events || [];
+      put("events", events.length);
+      const out = pref.body.preferences ? pref.body.preferences.opt_out : pref.body.opt_out;
+      put("opt-in", out ? 0 : 1); put("opt-out", out ? 1 : 0); put("shed", "–");
+      fill("event-rows", events, (e) => [e.event_id, e.start, 1, e.opt === "optIn" ? 1 : 0, e.opt === "optOut" ? 1 : 0, e.shed_w]);
+      return true;
+    };
+    const again = later(one, 500);
+    if (await one()) follow("type=dr&meter=" + encodeURIComponent(meter), (ev) => { lastChange(ev.data.event_id + " " + subOf(ev)); again(); });
     return;
   }
   const refresh = async () => {
@@ -111,33 +121,69 @@ async function drPage() {
     fill("twin-rows", latest, ([m, t]) => [m, t.opt, t.exec, t.baseline_w, t.power_w, t.shed_w]);
     return true;
   };
-  if (await refresh()) follow("type=reading,command", later(refresh, 2000));  // load limits are commands
+  // DR state changes refresh at once; readings only move the shed, so they refresh slowly.
+  const soon = later(refresh, 500), slow = later(refresh, 10000);
+  if (await refresh()) {
+    follow("type=dr,reading", (ev) => {
+      if (ev.type !== "dr") { slow(); return; }
+      lastChange(ev.meter + " " + ev.data.event_id + " " + subOf(ev));
+      soon();
+    });
+  }
 }
 
 async function p2pPage() {
-  const r = await api("edge-p2p-market/markets?limit=50");
-  if (explain(r, "P2P markets")) return;
-  const markets = r.body.markets;
-  put("markets", markets.length);
-  fill("market-rows", markets, (m) => [m.id, m.status, m.participants]);
-  const id = param("market") || (markets[0] && markets[0].id);
-  if (!id) { put("note", "No market yet."); return; }
-  put("subject", id);
+  let id = param("market");
   const chart = lineChart("chart", "Convergence: price and excess demand per round", ["price", "excess_kwh"]);
-  const refresh = async () => {
-    const [rounds, trades] = await Promise.all([api("edge-p2p-market/markets/" + encodeURIComponent(id) + "/rounds"),
-      api("edge-p2p-market/markets/" + encodeURIComponent(id) + "/trades")]);
-    if (explain(rounds, "the market's rounds") || explain(trades, "the market's trades")) return;
-    const list = rounds.body.rounds;
+  const markets = async () => {
+    const r = await api("edge-p2p-market/markets?limit=50");
+    if (explain(r, "P2P markets")) return false;
+    put("markets", r.body.markets.length);
+    fill("market-rows", r.body.markets, (m) => [m.id, m.status, m.participants]);
+    if (!id && r.body.markets.length) await select(r.body.markets[0].id);
+    if (!id) put("note", "No market yet.");
+    return true;
+  };
+  const trades = async () => {
+    const t = await api("edge-p2p-market/markets/" + encodeURIComponent(id) + "/trades");
+    if (explain(t, "the market's trades")) return;
+    put("trades", t.body.trades.length);
+    fill("trade-rows", t.body.trades, (x) => [x.meter_id, x.side, x.kwh ?? x.energy_kwh, x.price, x.amount]);
+  };
+  const showRounds = (list) => {
     chart.data[0] = list.map((x) => x.round); chart.data[1] = list.map((x) => x.price); chart.data[2] = list.map((x) => x.excess_kwh);
     chart.plot.setData(chart.data);
     put("rounds", list.length);
     put("price", list.length ? list[list.length - 1].price : "–");
-    put("trades", trades.body.trades.length);
-    fill("trade-rows", trades.body.trades, (t) => [t.meter_id, t.side, t.kwh ?? t.energy_kwh, t.price, t.amount]);
   };
-  await refresh();
-  follow("", later(refresh, 2000));  // no P2P event type yet: any twin change refreshes
+  async function select(market) {
+    id = market; put("subject", id); put("note", "");
+    const rounds = await api("edge-p2p-market/markets/" + encodeURIComponent(id) + "/rounds");
+    if (explain(rounds, "the market's rounds")) return;
+    showRounds(rounds.body.rounds);
+    await trades();
+  }
+  if (!(await markets())) return;
+  if (id && document.getElementById("subject").textContent !== id) await select(id);
+  const relist = later(markets, 500), retrade = later(() => id && trades(), 500);
+  // Live from the p2p events: a round extends the chart as it is negotiated; a market's status
+  // refreshes the list; a trade refreshes the trades.
+  follow("type=p2p", (ev) => {
+    const market = ev.data.market_id, sub = subOf(ev);
+    lastChange(market + " " + sub + (sub === "round" ? " " + ev.data.round : ""));
+    if (sub === "round") {
+      if (!id) { id = market; put("subject", id); put("note", ""); }
+      if (market !== id) return;
+      const rounds = chart.data[0].map((r, i) => ({ round: r, price: chart.data[1][i], excess_kwh: chart.data[2][i] }))
+        .filter((r) => r.round < ev.data.round);
+      showRounds(rounds.concat([ev.data]));
+    } else if (sub === "trade") {
+      if (market === id) retrade();
+    } else {
+      relist();
+      if (sub === "cleared" && market === id) select(id);  // the stored rounds and trades, as REST gives them
+    }
+  });
 }
 
 async function opsPage() {
@@ -156,7 +202,11 @@ async function opsPage() {
     fill("job-rows", jobs, (x) => [x.id || x.job_id, x.state || x.status, JSON.stringify(x.progress || x.counts || {}), x.failed ?? "–"]);
   };
   await refresh();
-  follow("", later(refresh, 2000));  // no upgrade/job event types yet
+  const again = later(refresh, 500);
+  follow("type=upgrade,job", (ev) => {  // operation and job progress, each twin's step
+    lastChange((ev.meter ? ev.meter + " " : "") + (ev.data.op || ev.data.job || "") + " " + subOf(ev));
+    again();
+  });
 }
 
 async function qualityPage() {
@@ -189,8 +239,78 @@ async function qualityPage() {
   if (await refresh()) follow("type=reading", later(refresh, 5000));
 }
 
+// Fleet: online/offline/stale counts by zone and feeder from the fleet search's exact counts (the
+// same numbers as GET /meters), refreshed on status events and every 15 s (staleness moves with
+// time); the ingest rate and the latest events live from the stream.
+async function fleetPage() {
+  const staleS = Number(param("stale_s") || 300);
+  put("stale-s", staleS);
+  const times = [], rows = document.getElementById("events");
+  const counts = async (filter) => {
+    const rs = await Promise.all(["", "&online=true", "&online=false", "&stale_s=" + staleS]
+      .map((q) => api("edge-fleet/meters?limit=1" + filter + q)));
+    const bad = rs.find((r) => r.status !== 200);
+    if (bad) { explain(bad, "the fleet's counts"); return ["–", "–", "–", "–"]; }
+    return rs.map((r) => r.body.count);
+  };
+  const groups = async () => {  // the zones and feeders of the first 5,000 meters
+    const zones = new Set(), feeders = new Set();
+    let cursor = null, pages = 0;
+    do {
+      const r = await api("edge-fleet/meters?limit=1000" + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+      if (explain(r, "the fleet")) return null;
+      for (const m of r.body.meters) {
+        const t = m.topology || {};
+        if (t.zone) zones.add(t.zone);
+        if (t.feeder) feeders.add(t.feeder);
+      }
+      cursor = r.body.next_cursor; pages++;
+    } while (cursor && pages < 5);
+    return { zones: [...zones].sort(), feeders: [...feeders].sort().slice(0, 50), partial: !!cursor };
+  };
+  let busy = false;
+  const refresh = async () => {
+    if (busy) return;
+    busy = true;
+    try {
+      const g = await groups();
+      if (!g) return;
+      const [all, zoneRows, feederRows] = await Promise.all([counts(""),
+        Promise.all(g.zones.map(async (z) => [z].concat(await counts("&zone=" + encodeURIComponent(z))))),
+        Promise.all(g.feeders.map(async (f) => [f].concat(await counts("&feeder=" + encodeURIComponent(f)))))]);
+      ["meters", "online", "offline", "stale"].forEach((card, i) => put(card, all[i]));
+      fill("zone-rows", zoneRows, (r) => r);
+      fill("feeder-rows", feederRows, (r) => r);
+      put("feeder-note", !g.feeders.length ? "No meter has a feeder in its topology." :
+        g.partial ? "Feeders of the first 5,000 meters (at most 50)." : "");
+    } finally { busy = false; }
+  };
+  await refresh();
+  const again = later(refresh, 1000);
+  setInterval(refresh, 15000);
+  setInterval(() => {
+    const now = Date.now();
+    while (times.length && times[0] < now - 10000) times.shift();
+    put("rate", (times.length / 10).toFixed(1));
+  }, 500);
+  follow("", (ev) => {
+    if (ev.type === "reading") times.push(Date.now());
+    if (ev.type === "status") again();
+    const tr = document.createElement("tr");
+    for (const text of [ev.id, ev.meter || ev.about || "", ev.type, JSON.stringify(ev.data).slice(0, 120)]) {
+      const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
+    }
+    if (ev.meter) {
+      const link = document.createElement("a"); link.href = "/meter?id=" + encodeURIComponent(ev.meter);
+      link.textContent = ev.meter; tr.children[1].replaceChildren(link);
+    }
+    rows.prepend(tr);
+    while (rows.children.length > 50) rows.lastChild.remove();
+  });
+}
+
 window.addEventListener("DOMContentLoaded", () => {
   if (!token()) return;  // app.js shows the login form
-  const run = { feeder: feederPage, dr: drPage, p2p: p2pPage, ops: opsPage, quality: qualityPage }[document.body.dataset.page];
+  const run = { fleet: fleetPage, feeder: feederPage, dr: drPage, p2p: p2pPage, ops: opsPage, quality: qualityPage }[document.body.dataset.page];
   if (run) run().catch((err) => put("note", "Error: " + err.message));
 });

@@ -1,9 +1,11 @@
-"""Issue 17 items 2 and 5: the feeder, DR, P2P, upgrades/jobs and data-quality pages in headless Chromium.
+"""Issue 17 items 2 and 5: the fleet, feeder, DR, P2P, upgrades/jobs and data-quality pages in headless Chromium.
 
 The stream service reads the zones' REST APIs through real gateways (``python -m gateway`` for edge
 and fog, ``STREAM_GATEWAY_URLS``); each page loads without console errors, shows the numbers the
-REST API gives for the same token, and a consumer token cannot see another meter. One browser for
-the module. Screenshots: ``dashboard-<page>.png`` in ``$DASHBOARD_SCREENSHOTS`` (default: the
+REST API gives for the same token (the fleet's counts by zone and feeder too), a DR event, a P2P
+market and an upgrade operation driven through their function routes appear live on their pages,
+and a consumer token cannot see another meter. One browser for the module.
+Screenshots: ``dashboard-<page>.png`` in ``$DASHBOARD_SCREENSHOTS`` (default: the
 pytest tmp dir of the test, printed).
 """
 
@@ -23,8 +25,11 @@ from gateway.server import GatewayProcess
 from metertwin.core.auth import issue_token
 from metertwin.core.clients import get_redis
 from metertwin.mdms import dead_letters
+from metertwin.stream import events
+from metertwin.twin.state import twin_store
 from metertwin.upgrade.inbox import v1_ingest
 from tests.conftest import TEST_SIGNING_KEY
+from tests.dr.test_dr_event import ev as dr_event
 from tests.stream.test_dashboard_browser import CHROMIUM, DRIVER, pytestmark, severe, text_of, webdriver
 from tests.stream.test_service import serve  # noqa: F401 - the fixture
 
@@ -56,6 +61,30 @@ def errors(driver: Any) -> list[dict[str, Any]]:
 
 def open_page(driver: Any, url: str, tok: str) -> None:
     driver.get(url.split("#")[0] + f"#token={tok}")
+
+
+def wait_rows(driver: Any, tbody_id: str, expected: list[str], timeout_s: float = 10) -> None:
+    """Until the rows of #tbody_id read ``expected`` (cells joined by spaces)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def rows(d: Any) -> list[str]:
+        return [r.text for r in d.find_element("id", tbody_id).find_elements("tag name", "tr")]
+
+    try:
+        WebDriverWait(driver, timeout_s, poll_frequency=0.05).until(lambda d: rows(d) == expected)
+    except Exception:
+        raise AssertionError(f"#{tbody_id} rows {rows(driver)} != {expected}") from None
+
+
+def wait_text(driver: Any, element_id: str, part: str, timeout_s: float = 5) -> None:
+    """Until #element_id's text contains ``part``."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(driver, timeout_s, poll_frequency=0.05).until(
+            lambda d: part in d.find_element("id", element_id).text)
+    except Exception:
+        raise AssertionError(f"#{element_id} {driver.find_element('id', element_id).text!r} lacks {part!r}") from None
 
 
 def test_operator_pages_show_what_the_rest_api_gives(
@@ -100,16 +129,74 @@ def test_operator_pages_show_what_the_rest_api_gives(
         browser.save_screenshot(str(shots / "dashboard-feeder.png"))
         assert errors(browser) == []
 
-        checks = {  # page -> (card id, the number the REST API gives)
-            "dr": ("events", len(rest("edge-dr-event/events?limit=20")["events"])),
-            "p2p": ("markets", len(rest("edge-p2p-market/markets?limit=50")["markets"])),
-            "ops": ("operations", len(rest("edge-upgrade-manager/operations")["operations"])),
-        }
-        for page, (card, expected) in checks.items():
-            open_page(browser, f"{base}/{page}", admin)
-            text_of(browser, card, str(expected), 10)
-            browser.save_screenshot(str(shots / f"dashboard-{page}.png"))
-            assert errors(browser) == [], page
+        # Fleet: counts by zone and by feeder equal the fleet search's exact counts (GET /meters).
+        other = f"{meter_id}-b"
+        assert httpx.post(f"{edge.url}/function/edge-registry/meters", json={"meter_id": other},
+                          headers=hdr, timeout=10).status_code == 201
+        twin_store(get_redis()).report(meter_id, {"online": True})
+        events.connection(get_redis(), meter_id, True)
+        open_page(browser, f"{base}/?stale_s=600", admin)
+
+        def counts(q: str = "") -> list[str]:
+            return [str(rest(f"edge-fleet/meters?limit=1{q}{live}")["count"])
+                    for live in ("", "&online=true", "&online=false", "&stale_s=600")]
+
+        fleet = counts()
+        assert fleet == ["2", "1", "1", "1"]  # meter_id online with a fresh reading, other offline and stale
+        for card, expected in zip(("meters", "online", "offline", "stale"), fleet, strict=True):
+            text_of(browser, card, expected, 10)
+        wait_rows(browser, "feeder-rows", [" ".join(["F-7", *counts("&feeder=F-7")])])
+        zones = sorted({m["topology"].get("zone") for m in rest("edge-fleet/meters?limit=1000")["meters"]} - {None})
+        wait_rows(browser, "zone-rows", [" ".join([z, *counts(f"&zone={z}")]) for z in zones])
+        browser.save_screenshot(str(shots / "dashboard-fleet.png"))
+        assert errors(browser) == []
+
+        # DR: a VTN event delivered through edge-dr-event appears live (its 'dr' event refreshes the page).
+        open_page(browser, f"{base}/dr", admin)
+        text_of(browser, "events", str(len(rest("edge-dr-event/events?limit=20")["events"])), 10)
+        bridge = {"Authorization": f"Bearer {issue_token('bridge', {'service'}, key=TEST_SIGNING_KEY)}"}
+        delivered = httpx.post(f"{edge.url}/function/edge-dr-event/events", headers=bridge, timeout=10, json={
+            "meter_id": meter_id, "ven_id": "VEN-X", "vtn_id": "Vtn", "events": [dr_event("LIVE-1", lead_s=600)]})
+        assert delivered.status_code == 200, delivered.text
+        text_of(browser, "events", str(len(rest("edge-dr-event/events?limit=20")["events"])), 5)
+        wait_text(browser, "last-change", f"{meter_id} LIVE-1 received")
+        browser.save_screenshot(str(shots / "dashboard-dr.png"))
+        assert errors(browser) == []
+
+        # P2P: a market opened, joined and run through edge-p2p-market: listed, negotiated and traded live.
+        open_page(browser, f"{base}/p2p", admin)
+        text_of(browser, "markets", str(len(rest("edge-p2p-market/markets?limit=50")["markets"])), 10)
+        market = f"live-{meter_id}"[:64]
+        opened = httpx.post(f"{edge.url}/function/edge-p2p-market/markets", headers=hdr, timeout=10, json={
+            "market_id": market, "slot_start": time.time() + 3600, "feed_in_tariff": 0.08, "retail_tariff": 0.30,
+            "deliver": False})
+        assert opened.status_code == 201, opened.text
+        text_of(browser, "markets", str(len(rest("edge-p2p-market/markets?limit=50")["markets"])), 5)
+        for who, bid in ((meter_id, {"forecast_load_kwh": 2.0, "max_buy_price": 0.26, "price_ramp": 0.02}),
+                         (other, {"forecast_pv_kwh": 3.0, "min_sell_price": 0.12, "price_ramp": 0.03})):
+            joined = httpx.put(f"{edge.url}/function/edge-p2p-market/markets/{market}/participants/{who}",
+                               json=bid, headers=hdr, timeout=10)
+            assert joined.status_code == 201, joined.text
+        ran = httpx.post(f"{edge.url}/function/edge-p2p-market/markets/{market}/run", headers=hdr, timeout=30)
+        assert ran.status_code == 200, ran.text
+        rounds = rest(f"edge-p2p-market/markets/{market}/rounds")["rounds"]
+        assert len(rounds) == ran.json()["rounds"] > 1
+        text_of(browser, "rounds", str(len(rounds)), 5)
+        text_of(browser, "trades", str(len(rest(f"edge-p2p-market/markets/{market}/trades")["trades"])), 5)
+        assert float(browser.find_element("id", "price").text) == rounds[-1]["price"]
+        browser.save_screenshot(str(shots / "dashboard-p2p.png"))
+        assert errors(browser) == []
+
+        # Upgrades: an operation started through edge-upgrade-manager appears live.
+        open_page(browser, f"{base}/ops", admin)
+        text_of(browser, "operations", str(len(rest("edge-upgrade-manager/operations")["operations"])), 10)
+        started = httpx.post(f"{edge.url}/function/edge-upgrade-manager/operations", headers=hdr, timeout=10,
+                             json={"to": "v2", "select": {"meters": [other]}})
+        assert started.status_code == 201, started.text
+        text_of(browser, "operations", str(len(rest("edge-upgrade-manager/operations")["operations"])), 5)
+        wait_text(browser, "last-change", f"{started.json()['id']} planning")
+        browser.save_screenshot(str(shots / "dashboard-ops.png"))
+        assert errors(browser) == []
 
         # Data quality: dead letters by rule, as the fog's MDMS lists them.
         listed = rest("fog-mdms-ingest/dead-letters?limit=1000", mdms)
