@@ -16,6 +16,7 @@ import httpx
 
 from metertwin.client.errors import ApiError
 from metertwin.client.fleet import Fleet
+from metertwin.client.jobs import Jobs
 from metertwin.client.markets import DemandResponse, P2PBid, P2PMarket, Upgrades
 from metertwin.client.mdms import Archive, MdmsIngest, MdmsQuery
 from metertwin.client.transport import Api, Transport
@@ -92,6 +93,7 @@ class Client:
         }
         self.registry = self._api(Registry, "edge")
         self.fleet = self._api(Fleet, "edge")
+        self.jobs = self._api(Jobs, "edge")
         self.read = self._api(Read, "edge")
         self.read_v2 = self._api(ReadV2, "edge")
         self.write = self._api(Write, "edge")

@@ -19,6 +19,7 @@ import yaml
 from embedded.stack import EmbeddedStack
 from metertwin.client import Client, errors
 from metertwin.client.fleet import Fleet
+from metertwin.client.jobs import Jobs
 from metertwin.client.markets import DemandResponse, P2PBid, P2PMarket, Upgrades
 from metertwin.client.mdms import Archive, MdmsIngest, MdmsQuery
 from metertwin.client.transport import Api, Transport, retry_after_s
@@ -33,7 +34,8 @@ _ids = itertools.count()
 
 #: Which client class serves which function of stack.yml.
 CLIENT_OF: dict[str, type[Api]] = {
-    "edge-registry": Registry, "edge-fleet": Fleet, "edge-read": Read, "edge-read-v2": ReadV2, "edge-write": Write,
+    "edge-registry": Registry, "edge-fleet": Fleet, "edge-jobs": Jobs, "edge-read": Read, "edge-read-v2": ReadV2,
+    "edge-write": Write,
     "edge-forward": Forward, "edge-ingest": Ingest, "edge-ingest-v2": Ingest, "edge-p2p-market": P2PMarket,
     "edge-p2p-bid": P2PBid, "edge-dr-event": DemandResponse, "edge-upgrade-manager": Upgrades,
     "fog-mdms-ingest": MdmsIngest, "fog-mdms-query": MdmsQuery, "cloud-mdms-archive": Archive,
