@@ -98,9 +98,8 @@ return redis.call('ZCARD', out)
 """
 
 # KEYS: cur meters seen volt history buckets (one node's slot)
-# ARGV: now_ms, then per meter: meter, n, op ('set'|'leave'), cur_ts, cur_pw, cur_v, k, then k
-#       (bucket, d_import_kwh, d_export_kwh, readings, v_lo, v_hi) sextets ('' where none)
-# Returns the number of meters applied (a meter whose n the node has seen already is skipped).
+# ARGV: now_ms, then per entry (a meter's in order of n): meter, op ('set'|'leave'), the entry string
+# Returns the number of entries applied (an entry whose n the node has seen for that meter is skipped).
 NODE = r"""
 local cur, meters, seen, volt, hist, hb = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now = ARGV[1]
@@ -109,20 +108,15 @@ local acc, last_b = {}, nil
 local function contrib(p, sign)
   if p > 0 then d_imp = d_imp + sign * p elseif p < 0 then d_exp = d_exp - sign * p end
 end
-local i = 2
-while i <= #ARGV do
-  local meter, n_s, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local n = tonumber(n_s)
-  local ts, pw, v = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local k = tonumber(ARGV[i + 6])
-  local first = i + 7
-  i = first + 6 * k
+for i = 2, #ARGV, 3 do
+  local meter, op = ARGV[i], ARGV[i + 1]
+  local n_s, ts_s, pw_s, v_s, _, parts = string.match(ARGV[i + 2], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local n, ts, pw, v = tonumber(n_s), tonumber(ts_s), tonumber(pw_s), tonumber(v_s)
   local old = redis.call('HGET', meters, meter)
   local on, ots, opw, ov
   if old then
-    local f = {}
-    for part in string.gmatch(old, '([^|]+)') do f[#f + 1] = tonumber(part) end
-    on, ots, opw, ov = f[1], f[2], f[3], f[4]
+    local a, b, c, d = string.match(old, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    on, ots, opw, ov = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
   end
   if op == 'leave' then
     if old then
@@ -134,23 +128,22 @@ while i <= #ARGV do
     end
   elseif not (old and n <= on) then
     applied = applied + 1
-    for j = first, first + 6 * (k - 1), 6 do
-      local b = ARGV[j]
+    for part in string.gmatch(parts, '([^;]+)') do
+      local b, di, de, cnt, lo, hi = string.match(part, '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')
       local a = acc[b]
       if not a then a = {0, 0, 0, nil, nil}; acc[b] = a end
-      a[1] = a[1] + tonumber(ARGV[j + 1]); a[2] = a[2] + tonumber(ARGV[j + 2]); a[3] = a[3] + tonumber(ARGV[j + 3])
-      local lo, hi = tonumber(ARGV[j + 4]), tonumber(ARGV[j + 5])
+      a[1] = a[1] + tonumber(di); a[2] = a[2] + tonumber(de); a[3] = a[3] + tonumber(cnt)
+      lo, hi = tonumber(lo), tonumber(hi)
       if lo and (a[4] == nil or lo < a[4]) then a[4] = lo end
       if hi and (a[5] == nil or hi > a[5]) then a[5] = hi end
-      if ARGV[j + 3] ~= '0' and (last_b == nil or tonumber(b) > tonumber(last_b)) then last_b = b end
+      if cnt ~= '0' and (last_b == nil or tonumber(b) > tonumber(last_b)) then last_b = b end
     end
-    if old and ots > ts then ts, pw, v = ots, opw, ov end
+    if old and ots > ts then ts_s, pw_s, v_s, ts, pw, v = tostring(ots), tostring(opw), tostring(ov), ots, opw, ov end
     if old then contrib(opw, -1) end
     contrib(pw, 1)
-    redis.call('HSET', meters, meter, n_s .. '|' .. string.format('%d', ts) .. '|'
-      .. string.format('%.17g', pw) .. '|' .. string.format('%.17g', v))
+    redis.call('HSET', meters, meter, n_s .. '|' .. ts_s .. '|' .. pw_s .. '|' .. v_s)
     redis.call('ZADD', seen, ts, meter)
-    redis.call('ZADD', volt, v, meter)
+    if ov ~= v then redis.call('ZADD', volt, v, meter) end
   end
 end
 if applied == 0 then return 0 end

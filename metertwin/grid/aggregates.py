@@ -91,39 +91,31 @@ def _node_keys(level: str, node: str) -> list[str]:
 
 
 def node_batches(outboxes: dict[str, list[str]]) -> tuple[dict[tuple[str, str], list[str]], dict[str, int]]:
-    """Per node, the NODE script's per-meter ARGV (entries of one meter merged); per meter, its top ``n``.
-
-    Entries are strings (see :mod:`metertwin.grid.agg_scripts`); their numbers pass through as text.
-    """
-    per_node: dict[tuple[str, str], dict[str, list[Any]]] = {}
+    """Per node, the NODE script's ARGV (meter, op, entry string, for each entry touching it, in order);
+    per meter, its top ``n``. Entries pass through as stored (see :mod:`metertwin.grid.agg_scripts`)."""
+    out: dict[tuple[str, str], list[str]] = {}
     tops: dict[str, int] = {}
     for meter_id, box in outboxes.items():
         for raw in box:
-            n, ts, pw, v, ops, parts = raw.split("|")
+            n, _ts, _pw, _v, ops, _parts = raw.split("|", 5)
             tops[meter_id] = max(tops.get(meter_id, 0), int(n))
-            fields = [x for part in parts.split(";") if part for x in part.split(",")] if parts else []
             for op_text in ops.split(";"):
                 level, node, op = op_text.split(",")
-                rec = per_node.setdefault((level, node), {}).get(meter_id)
-                if rec is None:
-                    rec = per_node[(level, node)][meter_id] = [n, op, ts, pw, v, []]
-                else:
-                    rec[:5] = [n, op, ts, pw, v]
-                if op == "set":
-                    rec[5] += fields
-    out: dict[tuple[str, str], list[str]] = {}
-    for key, recs in per_node.items():
-        argv = out[key] = []
-        for meter_id, (n, op, ts, pw, v, fields) in recs.items():
-            argv += [meter_id, n, op, ts, pw, v, str(len(fields) // 6), *fields]
+                out.setdefault((level, node), []).extend((meter_id, op, raw))
     return out, tops
 
 
-def apply_outboxes(client: Any, outboxes: dict[str, list[str]]) -> int:
-    """Apply these meters' outbox entries to their nodes, then acknowledge them; returns entries applied."""
+def apply_outboxes(client: Any, outboxes: dict[str, list[str]], *, unmark: bool = False) -> int:
+    """Apply these meters' outbox entries to their nodes, then acknowledge them; returns entries applied.
+
+    ``unmark``: take the meters off ``DIRTY`` between the node updates and the acknowledgements,
+    and put back those whose outbox still holds an entry after them (one that arrived meanwhile).
+    """
     meter_script, node_script = _registered(client)
     batches, tops = node_batches(outboxes)
     if not tops:
+        if unmark and outboxes:
+            client.srem(keys.DIRTY, *outboxes)
         return 0
     now_ms = int(time.time() * 1000)
 
@@ -132,19 +124,25 @@ def apply_outboxes(client: Any, outboxes: dict[str, list[str]]) -> int:
             _evalsha(pipe, node_script, _node_keys(level, node), [str(now_ms), *argv])
             pipe.zadd(keys.nodes(level), {node: now_ms / 1000}, nx=True)
 
-    def acks(pipe: Any) -> None:
-        for meter_id, top in tops.items():
-            _evalsha(pipe, meter_script, ingest_keys(meter_id), ["ack", str(top)])
-
     _run(client, nodes)  # every node first; only then the acknowledgements
-    _run(client, acks)
+    if unmark:
+        client.srem(keys.DIRTY, *outboxes)
+
+    def acks(pipe: Any) -> None:
+        for m, top in tops.items():
+            _evalsha(pipe, meter_script, ingest_keys(m), ["ack", str(top)])
+
+    left = _run(client, acks)
+    again = [m for m, n in zip(tops, left, strict=True) if int(n)]
+    if unmark and again:
+        client.sadd(keys.DIRTY, *again)
     return sum(len(box) for box in outboxes.values())
 
 
 _loaded: set[int] = set()
 
 
-def _run(client: Any, queue: Any) -> None:
+def _run(client: Any, queue: Any) -> list[Any]:
     """Execute a pipeline of EVALSHAs, loading the scripts once per client (again after a SCRIPT FLUSH
     or a restart: the whole pipeline is then run again, which the scripts make harmless)."""
     for attempt in range(2):
@@ -155,11 +153,11 @@ def _run(client: Any, queue: Any) -> None:
         pipe = client.pipeline(transaction=False)
         queue(pipe)
         try:
-            pipe.execute()
-            return
+            return list(pipe.execute())
         except redis.exceptions.NoScriptError:
             if attempt:
                 raise
+    return []
 
 
 def drain(client: Any, *, max_meters: int = 100_000) -> dict[str, int]:
@@ -174,15 +172,8 @@ def drain(client: Any, *, max_meters: int = 100_000) -> dict[str, int]:
             for m in ids:
                 pipe.zrange(keys.meter_outbox(m), 0, -1)
             outboxes = dict(zip(ids, pipe.execute(), strict=True))
-            done["entries"] += apply_outboxes(client, outboxes)
+            done["entries"] += apply_outboxes(client, outboxes, unmark=True)
             done["meters"] += len(ids)
-            client.srem(keys.DIRTY, *ids)
-            pipe = client.pipeline(transaction=False)
-            for m in ids:
-                pipe.zcard(keys.meter_outbox(m))
-            again = [m for m, n in zip(ids, pipe.execute(), strict=True) if n]
-            if again:  # an entry arrived between the read and the SREM: drain it next time
-                client.sadd(keys.DIRTY, *again)
     except redis.RedisError as exc:
         raise BackendUnavailable(f"grid aggregation (Redis) failed: {exc}") from exc
     return done
