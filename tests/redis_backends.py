@@ -36,6 +36,7 @@ CLUSTER_MODULES = frozenset({
     "tests/jobs/test_jobs.py",
     "tests/concentrator/test_concentrators.py",
     "tests/concentrator/test_batch_crash.py",
+    "tests/stream/test_capability_events.py",
 })
 
 BACKENDS = ("single", "cluster")
