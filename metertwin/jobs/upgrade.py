@@ -9,7 +9,8 @@ its twins are in progress; each slice advances it a little (its own cron does, t
 each twin is ``succeeded`` if it is bound to the target release, else ``failed`` with the
 operation's state. Pause, resume, promote and roll back the operation itself with
 ``python -m metertwin_upgrade``; the job's ``timeout_s`` does not apply (the operation has its own).
-If another upgrade operation is active, the job's twins stay queued and the job says why.
+If another upgrade operation is active, the job's twins stay queued and the job says why; if the
+manager refuses the operation itself (e.g. an unknown release), the job is cancelled with its message.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class UpgradeStep:
             if state != "running":
                 return state
             op_id = self._start(jobs, job_id, action)
-            if not op_id:
-                return state
+            if not op_id:  # waiting, or cancelled by the manager's refusal
+                return str(jobs._do(lambda: self.r.hget(keys.job(job_id), "state")))
         while True:  # hand every queued twin over (idempotent: claims move each twin once)
             claimed = jobs._do(lambda: jobs._claim(keys=scripts.job_keys(job_id),
                                                    args=[repr(time.time()), HANDOVER_BATCH, "all"]))
@@ -92,8 +93,9 @@ class UpgradeStep:
                 self._wait(jobs, job_id, exc.message)
                 return None
             op_id = other
-        except MeterTwinError as exc:
-            self._wait(jobs, job_id, exc.message)
+        except MeterTwinError as exc:  # refused for good (e.g. no such release): the job ends, nothing ran
+            why = f"the upgrade manager refused: {exc.message}"
+            jobs._do(lambda: jobs._state(keys=[keys.job(job_id)], args=["cancel", repr(time.time()), why]))
             return None
         jobs._do(lambda: self.r.hset(keys.job(job_id), mapping={"upgrade_op": op_id, "reason": ""}))
         return op_id

@@ -72,6 +72,15 @@ def test_upgrade_is_handed_to_the_upgrade_manager(twins: Callable[[int], list[st
     assert {e["ref"] for e in execs(job["id"])} == {op_id}
 
 
+def test_an_upgrade_the_manager_refuses_cancels_the_job(env: dict[str, str], meter_id: str) -> None:
+    ids = grid(meter_id, 2)
+    code, job = create({"target": {"meters": ids}, "action": {"type": "upgrade", "upgrade": {"to": "v9"}}})
+    assert code == 201, job
+    assert job["state"] == "cancelled"
+    assert "v9" in job["reason"]
+    assert job["progress"]["cancelled"] == 2
+
+
 def test_cron_slice_advances_every_active_job(env: dict[str, str], meter_id: str) -> None:
     ids = grid(meter_id, 6)
     r = get_redis()
