@@ -166,3 +166,21 @@ def test_asking_for_a_type_beyond_the_scope_is_refused() -> None:
         filter_for(_principal("billing"), type_="p2p,upgrade")
     assert filter_for(_principal("consumer", meter="m-1"), type_="dr,p2p").types == frozenset({"dr", "p2p"})
 
+
+
+def test_dr_execution_changes_name_active_and_completed() -> None:
+    from metertwin.dr.store import change_of
+
+    base = {"modification_number": 0, "opt": "optIn", "cancelled": None, "exec": {"state": "scheduled"}}
+
+    def at(state: str, **extra: Any) -> dict[str, Any]:
+        return {**base, **extra, "exec": {"state": state}}
+
+    assert change_of(at("scheduled"), at("applying")) == "active"
+    assert change_of(at("applying"), at("applied")) == "active"
+    assert change_of(at("applied"), at("restoring")) == "execution"
+    assert change_of(at("restoring"), at("restored")) == "completed"
+    assert change_of(at("restoring", cancelled={"how": "explicit"}),
+                     at("restored", cancelled={"how": "explicit"})) == "execution"
+    assert change_of(at("applied"), at("applied")) is None  # nothing a watcher would see
+    assert change_of(at("applied"), at("applied", opt="optOut")) == "opted_out"
