@@ -97,6 +97,7 @@ class UtilityVtn:
 
     def __init__(self, vtn_id: str = "MeterTwinVtn", port: int | None = None, poll_s: float = 1.0,
                  sampling_s: float = 2.0, host: str = "127.0.0.1", ven_fingerprint: str | None = None,
+                 ven_lookup: bool = False,
                  **server_kw: Any) -> None:
         if vtn_id.islower():
             raise ValueError(f"VTN id {vtn_id!r} is all lower case: VENs answer 452 (use a capital letter)")
@@ -108,6 +109,9 @@ class UtilityVtn:
         self.server_kw = server_kw
         #: With TLS: the fingerprint every VEN's client certificate must have (one bridge certificate).
         self.ven_fingerprint = ven_fingerprint
+        #: Look VENs up as openleadr recommends (always with TLS): a message from a VEN this VTN does
+        #: not know (its registrations lost) is answered ``oadrRequestReregistration``.
+        self.ven_lookup = ven_lookup or ven_fingerprint is not None
         self.registration_attempts = 0
         self.answers: list[OptAnswer] = []
         self.reports: list[ReportValue] = []
@@ -130,7 +134,7 @@ class UtilityVtn:
         quiet_scheduler_logs()
         # The utility's VTN keeps ids as strings, as the VENs do (openleadr's parser would not).
         vtn_service.parse_message = _keep_ids
-        extra = {"ven_lookup": self._ven_lookup} if self.ven_fingerprint else {}
+        extra = {"ven_lookup": self._ven_lookup} if self.ven_lookup else {}
         server = OpenADRServer(vtn_id=self.vtn_id, http_port=self.port, http_host=self.host,
                                requested_poll_freq=timedelta(seconds=self.poll_s), show_fingerprint=False,
                                **extra, **self.server_kw)
@@ -195,7 +199,7 @@ class UtilityVtn:
         if self.server is not None:
             await self.server.stop()
             self.server = None
-        if self.ven_fingerprint and "ven_lookup" in VTNService.__dict__:
+        if self.ven_lookup and "ven_lookup" in VTNService.__dict__:
             # openleadr stores ven_lookup on the VTNService *class*: a later VTN in this process would inherit it.
             del VTNService.ven_lookup
 

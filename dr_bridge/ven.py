@@ -49,6 +49,10 @@ log = logging.getLogger("dr_bridge")
 
 #: Reports kept per VEN while the VTN does not answer (the oldest are dropped beyond it).
 REPORT_QUEUE_MAX = 1000
+#: A VTN's answer that it does not know this VEN (any message may get it, not only a poll).
+REREGISTRATION = "oadrRequestReregistration"
+#: Re-registrations in a row one report may cause before it is given up.
+REREGISTER_TRIES = 3
 
 
 class TwinVen(OpenADRClient):  # type: ignore[misc]
@@ -136,6 +140,7 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
 
     async def _report_queue_worker(self) -> None:
         """Send reports in order; while the VTN does not answer, keep them (bounded) and wait for it."""
+        refused = 0  # times in a row the VTN answered the first queued report oadrRequestReregistration
         with contextlib.suppress(asyncio.CancelledError):
             while True:
                 if not self.report_backlog:
@@ -156,6 +161,16 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
                     await self._vtn_back.wait()
                     self._vtn_back = None
                     continue
+                if isinstance(result, tuple) and result[0] == REREGISTRATION:
+                    if refused < REREGISTER_TRIES:
+                        # The VTN has forgotten this VEN (a VTN that looks VENs up): the report was not
+                        # taken. Register again, then send it under the new report request.
+                        refused += 1
+                        await self.reregister()
+                        continue
+                    log.warning("VEN %s: report dropped: the VTN asks to re-register after every registration",
+                                self.meter_id)
+                refused = 0
                 self.report_backlog.pop(0)
                 self.reports_sent += 1
                 payload = result[1] if isinstance(result, tuple) else {}
@@ -295,6 +310,8 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         if self._vtn_lost:
             self._vtn_lost = False
             await self.reregister()
+            if result and result[0] == REREGISTRATION:
+                return None, {}  # just done: openleadr's _poll would register a second time
         if not result:
             return None, {}
         return result  # type: ignore[no-any-return]

@@ -224,3 +224,33 @@ async def test_lower_case_vtn_id_is_answered_with_452(dr_env: dict[str, str], me
     finally:
         await bridge.stop()
         await vtn.stop()
+
+
+async def test_a_report_answered_with_reregistration_is_kept_and_the_ven_registers_again(
+        dr_env: dict[str, str], meter_id: str) -> None:
+    """A VTN that looks VENs up (openleadr's recommended setup) and has forgotten this one answers its
+    next report ``oadrRequestReregistration``: the report is not taken as delivered, the VEN registers
+    again at once (its polls are held here) and the report reaches the VTN's report callbacks."""
+    from datetime import UTC, datetime
+
+    vtn = UtilityVtn(poll_s=POLL_S, sampling_s=1.0, ven_lookup=True)
+    await vtn.start()
+    assert vtn.server is not None
+    make_twin(meter_id, power_w=1750.0)
+    bridge = Bridge([meter_id], BridgeConfig(vtn_url=vtn.url, due_poll_s=0.1, telemetry_refresh_s=0.5),
+                    handler_invoker(handler, SERVICE))
+    try:
+        await bridge.start()
+        ven = bridge.vens[meter_id]
+        await wait_until(lambda: any(r.ven_id == meter_id for r in vtn.reports), 10)
+        for job in ven.scheduler.get_jobs():
+            if getattr(job.func, "__name__", "") == "_poll":
+                job.pause()  # only a report can now learn that the VTN forgot the VEN
+        vtn.registered.clear()  # the VTN forgets the VEN: it answers every message oadrRequestReregistration
+        forgot = datetime.now(UTC)
+        await wait_until(lambda: any(r.ven_id == meter_id and r.sampled is not None and r.sampled > forgot
+                                     for r in vtn.reports), 15)
+        assert meter_id in vtn.registered
+    finally:
+        await bridge.stop()
+        await vtn.stop()
