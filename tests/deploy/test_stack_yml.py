@@ -65,7 +65,8 @@ def test_function_entry(name: str) -> None:
         assert isinstance(label, str)
     for topic in fn.get("annotations", {}).get("topic", "").split(","):
         if topic:
-            assert topic.startswith(topics.ROOT + "/+/up/"), f"{name}: topic {topic!r} is not a meter uplink"
+            assert topic.startswith((topics.ROOT + "/+/up/", topics.CONCENTRATOR_ROOT + "/+/up/")), \
+                f"{name}: topic {topic!r} is not a meter or concentrator uplink"
 
 
 @pytest.mark.parametrize("zone", ["edge", "fog", "cloud"])
