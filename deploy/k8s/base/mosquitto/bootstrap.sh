@@ -31,6 +31,7 @@ mkdir -p /mosquitto/run
     echo "try_private false"
     echo "bridge_cafile /etc/ssl/certs/ca-certificates.crt"
     echo "topic meters/+/up/reading in 1"
+    echo "topic dcu/+/up/readings in 1"
   fi
 } > /mosquitto/run/mosquitto.conf
 chmod 600 /mosquitto/run/mosquitto.conf
@@ -74,6 +75,8 @@ if [ -f "$ACCOUNTS/bridge-password" ] && [ ! -f /etc/mosquitto-bridge/address ];
   ctl createRole fog-bridge || true
   ctl addRoleACL fog-bridge subscribePattern 'meters/+/up/reading' allow || true
   ctl addRoleACL fog-bridge publishClientReceive 'meters/+/up/reading' allow || true
+  ctl addRoleACL fog-bridge subscribePattern 'dcu/+/up/readings' allow || true
+  ctl addRoleACL fog-bridge publishClientReceive 'dcu/+/up/readings' allow || true
   ctl createClient fog-bridge -p "$BRIDGE_PW" || true
   ctl setClientPassword fog-bridge "$BRIDGE_PW"
   ctl addClientRole fog-bridge fog-bridge || true
