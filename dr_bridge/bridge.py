@@ -246,8 +246,22 @@ def _next_due(out: dict[str, Any]) -> float:
     return float("inf") if value is None else float(value)
 
 
+class _NoCancelledJobs(logging.Filter):
+    """Drops apscheduler's report of a job run cancelled by its own shutdown ("Error running job" with a
+    CancelledError traceback, logged for every run not yet started when a VEN stops)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = record.exc_info[0] if record.exc_info else None
+        return not (kind is not None and issubclass(kind, asyncio.CancelledError))
+
+
+_NO_CANCELLED_JOBS = _NoCancelledJobs()
+
+
 def quiet_scheduler_logs() -> None:
-    """apscheduler logs every job run at INFO; with a thousand VENs that is the whole log."""
+    """apscheduler logs every job run at INFO; with a thousand VENs that is the whole log. A stopping
+    bridge's cancelled job runs are not failures: not logged (real failures still are)."""
     for name in ("apscheduler", "apscheduler.scheduler", "apscheduler.executors.default"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("apscheduler.executors.default").addFilter(_NO_CANCELLED_JOBS)  # once: a set
     logging.getLogger("openleadr").setLevel(logging.WARNING)

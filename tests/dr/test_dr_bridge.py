@@ -254,3 +254,24 @@ async def test_a_report_answered_with_reregistration_is_kept_and_the_ven_registe
     finally:
         await bridge.stop()
         await vtn.stop()
+
+
+def test_jobs_cancelled_by_the_scheduler_shutdown_are_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A bridge of 1,000 VENs stopping cancels job runs not yet started; apscheduler would log each
+    as "Error running job" with a CancelledError traceback. Real job failures are still logged."""
+    import asyncio
+    import logging
+
+    from dr_bridge.bridge import quiet_scheduler_logs
+
+    quiet_scheduler_logs()
+    quiet_scheduler_logs()  # idempotent
+    executor_log = logging.getLogger("apscheduler.executors.default")
+    for exc in (asyncio.CancelledError(), ValueError("a real failure")):
+        try:
+            raise exc
+        except BaseException:
+            executor_log.exception("Error running job %s", type(exc).__name__)
+    assert "Error running job CancelledError" not in caplog.text
+    assert "Error running job ValueError" in caplog.text
+    assert "a real failure" in caplog.text
