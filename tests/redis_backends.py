@@ -33,6 +33,8 @@ CLUSTER_MODULES = frozenset({
     "tests/gateway/test_gateway_connect.py",
     "tests/core/test_tokens_cli.py",
     "tests/aggregates/test_aggregates.py",
+    "tests/aggregates/test_rules.py",
+    "tests/aggregates/test_routes.py",
     "tests/jobs/test_jobs.py",
     "tests/concentrator/test_concentrators.py",
     "tests/concentrator/test_batch_crash.py",

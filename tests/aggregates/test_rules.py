@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,3 +173,37 @@ def test_bad_rules_are_refused_naming_the_field(change: dict[str, Any], field: s
     status, out = call(load_handler("grid"), "POST", "/rules", body=body, token=token("utility"))
     assert status == 400, out
     assert out["details"]["field"] == field, out
+
+
+def test_mqtt_action_publishes_the_alert(meter_id: str, env: dict[str, str]) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from metertwin.core.settings import get_settings
+    from tests.waiting import wait_until
+
+    got: list[dict[str, Any]] = []
+    topic = f"grid/alerts/{meter_id}"
+    s = get_settings()
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.username_pw_set(s.mqtt_username, (Path(env["SECRETS_DIR"]) / "mqtt-password").read_text())
+    sub.on_message = lambda _c, _u, msg: got.append(json.loads(msg.payload))
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.connect(s.mqtt_host, s.mqtt_port, keepalive=30)
+    sub.loop_start()
+    try:
+        sub.subscribe(topic, qos=1)
+        assert subscribed.wait(10)
+        m = Meter(meter_id)
+        _rule(for_s=0, actions=[{"type": "mqtt", "topic": topic}])
+        m.power(5000)
+        _eval(0)
+        wait_until(lambda: bool(got), timeout_s=10)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    assert got[0]["event"] == "alert_opened"
+    assert got[0]["alert"]["subject"] == "T1"
+    [alert] = _alerts()
+    assert [(a["type"], a["status"]) for a in alert["actions"]] == [("mqtt", "sent")]
