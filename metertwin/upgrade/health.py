@@ -141,11 +141,16 @@ def _summary(functions: list[str], stats: FunctionStats) -> dict[str, Any]:
 def judge(
     before: dict[str, FunctionStats], now: dict[str, FunctionStats],
     candidate: list[str], baseline: list[str], limits: Thresholds, internal: list[str] | None = None,
+    applied: int = 0,
 ) -> Verdict:
     """Compare the candidate release's functions with the baseline's over the window since ``before``.
 
     ``internal`` functions (called by the platform, not by the twins' traffic) count for the
     error rate only: their calls neither make up ``min_calls`` nor enter the latency.
+    ``applied`` is the readings the new release applied to the canary's twins since it began:
+    the twins' own traffic when no application reads them (a fleet that only reports), so it
+    makes up ``min_calls`` with the candidate's calls. The latency is compared only once the
+    candidate's own calls reach ``min_calls``.
     """
     def window(names: list[str]) -> FunctionStats:
         total = FunctionStats()
@@ -158,24 +163,25 @@ def judge(
     inner = window(inner_names)
     inner_summary = _summary(inner_names, inner) if internal is not None else None
     reasons: list[str] = []
-    if cand.calls < limits.min_calls:
-        return Verdict("insufficient", [f"{', '.join(candidate)}: {cand.calls:.0f} calls since the canary started, "
-                                        f"{limits.min_calls} needed to judge"],
-                       _summary(candidate, cand), _summary(baseline, base), inner_summary)
+    if cand.calls + applied < limits.min_calls:
+        return Verdict("insufficient", [f"{', '.join(candidate)}: {cand.calls:.0f} calls and {applied} readings "
+                                        f"applied since the canary started, {limits.min_calls} needed to judge"],
+                       {**_summary(candidate, cand), "readings_applied": applied}, _summary(baseline, base),
+                       inner_summary)
     judged = cand.plus(inner)
     if judged.error_rate > limits.max_error_rate:
         reasons.append(f"error rate {judged.error_rate:.2%} of {', '.join(candidate + inner_names)} "
                        f"({judged.errors:.0f} of {judged.calls:.0f} calls answered 5xx) exceeds "
                        f"{limits.max_error_rate:.2%}")
     c95, b95 = cand.quantile(0.95), base.quantile(0.95)
-    if c95 is not None and b95 is not None:
+    if c95 is not None and b95 is not None and cand.calls >= limits.min_calls:
         allowed = b95 * limits.max_p95_ratio + limits.latency_slack_ms / 1000
         if c95 > allowed:
             reasons.append(f"p95 latency {c95 * 1000:.1f} ms of {', '.join(candidate)} exceeds {allowed * 1000:.1f} ms "
                            f"({limits.max_p95_ratio}x the baseline's {b95 * 1000:.1f} ms + "
                            f"{limits.latency_slack_ms:.0f} ms)")
-    return Verdict("bad" if reasons else "ok", reasons, _summary(candidate, cand), _summary(baseline, base),
-                   inner_summary)
+    return Verdict("bad" if reasons else "ok", reasons, {**_summary(candidate, cand), "readings_applied": applied},
+                   _summary(baseline, base), inner_summary)
 
 
 #: Capabilities whose function in a new release only the platform calls during an upgrade: the

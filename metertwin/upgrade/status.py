@@ -13,13 +13,17 @@ from typing import Any
 
 from metertwin.core.errors import MeterTwinError, NotFound
 from metertwin.core.settings import get_settings
-from metertwin.upgrade import keys
+from metertwin.upgrade import keys, twin_v2
 from metertwin.upgrade.binding import binding_settings
 from metertwin.upgrade.health import FunctionStats, Verdict, canary_functions, judge, parse_metrics
 from metertwin.upgrade.spec import MAX_FAILURE_DETAILS, TERMINAL, Operation
 from metertwin.upgrade.store import OperationStore
 
 log = logging.getLogger("metertwin.upgrade")
+
+
+#: At most this many canary twins are asked what the new release applied to them.
+CANARY_SAMPLE = 1000
 
 
 class OperationStatus(OperationStore):
@@ -136,4 +140,9 @@ class OperationStatus(OperationStore):
                                                                              or "{}").items()}
         now = parse_metrics(self._fetch_metrics(url))
         fns = canary_functions(op.spec.source, op.spec.to, get_settings().zone)
-        return judge(before, now, fns.candidate, fns.baseline, op.spec.thresholds(), fns.internal)
+        # The twins' own calls when no app reads them: what v2 applied to the switched canary twins
+        # (a sample of at most CANARY_SAMPLE, so the count is a lower bound on a large canary).
+        applied = 0
+        if op.spec.to == "v2":
+            applied = self._call(lambda: twin_v2.readings_applied(self.r, self._members(op.id, "done", CANARY_SAMPLE)))
+        return judge(before, now, fns.candidate, fns.baseline, op.spec.thresholds(), fns.internal, applied=applied)

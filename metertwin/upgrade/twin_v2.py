@@ -124,3 +124,13 @@ def require_state(client: StrRedis, meter_id: str) -> dict[str, Any]:
     if not found:
         raise UnknownMeter(f"meter {meter_id!r} has no release-v2 state in this zone", meter_id=meter_id)
     return found
+
+
+def readings_applied(client: Any, meter_ids: list[str]) -> int:
+    """Readings v2 applied to these twins since their migration (field ``n``): the canary's own traffic."""
+    if not meter_ids:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for meter_id in meter_ids:
+        pipe.hget(keys.twin_v2(meter_id), "n")
+    return sum(int(v) for v in pipe.execute() if v is not None and str(v).isdigit())

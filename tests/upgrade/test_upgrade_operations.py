@@ -276,13 +276,40 @@ def test_auto_promote_judges_the_twins_calls_not_the_drainer_and_says_why_it_wai
     assert status["health"]["candidate"]["functions"] == ["edge-read-v2"]
     assert status["health"]["internal"] == {**status["health"]["internal"], "functions": ["edge-ingest-v2"],
                                             "calls": 8.0, "errors": 0.0}
-    assert status["blockers"][0].endswith("(auto-promote waiting: health insufficient: edge-read-v2: 3 calls since "
-                                          "the canary started, 10 needed to judge)"), status["blockers"]
+    assert status["blockers"][0].endswith("(auto-promote waiting: health insufficient: edge-read-v2: 3 calls and 0 "
+                                          "readings applied since the canary started, 10 needed to judge)"), \
+        status["blockers"]
     # What `--follow` prints on each advance: the reason it is still waiting.
     assert "| canary of 1 meters done" in cli.line(mgr.advance(op["id"]))
-    assert cli.line(mgr.advance(op["id"])).endswith("edge-read-v2: 3 calls since the canary started, "
-                                                    "10 needed to judge)")
+    assert cli.line(mgr.advance(op["id"])).endswith("edge-read-v2: 3 calls and 0 readings applied since the "
+                                                    "canary started, 10 needed to judge)")
     scrape["text"] = _drainer_metrics(20, 8)
+    status = mgr.run(op["id"], timeout_s=20, until=("completed", "rolled_back", "paused"))
+    assert status["state"] == "completed", status
+    assert all(bound(m) == "v2" for m in ids)
+
+
+def test_auto_promote_finishes_on_readings_when_no_app_reads(
+    twins: Callable[[int], list[str]], meters: Meters
+) -> None:
+    """The outside probe on the demo: meters reporting, nobody reading, and --auto-promote waited
+    forever ('edge-read-v2: 0 calls since the canary started, 20 needed'). The readings the new
+    release applied to the canary twins are the twins' own calls: they count towards min_calls."""
+    ids = twins(3)
+    scrapes = [_drainer_metrics(0, 0, 0)]
+    scrape = {"text": _drainer_metrics(0, 4)}  # no reads at all; the drainer ran 4 times, no errors
+    mgr = UpgradeManager(get_redis(), instance="test-manager", publish=meters.publish,
+                         metrics=lambda url: scrapes.pop() if scrapes else scrape["text"])
+    meters.manager = mgr
+    op = mgr.start(spec(ids, canary=1, metrics_url="http://gateway/metrics", min_calls=10, auto_promote=True,
+                        observe_s=0))
+    assert mgr.run(op["id"], timeout_s=20)["state"] == "observing"
+    status = mgr.status(op["id"])
+    assert status["health"]["status"] == "insufficient", status["health"]
+    canary = [m for m in ids if bound(m) == "v2"]
+    assert len(canary) == 1
+    for seq in range(100, 112):
+        assert ingest("v2", canary[0], seq) == "applied"
     status = mgr.run(op["id"], timeout_s=20, until=("completed", "rolled_back", "paused"))
     assert status["state"] == "completed", status
     assert all(bound(m) == "v2" for m in ids)
