@@ -27,6 +27,7 @@ always read and delete any twin.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -330,9 +331,14 @@ def _decode(meter_id: str, raw: dict[str, str]) -> Twin:
     )
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json(text: str, field: str, bad: list[str]) -> Any:
     try:
-        return json.loads(text)
+        # NaN/Infinity parse in Python but are not JSON: served, they would break every strict client.
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         bad.append(field)
         return None
@@ -352,10 +358,14 @@ def _float(text: str | None, field: str, bad: list[str]) -> float:
     if text is None:
         return 0.0
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         bad.append(field)
         return 0.0
+    if not math.isfinite(value):
+        bad.append(field)
+        return 0.0
+    return value
 
 
 def _doc(text: str | None, field: str, bad: list[str]) -> dict[str, Any]:

@@ -186,3 +186,18 @@ def test_huge_integer_literal_is_a_400(env: dict[str, str]) -> None:
     status, resp = call(registry, "POST", "/meters", body=body, token=token("admin"))
     assert (status, resp["error"]) == (400, "invalid_input"), resp
     assert "number out of range" in resp["message"]
+
+
+def test_non_finite_stored_numbers_read_as_null_not_as_invalid_json(provisioned: dict[str, Any],
+                                                                     meter_id: str) -> None:
+    """Found by the outside probe: a stored 'nan' created_at (or NaN inside a stored document) parsed
+    as a float and went out as a bare NaN, which is not JSON (JSON.parse and strict parsers refuse)."""
+    get_redis().hset(keys.twin(meter_id), mapping={"c": "nan", "r": '{"online": [true, NaN]}',
+                                                   "m": '{"ts": Infinity, "import_kwh": 1}'})
+    status, meta = call(registry, "GET", f"/meters/{meter_id}", token=token("admin"))
+    assert (status, meta["created_at"]) == (200, 0.0)
+    status, doc = call(read, "GET", f"/meters/{meter_id}/twin", token=token("utility"))
+    assert status == 200, doc
+    assert sorted(doc["metadata"]["corrupt"]) == ["c", "m", "r"]
+    json.dumps(doc, allow_nan=False)
+    json.dumps(meta, allow_nan=False)
