@@ -64,9 +64,10 @@ return ids
 """
 
 # ARGV: now, the status moved from, then (meter, new status, reason) triples. Then the abort rule.
+# Returns {moved, state, 1 when this call aborted the job else 0, then the 1-based triple index of each moved meter}.
 FINISH = f"""
 local ix = {_STATUS_TABLE}
-local now, from, moved = tonumber(ARGV[1]), ARGV[2], 0
+local now, from, moved, which = tonumber(ARGV[1]), ARGV[2], 0, {{}}
 for i = 3, #ARGV, 3 do
   local m, to, why = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local raw = redis.call('HGET', KEYS[2], m)
@@ -83,23 +84,26 @@ for i = 3, #ARGV, 3 do
       redis.call('HINCRBY', KEYS[1], 'n_' .. from, -1)
       redis.call('HINCRBY', KEYS[1], 'n_' .. to, 1)
       moved = moved + 1
+      which[#which + 1] = (i - 3) / 3
     end
   end
 end
 local d = redis.call('HMGET', KEYS[1], 'state', 'abort_percent', 'abort_min', 'n_succeeded', 'n_failed',
                      'n_rejected', 'n_timed_out')
-local state = d[1]
+local state, aborted = d[1], 0
 if (state == 'running' or state == 'paused') and d[2] and d[2] ~= '' then
   local fails = tonumber(d[5] or '0') + tonumber(d[6] or '0') + tonumber(d[7] or '0')
   local done = fails + tonumber(d[4] or '0')
   if done >= tonumber(d[3]) and fails * 100 > tonumber(d[2]) * done then
-    state = 'aborted'
+    state, aborted = 'aborted', 1
     redis.call('HSET', KEYS[1], 'state', state, 'updated_at', ARGV[1], 'reason',
       string.format('abort rule: %d of %d finished executions failed (more than %s%% after at least %s)',
                     fails, done, d[2], d[3]))
   end
 end
-return {{moved, state}}
+local out = {{moved, state, aborted}}
+for _, k in ipairs(which) do out[#out + 1] = k end
+return out
 """
 
 # ARGV: (meter, reference) pairs — a command id or operation id, kept on an in-progress execution.
@@ -138,14 +142,15 @@ return {1, to}
 """
 
 # ARGV: now, retention s. A job with nothing queued or in progress ends: running -> completed.
+# Returns {ended (1/0), state, 1 when this call ended it else 0}.
 FINALIZE = """
 local d = redis.call('HMGET', KEYS[1], 'state', 'n_queued', 'n_in_progress', 'finished_at')
-if d[4] and d[4] ~= '' then return {1, d[1]} end
-if tonumber(d[2] or '0') > 0 or tonumber(d[3] or '0') > 0 then return {0, d[1]} end
+if d[4] and d[4] ~= '' then return {1, d[1], 0} end
+if tonumber(d[2] or '0') > 0 or tonumber(d[3] or '0') > 0 then return {0, d[1], 0} end
 local state = d[1]
 if state == 'running' then state = 'completed'
-elseif state ~= 'cancelled' and state ~= 'aborted' then return {0, state} end
+elseif state ~= 'cancelled' and state ~= 'aborted' then return {0, state, 0} end
 redis.call('HSET', KEYS[1], 'state', state, 'finished_at', ARGV[1], 'updated_at', ARGV[1])
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
-return {1, state}
+return {1, state, 1}
 """

@@ -32,6 +32,7 @@ from metertwin.fleet.search import fleet_search
 from metertwin.jobs import actions, keys, scripts
 from metertwin.jobs.spec import MAX_TARGETS, JobSpec
 from metertwin.jobs.upgrade import UpgradeStep
+from metertwin.stream import events
 
 #: Twins acted on at once within a slice (each action waits on Redis and the MQTT broker's PUBACK).
 WORKERS = 16
@@ -86,7 +87,11 @@ class JobService:
         }
         self._do(lambda: self.r.hset(keys.job(job_id), mapping=record))
         self._do(lambda: self.r.zadd(keys.JOBS, {job_id: now}))
-        self._do(lambda: self.r.sadd(keys.ACTIVE, job_id))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sadd(keys.ACTIVE, job_id)
+        events.queue(self.r, pipe, events.job_event(job_id, "snapshotting", {}, change="created",
+                                                    action=action["type"], actor=actor))
+        self._do(pipe.execute)
         self._copy_targets(job_id, spec)
         self.advance(job_id, budget_s)
         return self.status(job_id)
@@ -137,11 +142,13 @@ class JobService:
         doc = self._doc(job_id)
         if doc.get("finished_at"):
             return self.status(job_id)
+        before = _counts(doc)
+        slice_events: list[events.Event] = []
         spec = JobSpec.model_validate_json(doc["spec"])
         action = json.loads(doc["action"])
         if doc["state"] == "snapshotting":
             self._copy_targets(job_id, spec)
-        state = self._check(job_id, action)
+        state = self._check(job_id, action, slice_events)
         if action["type"] == "upgrade":
             state = self.upgrades.step(self, job_id, action, state)
         acted = 0
@@ -157,14 +164,23 @@ class JobService:
                 raise InjectedCrash(f"crash after {self.crash_after} twins")
             done = self._act(job_id, action, claimed, timeout_s)
             acted += len(claimed)
-            state = self.finish(job_id, done)
+            state = self.finish(job_id, done, out=slice_events)
         if state in ("cancelled", "aborted"):
-            self._cancel_queued(job_id, state)
-        ended, _final = self._do(lambda: self._finalize(keys=scripts.job_keys(job_id),
-                                                       args=[repr(time.time()), keys.RETENTION_S]))
+            self._cancel_queued(job_id, state, slice_events)
+        ended, final, now_ended = self._do(lambda: self._finalize(keys=scripts.job_keys(job_id),
+                                                                  args=[repr(time.time()), keys.RETENTION_S]))
         if ended:
             self._do(lambda: self.r.srem(keys.ACTIVE, job_id))
-        return self.status(job_id)
+        status = self.status(job_id)
+        counts = {s: int(status["progress"][s]) for s in keys.STATUSES}
+        if now_ended and final == "completed":
+            slice_events.append(events.job_event(job_id, "completed", counts, change="completed",
+                                                 total=status["progress"]["total"]))
+        elif counts != before:  # at most one progress event per slice, not per twin
+            slice_events.append(events.job_event(job_id, str(final), counts, change="progress",
+                                                 total=status["progress"]["total"]))
+        events.emit(self.r, *slice_events)
+        return status
 
     def _act(self, job_id: str, action: dict[str, Any], claimed: list[str], timeout_s: int
              ) -> list[tuple[str, str, str]]:
@@ -176,7 +192,7 @@ class JobService:
             self.attach_many(job_id, sent)
         return [(m, o.status, o.reason) for m, o in zip(claimed, outcomes, strict=True) if o.status != "in_progress"]
 
-    def _check(self, job_id: str, action: dict[str, Any]) -> str:
+    def _check(self, job_id: str, action: dict[str, Any], out: list[events.Event]) -> str:
         """Outcomes of the twins in progress; returns the job's state after them."""
         now = time.time()
         due = self._do(lambda: self.r.zrange(keys.deadlines(job_id), 0, CHECK_BATCH - 1, withscores=True))
@@ -193,27 +209,44 @@ class JobService:
         else:  # an immediate action still in progress: the runner stopped between acting and recording
             finished = [(m, "timed_out", "outcome unknown: the runner stopped while acting on this twin; not "
                          "run again (a twin never runs twice)") for m, _ in pending if now >= deadlines[m]]
-        return self.finish(job_id, finished) if finished else state
+        return self.finish(job_id, finished, out=out) if finished else state
 
     def attach_many(self, job_id: str, refs: list[tuple[str, str]]) -> None:
         """Keep each ``(meter, command or operation id)`` on its in-progress execution."""
         self._do(lambda: self._attach(keys=scripts.job_keys(job_id), args=[x for pair in refs for x in pair]))
 
-    def finish(self, job_id: str, done: list[tuple[str, str, str]], *, source: str = "in_progress") -> str:
-        """Record final statuses (from ``source``); applies the abort rule; returns the job's state."""
+    def finish(self, job_id: str, done: list[tuple[str, str, str]], *, source: str = "in_progress",
+               out: list[events.Event] | None = None) -> str:
+        """Record final statuses (from ``source``); applies the abort rule; returns the job's state.
+
+        The stream events (one ``job`` event per twin that moved, and the job's when this aborted
+        it) go to ``out`` when given (the slice emits them at its end, in one round trip), else
+        are emitted at once."""
         args: list[Any] = [repr(time.time()), source]
         for meter_id, status, reason in done:
             args += [meter_id, status, reason]
-        _moved, state = self._do(lambda: self._finish(keys=scripts.job_keys(job_id), args=args))
-        return str(state)
+        reply = self._do(lambda: self._finish(keys=scripts.job_keys(job_id), args=args))
+        state, aborted = str(reply[1]), int(reply[2])
+        found = [events.job_execution(job_id, *done[int(i)]) for i in reply[3:]]
+        if aborted:
+            doc = self._do(lambda: self.r.hgetall(keys.job(job_id)))
+            found.append(events.job_event(job_id, "aborted", _counts(doc), change="aborted",
+                                          reason=doc.get("reason", "")))
+        if out is None:
+            events.emit(self.r, *found)
+        else:
+            out.extend(found)
+        return state
 
-    def _cancel_queued(self, job_id: str, state: str) -> None:
+    def _cancel_queued(self, job_id: str, state: str, out: list[events.Event]) -> None:
         reason = f"job {state} before this twin ran"
         while True:
             ids = self._do(lambda: self.r.zrange(keys.by_status(job_id, "queued"), 0, CANCEL_BATCH - 1))
             if not ids:
                 return
-            self.finish(job_id, [(m, "cancelled", reason) for m in ids], source="queued")
+            self.finish(job_id, [(m, "cancelled", reason) for m in ids], source="queued", out=out)
+            events.emit(self.r, *out)  # per batch: a large cancel never holds every event in memory
+            out.clear()
 
     # ------------------------------------------------------------------ control
     def control(self, job_id: str, what: str, reason: str | None = None) -> dict[str, Any]:
@@ -223,7 +256,15 @@ class JobService:
                                                       args=[what, repr(time.time()), reason or ""]))
         if not changed:
             raise Conflict(f"job {job_id} is {state}: it cannot {what}", job_id=job_id, state=state)
+        self.state_changed(job_id, str(state), {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}[what],
+                           reason)
         return self.advance(job_id, 0.2) if what != "pause" else self.status(job_id)
+
+    def state_changed(self, job_id: str, state: str, change: str, reason: str | None = None) -> None:
+        """Emit the job's event of a state change (``paused``, ``resumed``, ``cancelled``), with its counts."""
+        doc = self._do(lambda: self.r.hgetall(keys.job(job_id)))
+        events.emit(self.r, events.job_event(job_id, state, _counts(doc), change=change,
+                                             **({"reason": reason} if reason else {})))
 
     # ------------------------------------------------------------------ read
     def _doc(self, job_id: str) -> dict[str, str]:
@@ -285,6 +326,10 @@ class JobService:
             return fn()
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable for jobs: {exc}") from exc
+
+
+def _counts(doc: dict[str, str]) -> dict[str, int]:
+    return {s: int(doc.get(f"n_{s}") or 0) for s in keys.STATUSES}
 
 
 def _json(raw: str | None) -> dict[str, Any]:

@@ -95,7 +95,10 @@ class UpgradeStep:
             op_id = other
         except MeterTwinError as exc:  # refused for good (e.g. no such release): the job ends, nothing ran
             why = f"the upgrade manager refused: {exc.message}"
-            jobs._do(lambda: jobs._state(keys=[keys.job(job_id)], args=["cancel", repr(time.time()), why]))
+            changed, to = jobs._do(lambda: jobs._state(keys=[keys.job(job_id)],
+                                                       args=["cancel", repr(time.time()), why]))
+            if changed:
+                jobs.state_changed(job_id, str(to), "cancelled", why)
             return None
         jobs._do(lambda: self.r.hset(keys.job(job_id), mapping={"upgrade_op": op_id, "reason": ""}))
         return op_id
