@@ -16,6 +16,7 @@ import httpx
 
 from metertwin.client.errors import ApiError
 from metertwin.client.fleet import Fleet
+from metertwin.client.grid import Grid
 from metertwin.client.jobs import Jobs
 from metertwin.client.markets import DemandResponse, P2PBid, P2PMarket, Upgrades
 from metertwin.client.mdms import Archive, MdmsIngest, MdmsQuery
@@ -106,6 +107,7 @@ class Client:
         self.upgrades = self._api(Upgrades, "edge")
         self.mdms_ingest = self._api(MdmsIngest, "fog")
         self.mdms = self._api(MdmsQuery, "fog")
+        self.grid = self._api(Grid, "fog")
         self.archive = self._api(Archive, "cloud")
 
     def _api(self, cls: type[A], zone: str, function: str | None = None) -> A:

@@ -19,6 +19,7 @@ import yaml
 from embedded.stack import EmbeddedStack
 from metertwin.client import Client, errors
 from metertwin.client.fleet import Fleet
+from metertwin.client.grid import Grid
 from metertwin.client.jobs import Jobs
 from metertwin.client.markets import DemandResponse, P2PBid, P2PMarket, Upgrades
 from metertwin.client.mdms import Archive, MdmsIngest, MdmsQuery
@@ -38,7 +39,8 @@ CLIENT_OF: dict[str, type[Api]] = {
     "edge-write": Write,
     "edge-forward": Forward, "edge-ingest": Ingest, "edge-ingest-v2": Ingest, "edge-p2p-market": P2PMarket,
     "edge-p2p-bid": P2PBid, "edge-dr-event": DemandResponse, "edge-upgrade-manager": Upgrades,
-    "fog-mdms-ingest": MdmsIngest, "fog-mdms-query": MdmsQuery, "cloud-mdms-archive": Archive,
+    "fog-mdms-ingest": MdmsIngest, "fog-mdms-query": MdmsQuery, "fog-grid": Grid,
+    "cloud-mdms-archive": Archive,
 }
 
 
