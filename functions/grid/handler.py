@@ -32,7 +32,7 @@ from urllib.parse import unquote
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from metertwin.core import json_limits
-from metertwin.core.errors import InvalidInput
+from metertwin.core.errors import InvalidInput, MeterTwinError
 from metertwin.core.http import Context, Event, Request, Response, Router, json_response, validate_meter_id
 from metertwin.fleet.topology import check_name
 from metertwin.grid import aggregates, archive, evaluate, load, places
@@ -205,11 +205,18 @@ def connector(req: Request) -> Response:
     if req.header("X-Connector") != "cron-connector":
         raise InvalidInput("POST / is for the cron connector (X-Connector: cron-connector)")
     r = get_hot_redis()
-    out: dict[str, Any] = {"places": places.sync_from_edge(r), "drained": aggregates.drain(r),
-                           "rules": evaluate.evaluate(r)}
+    steps: list[tuple[str, Any]] = [("places", places.sync_from_edge), ("drained", aggregates.drain),
+                                    ("rules", evaluate.evaluate)]
     if r.set(ARCHIVE_DUE, "1", nx=True, ex=ARCHIVE_EVERY_S):
-        out["archive"] = archive.archive_all(r)
-    return json_response(out)
+        steps.append(("archive", archive.archive_all))
+    out: dict[str, Any] = {}
+    for name, step in steps:  # one failing step (e.g. the edge Redis unreachable) does not stop the others
+        try:
+            out[name] = step(r)
+        except MeterTwinError as exc:
+            out[name] = {"error": exc.message}
+    failed = [name for name in out if isinstance(out[name], dict) and "error" in out[name]]
+    return json_response(out, 503 if len(failed) == len(out) else 200)
 
 
 assert set(LEVELS) == set(load.LEVEL_OF_PATH.values())

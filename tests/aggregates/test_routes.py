@@ -131,3 +131,19 @@ def test_places_follow_the_edge_topology(meter_id: str, env: dict[str, str]) -> 
     assert places.sync_from_edge(fog, store)["changed"] == 1
     assert places.sync_from_edge(fog, store)["changes"] == 0
     assert get(f"/meters/{meter_id}/place")[1]["place"]["transformer"] == "TB"
+
+
+def test_cron_tick_runs_every_step_even_when_the_edge_is_unreachable(meter_id: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    _feed(meter_id, n=2)
+    monkeypatch.setenv("GRID_EDGE_REDIS_URL", "redis://127.0.0.1:1/0")
+    reset_grid()
+    status, body = call(load_handler("grid"), "POST", "/", token=token("service"),
+                        headers={"X-Connector": "cron-connector"})
+    assert status == 200, body
+    assert "error" in body["places"]
+    assert body["drained"] == {"meters": 0, "entries": 0}
+    assert body["rules"]["rules"] == 0
+    assert "archive" in body
+    status, body = call(load_handler("grid"), "POST", "/", token=token("service"))
+    assert status == 400, body
