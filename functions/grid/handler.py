@@ -111,7 +111,8 @@ class Place(BaseModel):
     feeder: str | None = None
     substation: str | None = None
     region: str | None = None
-    v: int = Field(ge=1, le=2**53)
+    #: Must grow with each change; default: now (the edge sync's versions are its audit ids, ms x 10^4).
+    v: int | None = Field(default=None, ge=1, le=2**62)
 
     @field_validator("transformer", "feeder", "substation", "region")
     @classmethod
@@ -129,7 +130,8 @@ def get_place(req: Request) -> Response:
 def put_place(req: Request) -> Response:
     meter = validate_meter_id(req.params["meter_id"])
     body = req.json(Place)
-    changed = aggregates.set_place(get_hot_redis(), meter, body.model_dump(exclude={"v"}), body.v)
+    version = body.v if body.v is not None else places.version_now()
+    changed = aggregates.set_place(get_hot_redis(), meter, body.model_dump(exclude={"v"}), version)
     return json_response({"meter_id": meter, "changed": changed, "place": aggregates.place_of(get_hot_redis(), meter)})
 
 

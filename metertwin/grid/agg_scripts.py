@@ -112,21 +112,25 @@ for i = 2, #ARGV, 3 do
   local meter, op = ARGV[i], ARGV[i + 1]
   local n_s, ts_s, pw_s, v_s, _, parts = string.match(ARGV[i + 2], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
   local n, ts, pw, v = tonumber(n_s), tonumber(ts_s), tonumber(pw_s), tonumber(v_s)
-  local old = redis.call('HGET', meters, meter)
-  local on, ots, opw, ov
-  if old then
-    local a, b, c, d = string.match(old, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-    on, ots, opw, ov = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+  local rec = redis.call('HGET', meters, meter)
+  local old, on, ots, opw, ov = false, 0, nil, nil, nil
+  if rec then
+    local a, b, c, d = string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    if a then old, on, ots, opw, ov = true, tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+    else on = tonumber(string.match(rec, '^([^|]*)')) end  -- 'n|left': the meter left at entry n
   end
-  if op == 'leave' then
+  if n <= on then
+    -- applied already (a drain run again): nothing
+  elseif op == 'leave' then
     if old then
       contrib(opw, -1)
-      redis.call('HDEL', meters, meter)
       redis.call('ZREM', seen, meter)
       redis.call('ZREM', volt, meter)
-      applied = applied + 1
     end
-  elseif not (old and n <= on) then
+    -- a tombstone keeps n, so a replay of the meter's earlier entries here is still skipped
+    redis.call('HSET', meters, meter, n_s .. '|left')
+    applied = applied + 1
+  else
     applied = applied + 1
     for part in string.gmatch(parts, '([^;]+)') do
       local b, di, de, cnt, lo, hi = string.match(part, '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')

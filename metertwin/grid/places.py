@@ -17,6 +17,7 @@ A changed place moves the meter's current contribution at once (:func:`aggregate
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import redis
@@ -33,12 +34,19 @@ def path_of(doc: dict[str, Any] | None) -> dict[str, str | None]:
     return {level: (str(doc[level]) if doc and doc.get(level) else None) for level in keys.LEVELS}
 
 
-def apply(fog: Any, meter_id: str, doc: dict[str, Any] | None) -> bool:
+def version_of(stream_id: str) -> int:
+    """A stream id ``<ms>-<seq>`` as one increasing number (``ms * 10**4 + seq``)."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms) * 10_000 + min(int(seq or 0), 9_999)
+
+
+def version_now() -> int:
+    """A version above every change copied so far (a push without its own version)."""
+    return int(time.time() * 1000) * 10_000 + 9_999
+
+
+def apply(fog: Any, meter_id: str, doc: dict[str, Any] | None, version: int) -> bool:
     """Copy one topology document (None: removed) to the fog; returns whether it was newer."""
-    if doc is not None and "v" in doc:
-        version = int(doc["v"])
-    else:
-        version = int(aggregates.place_of(fog, meter_id).get("v", 0)) + 1
     return aggregates.set_place(fog, meter_id, path_of(doc), version)
 
 
@@ -66,13 +74,13 @@ def sync_from_edge(fog: Any, store: TopologyStore | None = None) -> dict[str, An
         changes, gap = store.changes_after(cursor, count=get_grid_settings().places_batch)
         if gap:
             mark = store.last_change()
-            moved = sum(apply(fog, meter, doc) for meter, doc in store.documents())
+            moved = sum(apply(fog, meter, doc, version_of(mark)) for meter, doc in store.documents())
             fog.set(keys.PLACES_CURSOR, mark)
             return {"resync": True, "changed": moved, "cursor": mark}
         moved = 0
         for entry_id, meter, doc in changes:
             if meter:
-                moved += apply(fog, meter, doc)
+                moved += apply(fog, meter, doc, version_of(entry_id))
             cursor = entry_id
         fog.set(keys.PLACES_CURSOR, cursor)
     except redis.RedisError as exc:

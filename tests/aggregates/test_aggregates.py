@@ -139,3 +139,27 @@ def test_an_unplaced_meter_aggregates_nowhere_until_placed(meter_id: str) -> Non
         load.summary(hot_store.get_hot_redis(), "transformer", "T1")
     place(meter_id, 1)
     assert load.summary(hot_store.get_hot_redis(), "transformer", "T1")["import_w"] == 700.0
+
+
+def test_a_replayed_drain_after_a_move_does_not_bring_the_meter_back(meter_id: str) -> None:
+    from metertwin.grid import agg_scripts, aggregates, keys
+
+    register(meter_id)
+    place(meter_id, 1, transformer="T1")
+    t0 = aligned(4)
+    publish(meter_id, reading(1, t0, 100, power=400))
+    r = hot_store.get_hot_redis()
+    box: list[str] = r.zrange(keys.meter_outbox(meter_id), 0, -1)  # type: ignore[assignment]
+    drain()
+    place(meter_id, 2, transformer="T2")  # entry 2: leave T1, set T2 (applied at once)
+    # an old drain's batch arriving late (entry 1: set T1) changes nothing: T1 keeps its tombstone
+    batches, _tops = aggregates.node_batches({meter_id: box})
+    node = r.register_script(agg_scripts.NODE)
+    for (level, name), argv in batches.items():
+        node(keys=aggregates._node_keys(level, name), args=["0", *argv])
+    t1 = load.summary(r, "transformer", "T1")
+    assert (t1["meters"], t1["import_w"]) == (0, 0.0)
+    assert load.summary(r, "transformer", "T2")["import_w"] == 400.0
+    rows = load.history(r, "transformer", "T1", int((t0 - INTERVAL_S) * 1000), int((t0 + INTERVAL_S) * 1000),
+                        INTERVAL_S * 1000)
+    assert sum(row["readings"] for row in rows) == 1  # counted once, not again by the replay

@@ -147,3 +147,17 @@ def test_cron_tick_runs_every_step_even_when_the_edge_is_unreachable(meter_id: s
     assert "archive" in body
     status, body = call(load_handler("grid"), "POST", "/", token=token("service"))
     assert status == 400, body
+
+
+def test_a_twin_deleted_and_provisioned_again_gets_its_new_place(meter_id: str, env: dict[str, str]) -> None:
+    edge = clients.get_redis()
+    twin_store(edge).create(meter_id, "edge-1", {})
+    store = topology_store(edge)
+    fog = hot_store.get_hot_redis()
+    store.patch(meter_id, {"transformer": "TA", "feeder": "FA"}, actor="t")
+    store.patch(meter_id, {"transformer": "TB"}, actor="t")  # topology v2
+    places.sync_from_edge(fog, store)
+    store.remove([meter_id], actor="registry")
+    store.patch(meter_id, {"transformer": "TC", "feeder": "FA"}, actor="t")  # v1 again
+    places.sync_from_edge(fog, store)
+    assert get(f"/meters/{meter_id}/place")[1]["place"]["transformer"] == "TC"
