@@ -51,6 +51,7 @@ from metertwin.core.http import (
 from metertwin.core.settings import get_settings
 from metertwin.fleet.topology import TOPOLOGY_FIELDS, TopologyFields, public, topology_store
 from metertwin.twin import keys
+from metertwin.twin.bulk import register_bulk_route
 from metertwin.twin.concentrators import Concentrators, register_concentrator_routes
 from metertwin.twin.dynsec import get_dynsec, new_password
 from metertwin.twin.reconcile import reconcile
@@ -95,6 +96,9 @@ class BulkDelete(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     meter_ids: list[str] = Field(min_length=1)
+
+
+register_bulk_route(router, OPERATORS, NewMeter)  # POST /concentrators/{id}/twins: many twins, no accounts
 
 
 def _store() -> TwinStore:

@@ -268,18 +268,28 @@ class TopologyStore:
         for meter_id, raw in self._r.hscan_iter(keys.TOPOLOGY, count=1000):
             yield meter_id, _loads(raw)
 
+    def create_many(self, changes: dict[str, dict[str, Any]], *, actor: str, zone: str) -> dict[str, str]:
+        """The fleet records of new twins ``{meter_id: topology changes}``, one pipelined round trip of
+        the write script (bulk provisioning); returns ``{meter_id: error}`` for those not written (a
+        record already there is left as it is, like :meth:`patch` on an unchanged document)."""
+        docs = {m: merge({"zone": zone}, c) for m, c in changes.items()}
+        at = round(time.time(), 3)
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for m, doc in docs.items():
+                ks, args = _write_args(m, "", None, {**doc, "v": 1, "at": at}, actor)
+                self._write(keys=ks, args=args, client=pipe)
+            replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable writing {len(docs)} fleet records: {exc}") from exc
+        return {m: (f"{r}" if isinstance(r, Exception) else f"tree clash at {r[1]!r} (parent {r[2]!r})")
+                for m, r in zip(docs, replies, strict=True) if isinstance(r, Exception) or r[0] == -2}
+
     def _apply(self, meter_id: str, raw: str, old: dict[str, Any] | None, new: dict[str, Any] | None,
                actor: str) -> bool:
-        old_keys, new_keys = index_keys(old), index_keys(new)
-        tree = [(f"{child}:{new[child]}", str(new[parent]), keys.index(child, str(new[child])))
-                for child, parent in TREE_LEVELS if new and new.get(child) and new.get(parent)]
-        args: list[Any] = [meter_id, raw, _dumps(new) if new else "", actor, repr(time.time()), keys.AUDIT_MAXLEN,
-                           len(old_keys), len(new_keys), len(tree)]
-        for field, parent, _key in tree:
-            args += [field, parent]
+        ks, args = _write_args(meter_id, raw, old, new, actor)
         try:
-            reply = self._write(keys=[keys.TOPOLOGY, keys.TREE, keys.AUDIT, keys.ALL_METERS, *old_keys, *new_keys,
-                                      *(key for *_x, key in tree)], args=args)
+            reply = self._write(keys=ks, args=args)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable writing the topology of {meter_id!r}: {exc}") from exc
         if reply[0] == -2:
@@ -296,6 +306,20 @@ class TopologyStore:
             return fn(*args, **kwargs)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+def _write_args(meter_id: str, raw: str, old: dict[str, Any] | None, new: dict[str, Any] | None,
+                actor: str) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the write script: ``raw`` (the stored document, ``""`` for none) -> ``new``."""
+    old_keys, new_keys = index_keys(old), index_keys(new)
+    tree = [(f"{child}:{new[child]}", str(new[parent]), keys.index(child, str(new[child])))
+            for child, parent in TREE_LEVELS if new and new.get(child) and new.get(parent)]
+    args: list[Any] = [meter_id, raw, _dumps(new) if new else "", actor, repr(time.time()), keys.AUDIT_MAXLEN,
+                       len(old_keys), len(new_keys), len(tree)]
+    for field, parent, _key in tree:
+        args += [field, parent]
+    return [keys.TOPOLOGY, keys.TREE, keys.AUDIT, keys.ALL_METERS, *old_keys, *new_keys,
+            *(key for *_x, key in tree)], args
 
 
 _stores: dict[int, TopologyStore] = {}

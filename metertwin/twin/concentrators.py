@@ -43,6 +43,9 @@ return old
 
 #: Meters per assignment request.
 MAX_ASSIGN = 10_000
+#: Above this many meters, an assignment rewrites the concentrator's role once
+#: (:meth:`Concentrators.sync_relays`) instead of one broker command (one file rewrite) per meter.
+RELAY_ONE_BY_ONE = 16
 
 
 def check_id(concentrator_id: str) -> str:
@@ -76,9 +79,8 @@ class Concentrators:
         error = self._acl().create_concentrator(concentrator_id, password)
         if error:
             raise BackendUnavailable(f"MQTT account of concentrator {concentrator_id!r} not created: {error}")
-        meters = self.meters(concentrator_id)
-        if meters:  # a replaced account gets its meters' ACLs back
-            self._acl().relay(concentrator_id, add=meters)
+        if self.meters(concentrator_id):  # a replaced account gets its meters' ACLs back
+            self.sync_relays(concentrator_id)
         return {"concentrator_id": concentrator_id, "username": concentrator_username(concentrator_id)}
 
     def exists(self, concentrator_id: str) -> bool:
@@ -116,6 +118,21 @@ class Concentrators:
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
 
+    def sync_relays(self, concentrator_id: str) -> None:
+        """Rewrite the concentrator's relay ACLs from its meter set in one broker command
+        (:meth:`DynSec.set_relays`), again until the set read after a rewrite is the one written: a
+        concurrent change of the set (another worker's assignment) is never left out of the ACLs."""
+        sent: list[str] | None = None
+        for _attempt in range(8):
+            members = self.meters(concentrator_id)
+            if members == sent:
+                return
+            error = self._acl().set_relays(concentrator_id, members)
+            if error:
+                raise BackendUnavailable(f"relay ACLs of concentrator {concentrator_id!r} not written: {error}")
+            sent = members
+        raise BackendUnavailable(f"meters of concentrator {concentrator_id!r} changed too often; retry")
+
     def route(self, meter_id: str) -> str | None:
         """The concentrator the meter is behind, or None (direct)."""
         try:
@@ -140,7 +157,10 @@ class Concentrators:
                 pipe.exists(keys.twin(m))
             known = [m for m, e in zip(meter_ids, pipe.execute(), strict=True) if e]
             missing = sorted(set(meter_ids) - set(known))
-            if target and known:
+            if target and len(known) > RELAY_ONE_BY_ONE:  # one role rewrite, not one per meter
+                self._r.sadd(keys.concentrator_meters(target), *known)
+                self.sync_relays(target)
+            elif target and known:
                 failed = self._acl().relay(target, add=known)
                 if failed:
                     raise BackendUnavailable(f"concentrator ACLs not added: {failed}")
@@ -154,8 +174,12 @@ class Concentrators:
                 if old and old != target:
                     moved_from.setdefault(str(old), []).append(m)
             for old, ms in moved_from.items():
-                self._acl().relay(old, remove=ms)
-                self._r.srem(keys.concentrator_meters(old), *ms)
+                if len(ms) > RELAY_ONE_BY_ONE:
+                    self._r.srem(keys.concentrator_meters(old), *ms)
+                    self.sync_relays(old)
+                else:
+                    self._acl().relay(old, remove=ms)
+                    self._r.srem(keys.concentrator_meters(old), *ms)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
         if len(meter_ids) == 1 and missing:

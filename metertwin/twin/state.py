@@ -40,11 +40,13 @@ from metertwin.stream import events
 from metertwin.twin import keys
 from metertwin.twin.messages import MAX_SEQ, TimestampRule
 
-# KEYS[1]=twin; ARGV: meter_id, zone, profile_json, now. The zone's index (keys.TWIN_INDEX) is
-# another slot on Redis Cluster, so TwinStore.create adds the id to it after this script.
-CREATE_LUA = """
+# KEYS[1]=twin; ARGV: meter_id, zone, profile_json, now[, concentrator]. The zone's index
+# (keys.TWIN_INDEX) is another slot on Redis Cluster, so TwinStore.create adds the id to it after
+# this script. A concentrator (keys.ROUTE_FIELD) is set with the twin: it is born behind it.
+CREATE_LUA = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'v', 1, 'z', ARGV[2], 'p', ARGV[3], 'r', '{}', 'd', '{}', 's', -1, 'c', ARGV[4])
+redis.call('HSET', KEYS[1], 'v', 1, 'z', ARGV[2], 'p', ARGV[3], 'r', '{{}}', 'd', '{{}}', 's', -1, 'c', ARGV[4])
+if ARGV[5] and ARGV[5] ~= '' then redis.call('HSET', KEYS[1], '{keys.ROUTE_FIELD}', ARGV[5]) end
 return 1
 """
 
@@ -172,6 +174,23 @@ class TwinStore:
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable indexing twin {meter_id!r}: {exc}") from exc
         return bool(done)
+
+    def create_many(self, profiles: dict[str, dict[str, Any]], zone: str, concentrator: str = "") -> list[str]:
+        """Create twins ``{meter_id: profile}`` (behind ``concentrator`` if given) with one pipelined round
+        trip of :data:`CREATE_LUA`, then index them (same order and repair as :meth:`create`); returns the
+        ids created (the others already had a twin)."""
+        now = repr(time.time())
+        ids = list(profiles)
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for m in ids:
+                self._create(keys=[keys.twin(m)], args=[m, zone, _dumps(profiles[m]), now, concentrator], client=pipe)
+            done = pipe.execute()
+            for start in range(0, len(ids), 1000):
+                self._r.sadd(keys.TWIN_INDEX, *ids[start:start + 1000])
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis unavailable creating {len(ids)} twins: {exc}") from exc
+        return [m for m, d in zip(ids, done, strict=True) if d]
 
     def get(self, meter_id: str) -> Twin:
         try:
