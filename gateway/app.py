@@ -29,7 +29,9 @@ from gateway import access_log
 from gateway.access_log import AccessLog
 from gateway.api import build_api
 from gateway.asyncq import AsyncQueue
-from gateway.connectors import CronConnector, MqttConnector, ServiceToken, validate_schedule
+from gateway.connectors import MqttConnector, ServiceToken
+from gateway.cron import CronConnector, validate_schedule
+from gateway.dead_letters import ConnectorDeadLetters
 from gateway.fastpath import FUNCTION_PREFIX, Receive, Scope, Send
 from gateway.functions import Context, LoadedFunction, Result, load_functions, merged_environment
 from gateway.lifecycle import GatewayLifecycle
@@ -92,6 +94,7 @@ class GatewayApp(GatewayLifecycle):
         self.queue: AsyncQueue | None = None
         self.mqtt: MqttConnector | None = None
         self.cron: CronConnector | None = None
+        self.dead_letters: ConnectorDeadLetters | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._deadlines: dict[asyncio.Future[Result], float] = {}
         self._redis_clients: list[aioredis.Redis] = []

@@ -28,7 +28,9 @@ import sys
 import httpx
 import redis.asyncio as aioredis
 
-from gateway.connectors import CronConnector, MqttConnector, ServiceToken
+from gateway.connectors import MqttConnector, ServiceToken
+from gateway.cron import CronConnector
+from gateway.dead_letters import ConnectorDeadLetters
 from gateway.functions import Event, Result
 from gateway.stack import load_stack
 from metertwin.core import clients
@@ -83,6 +85,7 @@ async def run(stack_path: str, zone: str, gateway_url: str, *, instance: str, ti
         zone, specs, invoke, token, host=settings.mqtt_host, port=settings.mqtt_port,
         username=settings.mqtt_username, password=settings.mqtt_password.get_secret_value(),
         client_id=f"gw-{zone}-{instance}", concurrency=concurrency,
+        dead_letters=ConnectorDeadLetters(zone, redis),
     )
     tasks = []
     try:

@@ -1,4 +1,4 @@
-"""Event connectors, as OpenFaaS's mqtt-connector and cron-connector do it, inside the gateway.
+"""The MQTT connector, as OpenFaaS's mqtt-connector does it, inside the gateway.
 
 MQTT (annotation ``topic``, comma-separated filters): one MQTT v5 session per gateway
 worker subscribes to ``$share/gw-<zone>/<filter>`` (the zone's workers split the load; a
@@ -11,7 +11,8 @@ body, ``POST /``, headers ``X-Topic``, ``Content-Type: application/json`` and th
 gateway's service bearer token. Delivery is at-least-once: messages are QoS1 and
 acknowledged (``manual_ack``) only after the handler returned with an answer other than
 429/502/503/504 (those mean the backend is down: the message is retried with back-off
-and stays unacknowledged meanwhile); the session is persistent
+and stays unacknowledged meanwhile); a message a function refuses (any other 4xx or 5xx) is
+kept as a dead letter first (``gateway.dead_letters``); the session is persistent
 (stable client id, session expiry) so unacknowledged messages are redelivered when a
 crashed worker comes back; the broker sends at most ``concurrency`` unacknowledged
 messages at a time (MQTT v5 Receive Maximum), which bounds the work in flight.
@@ -28,11 +29,7 @@ stop acknowledges everything received and ends the session), not across a crash.
 instance name must also be stable across restarts for redelivery (``--instance``; the
 default, ``<host>-<pid>``, changes with every process).
 
-Cron (annotation ``schedule``): 5-field cron, or 6 fields with seconds last
-(``*/1 * * * * *``; a local extension that the real cron-connector does not accept).
-At each tick every worker tries a compare-and-set on ``keys.schedule_lock(zone, fn)``
-holding the last fired tick; the one that wins calls ``POST /`` with
-``X-Connector: cron-connector``.
+Cron (annotation ``schedule``): :mod:`gateway.cron`.
 """
 
 from __future__ import annotations
@@ -45,24 +42,20 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from croniter import croniter
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as _Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from redis.asyncio import Redis
 from starlette.datastructures import Headers
 
-from gateway import keys
+from gateway.dead_letters import ConnectorDeadLetters
 from gateway.functions import Event, Result
 from gateway.mqtt_batcher import Batcher
 from gateway.stack import FunctionSpec, StackError
 from metertwin.core import auth, mqtt_batch
-from metertwin.core.aio import stop_requested
 from metertwin.core.errors import MeterTwinError
 from metertwin.core.paho_fast import speed_up_paho
 
@@ -101,17 +94,6 @@ class ServiceToken:
         return self._value
 
 
-def validate_schedule(spec: FunctionSpec) -> str:
-    expr = spec.schedule or ""
-    if len(expr.split()) not in (5, 6) or not croniter.is_valid(expr):
-        raise StackError(
-            f"functions.{spec.name}.annotations.schedule: {expr!r} is not a cron expression "
-            "(5 fields, or 6 with seconds last)"
-        )
-    return expr
-
-
-# Compare-and-set of the last fired tick: any worker, however late, fires a tick at most once.
 #: Answers that mean the backend is down or busy, not that the message is bad: the message
 #: is invoked again (unacknowledged meanwhile). A 500 is a handler bug and is acknowledged,
 #: so that a poison message cannot hold a slot of the receive window forever.
@@ -119,14 +101,6 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 #: Backoff between re-invocations.
 RETRY_MIN_S = 0.2
 RETRY_MAX_S = 10.0
-
-_CLAIM_TICK = """
-local last = tonumber(redis.call('GET', KEYS[1]) or '0')
-if last >= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return 1
-"""
-
 
 def session_client_id(base: str, filters: list[str]) -> str:
     """The MQTT client id (the session's key) of a connector: ``<base>-<digest of its filters>``.
@@ -140,59 +114,6 @@ def session_client_id(base: str, filters: list[str]) -> str:
     """
     digest = hashlib.sha256("\n".join(filters).encode()).hexdigest()[:10]
     return f"{base}-{digest}"
-
-
-class CronConnector:
-    def __init__(self, zone: str, specs: Iterable[FunctionSpec], invoke: Invoke, token: ServiceToken,
-                 redis: Redis) -> None:
-        self.zone = zone
-        self.schedules = {spec.name: validate_schedule(spec) for spec in specs if spec.schedule}
-        self.invoke = invoke
-        self.token = token
-        self.redis = redis
-        self.fired: dict[str, int] = dict.fromkeys(self.schedules, 0)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._claim = redis.register_script(_CLAIM_TICK)
-
-    async def run(self) -> None:
-        if not self.schedules:
-            return
-        await asyncio.gather(*(self._run_one(name, expr) for name, expr in self.schedules.items()))
-
-    async def _run_one(self, name: str, expr: str) -> None:
-        last = time.time()
-        while True:
-            base = datetime.fromtimestamp(max(time.time(), last), UTC)
-            tick = float(croniter(expr, base).get_next(float))
-            following = float(croniter(expr, datetime.fromtimestamp(tick, UTC)).get_next(float))
-            await asyncio.sleep(max(0.0, tick - time.time()))
-            last = tick
-            try:
-                won = await self._claim(keys=[keys.schedule_lock(self.zone, name)],
-                                        args=[int(tick * 1000), max(2, int(2 * (following - tick)) + 60)])
-            except Exception as exc:  # Redis down: skip this tick rather than fire it twice
-                if stop_requested():
-                    raise asyncio.CancelledError from exc
-                log.warning("cron %s: cannot take the tick lock: %s", name, exc)
-                continue
-            if won:
-                task = asyncio.create_task(self._fire(name))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _fire(self, name: str) -> None:
-        raw = [(b"x-connector", b"cron-connector"), (b"content-type", b"application/json")]
-        token = self.token.header()
-        if token:
-            raw.append((b"authorization", token))
-        result = await self.invoke(name, Event(b"", Headers(raw=raw), "POST", b"", "/"))
-        self.fired[name] += 1
-        if result.status >= 400:
-            log.warning("cron call of %s answered %d: %s", name, result.status, result.body[:200])
-
-    async def stop(self, timeout_s: float) -> None:
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
 
 class MqttConnector:
@@ -213,8 +134,11 @@ class MqttConnector:
         concurrency: int = 16,
         session_expiry_s: int = 300,
         shared: bool = True,
+        dead_letters: ConnectorDeadLetters | None = None,
     ) -> None:
         self.zone = zone
+        #: Where messages the functions refused are kept before they are acknowledged (None: only logged).
+        self.dead_letters = dead_letters
         self.invoke = invoke
         self.token = token
         self.host, self.port = host, port
@@ -243,7 +167,8 @@ class MqttConnector:
                     raise StackError(f"functions.{spec.name}.annotations.{mqtt_batch.ANNOTATION}: {exc}") from None
                 self.batchers[spec.name] = Batcher(
                     spec.name, invoke, token.header, size, wait_s, retry_statuses=RETRY_STATUSES,
-                    retry_min_s=RETRY_MIN_S, retry_max_s=RETRY_MAX_S, stopping=lambda: self._stopping)
+                    retry_min_s=RETRY_MIN_S, retry_max_s=RETRY_MAX_S, stopping=lambda: self._stopping,
+                    dead_letters=dead_letters)
         self.delivered = 0
         #: Re-invocations after a function answered one of RETRY_STATUSES (message unacknowledged).
         self.retries = 0
@@ -420,9 +345,13 @@ class MqttConnector:
                             log.warning("%s on %s answered %d (retrying in %.1f s): %s", name, msg.topic,
                                         result.status, delay, result.body[:200])
                         elif result.status >= 400:
-                            # The function's verdict on the message itself; it records what it rejects.
+                            # The function's verdict on the message itself (or a bug): kept as a dead
+                            # letter, then acknowledged; if it cannot be kept, invoked again later.
                             log.warning("%s on %s answered %d: %s", name, msg.topic, result.status,
                                         result.body[:200])
+                            if self.dead_letters is not None and not await self.dead_letters.keep(
+                                    name, msg.topic, msg.payload, result.status, result.body):
+                                failed.append(name)
                 except Exception:
                     # Not acknowledged: the broker redelivers it on the next connection of this session.
                     log.exception("delivering %s to %s failed; leaving it unacknowledged", msg.topic, pending)

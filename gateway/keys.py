@@ -23,3 +23,12 @@ def invocation_counts(zone: str) -> str:
 def schedule_lock(zone: str, function: str) -> str:
     """Lock so that one gateway worker fires a cron tick, not each of them."""
     return f"{PREFIX}:gw:{zone}:cron:{function}"
+
+
+def connector_dead_letters(zone: str) -> str:
+    """Stream of MQTT messages a zone's functions refused and did not keep themselves (gateway.dead_letters)."""
+    return f"{PREFIX}:gw:{zone}:dead-letters"
+
+
+#: Entries kept at most (approximate trim): the oldest go first.
+CONNECTOR_DEAD_LETTERS_MAXLEN = 100_000

@@ -18,7 +18,9 @@ from typing import Any, Self, cast
 import redis.asyncio as aioredis
 
 from gateway.asyncq import AsyncQueue
-from gateway.connectors import CronConnector, MqttConnector, ServiceToken
+from gateway.connectors import MqttConnector, ServiceToken
+from gateway.cron import CronConnector
+from gateway.dead_letters import ConnectorDeadLetters
 from gateway.fastpath import FunctionInvoker, Receive, Send
 from gateway.stack import FunctionSpec, StackError
 from metertwin.core import clients
@@ -46,6 +48,7 @@ class GatewayLifecycle(FunctionInvoker):
     queue: AsyncQueue | None
     mqtt: MqttConnector | None
     cron: CronConnector | None
+    dead_letters: ConnectorDeadLetters | None
     _tasks: list[asyncio.Task[Any]]
     _redis_clients: list[aioredis.Redis]
     _started: bool
@@ -104,6 +107,7 @@ class GatewayLifecycle(FunctionInvoker):
         # tens of milliseconds under load (seen as the p99 of cached reads).
         gc.freeze()
         self.redis = self._new_redis(self.settings.redis_timeout_s)
+        self.dead_letters = ConnectorDeadLetters(self.zone, self.redis)
         self._spawn(self._expire_calls(), "exec-timeout")
         self._spawn(self.metrics.flush_forever(self.redis, self.options.flush_interval_s), "flush")
         # The async worker blocks up to 1 s in XREADGROUP: its own client with a longer timeout.
@@ -130,7 +134,7 @@ class GatewayLifecycle(FunctionInvoker):
             host=s.mqtt_host, port=s.mqtt_port, username=s.mqtt_username,
             password=s.mqtt_password.get_secret_value(), client_id=f"gw-{self.zone}-{self.instance}",
             concurrency=self.options.mqtt_concurrency, session_expiry_s=self.options.mqtt_session_expiry_s,
-            shared=self.options.mqtt_shared,
+            shared=self.options.mqtt_shared, dead_letters=self.dead_letters,
         )
         self.mqtt.observe_lag = self.metrics.mqtt_lag.observe
         self.mqtt.start()

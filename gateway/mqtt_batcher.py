@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.datastructures import Headers
 
+from gateway.dead_letters import ConnectorDeadLetters
 from gateway.functions import Event, Result
 from metertwin.core import mqtt_batch
 
@@ -30,8 +31,9 @@ class Batcher:
     def __init__(self, name: str, invoke: Callable[[str, Event], Awaitable[Result]],
                  token: Callable[[], bytes | None], size: int, wait_s: float, *,
                  retry_statuses: frozenset[int], retry_min_s: float, retry_max_s: float,
-                 stopping: Callable[[], bool]) -> None:
+                 stopping: Callable[[], bool], dead_letters: ConnectorDeadLetters | None = None) -> None:
         self.name, self.size, self.wait_s = name, size, wait_s
+        self._dead_letters = dead_letters
         self._invoke, self._token, self._stopping = invoke, token, stopping
         self._retry, self._retry_min_s, self._retry_max_s = retry_statuses, retry_min_s, retry_max_s
         self._items: list[tuple[Any, asyncio.Future[bool]]] = []
@@ -96,20 +98,30 @@ class Batcher:
             return items
         try:
             answers = json.loads(result.body)["results"] if result.status == 200 else None
-            statuses = [int(a["status"]) for a in answers] if answers is not None else None
-        except (ValueError, KeyError, TypeError):
-            statuses = None
-        if statuses is None or len(statuses) != len(items):
-            # The function's verdict on the batch as a whole (a 4xx, a 500 bug): acknowledged, as one message would be.
+            verdicts = [(int(a["status"]), json.dumps(a.get("body")).encode()) for a in answers] \
+                if answers is not None else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            verdicts = None
+        if verdicts is None or len(verdicts) != len(items):
+            # The function's verdict on the batch as a whole (a 4xx, a 500 bug): each message is
+            # dead-lettered and acknowledged, as one message would be.
             log.warning("%s answered a batch of %d with %d: %s", self.name, len(items), result.status,
                         result.body[:200])
-            self._settle(items, True)
-            return []
-        retry = [item for item, status in zip(items, statuses, strict=True) if status in self._retry]
-        done = [item for item, status in zip(items, statuses, strict=True) if status not in self._retry]
-        for (msg, _), status in zip(items, statuses, strict=True):
-            if status >= 400 and status not in self._retry:
+            verdicts = [(result.status if result.status >= 400 else 500, result.body)] * len(items)
+        retry: list[tuple[Any, asyncio.Future[bool]]] = []
+        done: list[tuple[Any, asyncio.Future[bool]]] = []
+        for item, (status, answer) in zip(items, verdicts, strict=True):
+            msg = item[0]
+            if status in self._retry:
+                retry.append(item)
+                continue
+            if status >= 400:
                 log.warning("%s on %s answered %d in a batch", self.name, msg.topic, status)
+                if self._dead_letters is not None and not await self._dead_letters.keep(
+                        self.name, msg.topic, msg.payload, status, answer):
+                    retry.append(item)  # not recorded: not acknowledged either
+                    continue
+            done.append(item)
         self._settle(done, True)
         return retry
 

@@ -11,9 +11,9 @@ import binascii
 import hmac
 import platform
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, Response
+from fastapi import Depends, FastAPI, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBasic
 
@@ -78,7 +78,8 @@ def basic_authorized(headers: list[tuple[bytes, bytes]], basic_password: bytes |
 
 
 def add_system_routes(api: FastAPI, gw: GatewayApp) -> None:
-    """``/system/functions``, ``/system/function/{name}``, ``/system/scale-function/{name}``, ``/system/info``."""
+    """``/system/functions``, ``/system/function/{name}``, ``/system/scale-function/{name}``,
+    ``/system/dead-letters``, ``/system/info``."""
     # Basic auth is enforced by the dispatcher for every /system path; this only documents it.
     basic = HTTPBasic(auto_error=False, realm="OpenFaaS API")
     system = [Depends(basic)]
@@ -111,6 +112,19 @@ def add_system_routes(api: FastAPI, gw: GatewayApp) -> None:
     async def scale_function(name: str) -> PlainTextResponse:
         """Scaling is fixed at one replica locally (run more gateway workers instead)."""
         return PlainTextResponse("scaling is not supported by the local gateway\n", status_code=501)
+
+    @api.get("/system/dead-letters", dependencies=system, tags=["system"])
+    async def dead_letters(limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                           cursor: Annotated[str | None, Query(pattern=r"^\d{1,20}-\d{1,20}$")] = None
+                           ) -> JSONResponse:
+        """MQTT messages this zone's functions refused (kept by the connector before acknowledging), newest first."""
+        if gw.dead_letters is None:
+            return JSONResponse({"error": "not_started", "message": "the gateway has not started"}, status_code=503)
+        try:
+            entries, next_cursor = await gw.dead_letters.newest(limit, cursor)
+        except Exception as exc:  # Redis down
+            return JSONResponse({"error": "backend_unavailable", "message": f"zone Redis: {exc}"}, status_code=503)
+        return JSONResponse({"dead_letters": [e.to_dict() for e in entries], "next_cursor": next_cursor})
 
     @api.get("/system/info", dependencies=system, tags=["system"])
     async def info() -> dict[str, Any]:

@@ -10,8 +10,9 @@ body and ``X-Topic`` naming the topic:
 The fog zone's MDMS ingest (validation, hot/cold storage) subscribes to the same
 readings independently. A reading this function refuses (bad seq, ``ts`` outside the
 shared timestamp rule, JSON too deep: a 4xx naming the value) is refused there by the
-same rules and dead-lettered with its reason: the edge keeps no dead letters of its own
-(metertwin.twin.uplink, docs/mdms.md "One rule at edge and fog").
+same rules and dead-lettered with its reason (metertwin.twin.uplink, docs/mdms.md "One rule at
+edge and fog"); the edge gateway's MQTT connector keeps every message a function refuses as a
+dead letter of the zone too (gateway.dead_letters, ``GET /system/dead-letters``).
 """
 
 from __future__ import annotations

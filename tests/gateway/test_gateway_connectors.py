@@ -211,7 +211,7 @@ async def test_rejected_message_is_acknowledged_without_retry(
     env: dict[str, str], redis_url: str, mosquitto: Mosquitto, topics: str
 ) -> None:
     write_basic_auth(env)
-    async with gateway_client("mqtt") as (app, _):
+    async with gateway_client("mqtt") as (app, client):
         assert app.mqtt is not None
         await await_until(lambda: _ready(app), 10, "MQTT subscriptions")
         publish(mosquitto, f"{topics}/b/m-8", b'{"reject-me": true}')
@@ -222,6 +222,14 @@ async def test_rejected_message_is_acknowledged_without_retry(
         await await_until(acked, 10, "the rejected message acknowledged")
         assert [c["phase"] for c in calls(redis_url)] == ["rejected"]
         assert app.mqtt.retries == 0
+        # Acknowledged, but not dropped: the connector kept it as a dead letter with the reason.
+        listing = (await client.get("/system/dead-letters", auth=("admin", PASSWORD))).json()
+        [letter] = listing["dead_letters"]
+        assert letter["topic"] == f"{topics}/b/m-8"
+        assert letter["function"] == "mqtt-listen"
+        assert letter["status"] == 400
+        assert "rejected" in letter["reason"]
+        assert letter["payload"] == '{"reject-me": true}'
 
 
 async def _ready(app: Any) -> bool:
