@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                           '"meters": [...]}]} (the registry\'s answers); each publishes its meters\' readings '
                           'in batches (meter_sim.concentrator)')
     run.add_argument("--batch-max", type=int, default=1000, help="readings per concentrator message at most (1000)")
+    run.add_argument("--spread", action="store_true",
+                     help="concentrator mode: each concentrator reports at its own offset within the interval")
     run.add_argument("--meters-from", choices=("creds",), default="creds",
                      help="where the meter list comes from: the credentials file")
     run.add_argument("--meters", type=int, default=None, help="use only the first N meters of the file")
@@ -193,7 +195,7 @@ def run_concentrators(args: argparse.Namespace, out: TextIO = sys.stdout) -> int
     specs = json.loads(args.concentrators.read_text())["concentrators"]
     host, port = args.broker
     fleet = ConcentratorFleet(host, port, specs, reporting_interval_s=args.interval, batch_max=args.batch_max,
-                              seed=args.seed, prosumer_share=args.prosumers)
+                              seed=args.seed, prosumer_share=args.prosumers, spread=args.spread)
     meters = sum(len(s["meters"]) for s in specs)
     out.write(f"meter_sim: {len(specs)} concentrators x {meters} meters -> {host}:{port}, "
               f"interval {args.interval:g} s, batches of at most {args.batch_max}\n")

@@ -55,9 +55,12 @@ class ConcentratorFleet:
 
     def __init__(self, broker_host: str, broker_port: int, concentrators: list[dict[str, Any]], *,
                  reporting_interval_s: float = 60.0, batch_max: int = 1000, seed: int = 1,
-                 prosumer_share: float = 0.3, start_seq: int = 0) -> None:
+                 prosumer_share: float = 0.3, start_seq: int = 0, spread: bool = False) -> None:
         self.config = FleetConfig(broker_host=broker_host, broker_port=broker_port, wall_start=time.time())
         self.interval_s = reporting_interval_s
+        #: Each concentrator reports at its own offset within the interval (real DCUs are not in step),
+        #: so the broker sees a steady rate instead of one burst per interval.
+        self.spread = spread
         self.batch_max = batch_max
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -104,7 +107,17 @@ class ConcentratorFleet:
         self.stop()
 
     def _tick(self) -> None:
-        next_at = time.monotonic() + self.interval_s
+        next_at = time.monotonic() + (0.0 if self.spread else self.interval_s)
+        if self.spread:
+            ids = list(self.units)
+            step = self.interval_s / max(1, len(ids))
+            k = 0
+            while not self._stop.wait(max(0.0, next_at + (k % len(ids)) * step - time.monotonic())):
+                self.report_now(ids[k % len(ids)], wait=False)
+                k += 1
+                if k % len(ids) == 0:
+                    next_at += self.interval_s
+            return
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             self.report_now()
             next_at += self.interval_s

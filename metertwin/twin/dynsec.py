@@ -256,14 +256,20 @@ class DynSec:
 
 
 _dynsec: DynSec | None = None
+_dynsec_lock = threading.Lock()
 
 
 def get_dynsec() -> DynSec:
-    """The process's :class:`DynSec`, bound to the process's MQTT session."""
+    """The process's :class:`DynSec`, bound to the process's MQTT session.
+
+    Built under a lock: two handler threads building one each at once would each replace the
+    other's response listener, and the loser's commands would wait for answers it never gets.
+    """
     global _dynsec
     from metertwin.core.clients import get_mqtt
 
     mqtt = get_mqtt()
-    if _dynsec is None or _dynsec.mqtt is not mqtt:
-        _dynsec = DynSec(mqtt)
-    return _dynsec
+    with _dynsec_lock:
+        if _dynsec is None or _dynsec.mqtt is not mqtt:
+            _dynsec = DynSec(mqtt)
+        return _dynsec
