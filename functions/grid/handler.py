@@ -111,8 +111,8 @@ class Place(BaseModel):
     feeder: str | None = None
     substation: str | None = None
     region: str | None = None
-    #: Must grow with each change; default: now (the edge sync's versions are its audit ids, ms x 10^4).
-    v: int | None = Field(default=None, ge=1, le=2**62)
+    #: Must grow with each change; default: now (the edge sync's versions are its audit ids, ms x 1000).
+    v: int | None = Field(default=None, ge=1, le=2**53)
 
     @field_validator("transformer", "feeder", "substation", "region")
     @classmethod

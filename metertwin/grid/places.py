@@ -35,14 +35,15 @@ def path_of(doc: dict[str, Any] | None) -> dict[str, str | None]:
 
 
 def version_of(stream_id: str) -> int:
-    """A stream id ``<ms>-<seq>`` as one increasing number (``ms * 10**4 + seq``)."""
+    """A stream id ``<ms>-<seq>`` as one increasing number, ``ms * 1000 + seq``: below 2**53, so exact
+    in Lua's doubles (the place script compares versions) until the year 2255."""
     ms, _, seq = stream_id.partition("-")
-    return int(ms) * 10_000 + min(int(seq or 0), 9_999)
+    return int(ms) * 1000 + min(int(seq or 0), 999)
 
 
 def version_now() -> int:
     """A version above every change copied so far (a push without its own version)."""
-    return int(time.time() * 1000) * 10_000 + 9_999
+    return int(time.time() * 1000) * 1000 + 999
 
 
 def apply(fog: Any, meter_id: str, doc: dict[str, Any] | None, version: int) -> bool:
