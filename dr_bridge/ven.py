@@ -82,6 +82,8 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
         self._vtn_lost = False
         #: Set by :meth:`stop`: a poll cancelled then is the shutdown, not an error to log.
         self._stopping = False
+        #: Whether a distribution was handled since this VEN started (an empty one then needs no call).
+        self._distribution_seen = False
         #: True while :meth:`reregister` runs: queued reports wait for the VTN's new report requests.
         self._reregistering = False
         #: Set while the report worker waits for the VTN to answer again (created only then: 1,000 VENs).
@@ -202,8 +204,14 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
             events = [events]
         rejected = [r for r in message.get("rejected_events") or [] if r.get("event_id")]
         invalid_vtn_id = str(message.get("vtn_id") or "").islower()
-        answers = await self.bridge.deliver(self, message, events, [r["event_id"] for r in rejected]) \
-            if events or rejected else {}
+        # An empty distribution cancels, by implication, every event the VEN had: it goes to the twin
+        # unless the VEN knows it has none (a VTN may send one on every poll).
+        had_events = bool(getattr(self, "received_events", None))  # (set by openleadr)
+        if events or rejected or had_events or not self._distribution_seen:
+            answers = await self.bridge.deliver(self, message, events, [r["event_id"] for r in rejected])
+        else:
+            answers = {}
+        self._distribution_seen = True
         responses = []
         for event in events:
             ids = event_ids(event)
@@ -313,6 +321,11 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
             if result and result[0] == REREGISTRATION:
                 return None, {}  # just done: openleadr's _poll would register a second time
         if not result:
+            return None, {}
+        if result[0] == "oadrDistributeEvent" and not (result[1] or {}).get("events") \
+                and not (result[1] or {}).get("rejected_events"):
+            # openleadr's _poll drops a distribution without events; per 2.0b it cancels them all.
+            await self._on_event(result[1] or {})
             return None, {}
         return result  # type: ignore[no-any-return]
 

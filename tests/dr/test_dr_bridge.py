@@ -275,3 +275,29 @@ def test_jobs_cancelled_by_the_scheduler_shutdown_are_not_logged(caplog: pytest.
     assert "Error running job CancelledError" not in caplog.text
     assert "Error running job ValueError" in caplog.text
     assert "a real failure" in caplog.text
+
+
+async def test_an_empty_distribution_cancels_every_event(vtn: UtilityVtn, bridge_for: BridgeFactory,
+                                                         commands_seen: CommandObserver, meter_id: str) -> None:
+    """OpenADR 2.0b: an ``oadrDistributeEvent`` without events cancels, by implication, every event
+    the VEN had (openleadr's client drops such a message before its event handler)."""
+    make_twin(meter_id)
+    await bridge_for([meter_id])
+    first = vtn.issue([meter_id], intervals=[(1.0, 30.0, 2)])
+    await wait_until(lambda: limits(commands_seen, meter_id)[:1] == [1250.0], 10)
+    assert vtn.server is not None
+    vtn.withdraw([meter_id], first)
+    polls = vtn.server.services["poll_service"]
+    original = polls.handlers["oadrPoll"]
+    sent: list[bool] = []
+
+    async def empty_once(payload: dict[str, Any]) -> Any:
+        if sent:
+            return await original(payload)
+        sent.append(True)
+        return "oadrDistributeEvent", {"events": [], "request_id": "empty-1"}
+
+    polls.handlers["oadrPoll"] = empty_once
+    await wait_until(lambda: limits(commands_seen, meter_id)[-1:] == [None], 10)
+    rec = record(meter_id, first)
+    assert (rec["status"], rec["cancelled"]["how"]) == ("cancelled", "implied")
