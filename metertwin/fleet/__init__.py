@@ -7,6 +7,7 @@ Modules:
   writes (``If-Match``) that update the search indexes in the same Lua script, the audit stream;
 * :mod:`~metertwin.fleet.importer` — bulk topology from CSV (the GIS/CIS export), per-row errors;
 * :mod:`~metertwin.fleet.search` — ``GET /meters`` filters, ``count`` and cursor paging;
+* :mod:`~metertwin.fleet.live` — the live filters checked inside Redis (single Redis);
 * :mod:`~metertwin.fleet.keys` — Redis keys and sizes.
 
 **Redis Cluster.** A search intersects index sets of many meters, so the index cannot live in
@@ -14,8 +15,14 @@ each meter's slot. The documented choice: every fleet key (the topology document
 per-value index sets, the tree of parents, the audit stream) shares one hash tag,
 ``{fleet-ix}``, so each topology write (document + indexes + audit) is one Lua script and
 each search one script with ``SINTERCARD``/``SINTER``, on a single Redis and on Cluster alike.
-The price is that the whole zone's fleet index sits on one shard (about 0.5-0.9 KB per twin,
-see ``loadtest.fleet_bench``): a few million twins per zone. A zone beyond that would split
+The price is that the whole zone's fleet index sits on one shard (about 0.3-0.45 KB per twin
+with its indexes and audit, see ``loadtest.fleet_bench`` and docs/benchmarks.md): a few million
+twins per zone.
+
+**Storage.** Each twin with a fleet record has an integer ordinal; index sets hold ordinals
+(``intset`` up to ``set-max-intset-entries``), documents are compact JSON arrays in hashes of 128
+ordinals (``listpack``), and the id-ordered set of all meters holds ``"<meter> <ordinal>"`` (see
+:mod:`metertwin.fleet.keys`). A zone beyond that would split
 the index by region (tag ``{fleet-ix:<region>}``) and fan a search out over the regions.
 The topology document therefore is a field of the fleet hash, not a key in the meter's slot;
 the twin's own keys (``mt:twin:{meter}``) are untouched.
@@ -24,5 +31,7 @@ the twin's own keys (``mt:twin:{meter}``) are untouched.
 ``dr_opted_out`` are read from their sources of truth (the twin hash, the command queue, the
 DR preferences) for each candidate the topology filters leave, at query time, so they cannot
 disagree with the twin either; they are not indexed (that needs the ingest and status paths to
-write the fleet index), so their cost grows with the number of candidates.
+write the fleet index), so their cost grows with the number of candidates. On a single Redis one
+script checks them inside Redis (:mod:`~metertwin.fleet.live`); on Redis Cluster the twins are in
+other slots, so they are checked from Python, pipelined (about ten times the cost a candidate).
 """

@@ -33,68 +33,102 @@ from metertwin.core.errors import BackendUnavailable, InvalidInput
 from metertwin.core.http import METER_ID_RE, query_bool, query_float
 from metertwin.dr import keys as dr_keys
 from metertwin.fleet import keys
-from metertwin.fleet.topology import NAME_RE, NAME_RULE, SCALAR_INDEXED, TAG_KEY_RE, TAG_KEY_RULE, topology_store
+from metertwin.fleet.live import LIVE_LUA, is_cluster, live_args
+from metertwin.fleet.topology import (
+    LUA_LIB,
+    NAME_RE,
+    NAME_RULE,
+    SCALAR_INDEXED,
+    TAG_KEY_RE,
+    TAG_KEY_RULE,
+    decode,
+    topology_store,
+)
 from metertwin.twin import keys as twin_keys
 from metertwin.upgrade.binding import DEFAULT_RELEASE
 
 MAX_LIMIT = 1000
+#: Intersections larger than this are always walked (the sort plan holds them in the script's memory).
 SORT_MAX = 50_000
 #: At most this many topology candidates for a search with live filters (the sort plan serves them).
 LIVE_SCAN_MAX = SORT_MAX
+#: The walk plan is chosen when count² x this > (limit + 1) x all twins: a walked member (range read +
+#: membership tests) costs about a fifth of a sorted candidate (a document bucket read + the sort).
+WALK_FACTOR = 5
 WALK_CHUNK = 500
 VERIFY_BATCH = 500
 LIVE_FILTERS = ("online", "stale_s", "release", "has_pending_commands", "dr_opted_out")
 
-# KEYS: 1 all meters (id-ordered), 2 topology hash, then the filter index sets
-# ARGV: cursor ('' from the start), limit, sort_max, walk chunk, with docs (1/0)
+# KEYS: 1 all meters (id-ordered "<meter> <ordinal>"), then the filter index sets (of ordinals)
+# ARGV: doc prefix, cursor ('' from the start), limit, walk chunk, with docs (1/0), walk factor, sort max
 # Returns {count, more (1/0), ids..., then docs... when asked}
-SEARCH_LUA = """
-local cursor, limit = ARGV[1], tonumber(ARGV[2])
+SEARCH_LUA = LUA_LIB + """
+local cursor, limit, chunk = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local filters = {}
-for i = 3, #KEYS do filters[#filters + 1] = KEYS[i] end
-local count, page = 0, {}
-local start = (cursor == '') and '-' or ('(' .. cursor)
+for i = 2, #KEYS do filters[#filters + 1] = KEYS[i] end
+local count, page, pords = 0, {}, {}
+-- '<cursor>!' sorts after every '<cursor> <ordinal>' and before any longer id
+local start = (cursor == '') and '-' or ('[' .. cursor .. '!')
+local function split(member)
+  local at = string.find(member, ' ', 1, true)
+  return string.sub(member, 1, at - 1), tonumber(string.sub(member, at + 1))
+end
+local function walk(keep_all)
+  while #page <= limit do
+    local members = redis.call('ZRANGE', KEYS[1], start, '+', 'BYLEX', 'LIMIT', 0, keep_all and (limit + 1) or chunk)
+    if #members == 0 then break end
+    local ids, ords = {}, {}
+    for i = 1, #members do ids[i], ords[i] = split(members[i]) end
+    local keep = {}
+    for i = 1, #ids do keep[i] = true end
+    for _, k in ipairs(filters) do
+      local member = redis.call('SMISMEMBER', k, unpack(ords))
+      for i = 1, #ids do if member[i] == 0 then keep[i] = false end end
+    end
+    for i = 1, #ids do
+      if keep[i] and #page <= limit then page[#page + 1] = ids[i]; pords[#page] = ords[i] end
+    end
+    start = '(' .. members[#members]
+    if keep_all then break end
+  end
+end
 if #filters == 0 then
   count = redis.call('ZCARD', KEYS[1])
-  page = redis.call('ZRANGE', KEYS[1], start, '+', 'BYLEX', 'LIMIT', 0, limit + 1)
+  walk(true)
 else
   count = redis.call('SINTERCARD', #filters, unpack(filters))
-  if count <= tonumber(ARGV[3]) then
-    local ids = redis.call('SINTER', unpack(filters))
-    table.sort(ids)
-    local lo, hi = 1, #ids + 1
+  local total = redis.call('ZCARD', KEYS[1])
+  -- walking costs about (limit + 1) * total / count members; sorting, count (each a bucket read)
+  if count > tonumber(ARGV[7]) or (count > 0 and count * count * tonumber(ARGV[6]) > (limit + 1) * total) then
+    walk(false)
+  elseif count > 0 then
+    local ords = redis.call('SINTER', unpack(filters))
+    local rows = {}
+    for i = 1, #ords do
+      local o = tonumber(ords[i])
+      local v = redis.call('HGET', doc_key(o), o % BUCKET)
+      if v then
+        local at = string.find(v, ' ', 1, true)
+        rows[#rows + 1] = {string.sub(v, 1, at - 1), o, string.sub(v, at + 1)}
+      end
+    end
+    table.sort(rows, function(a, b) return a[1] < b[1] end)
+    local lo, hi = 1, #rows + 1
     if cursor ~= '' then
       while lo < hi do
         local mid = math.floor((lo + hi) / 2)
-        if ids[mid] <= cursor then lo = mid + 1 else hi = mid end
+        if rows[mid][1] <= cursor then lo = mid + 1 else hi = mid end
       end
     end
-    for i = lo, math.min(#ids, lo + limit) do page[#page + 1] = ids[i] end
-  else
-    local chunk = tonumber(ARGV[4])
-    while #page <= limit do
-      local ids = redis.call('ZRANGE', KEYS[1], start, '+', 'BYLEX', 'LIMIT', 0, chunk)
-      if #ids == 0 then break end
-      local keep = {}
-      for i = 1, #ids do keep[i] = true end
-      for _, k in ipairs(filters) do
-        local member = redis.call('SMISMEMBER', k, unpack(ids))
-        for i = 1, #ids do if member[i] == 0 then keep[i] = false end end
-      end
-      for i = 1, #ids do
-        if keep[i] and #page <= limit then page[#page + 1] = ids[i] end
-      end
-      start = '(' .. ids[#ids]
-    end
+    for i = lo, math.min(#rows, lo + limit) do page[#page + 1] = rows[i][1]; pords[#page] = rows[i][2] end
   end
 end
 local more = 0
 if #page > limit then more = 1; page[#page] = nil end
 local out = {count, more}
 for i = 1, #page do out[#out + 1] = page[i] end
-if ARGV[5] == '1' and #page > 0 then
-  local docs = redis.call('HMGET', KEYS[2], unpack(page))
-  for i = 1, #docs do out[#out + 1] = docs[i] or '' end
+if ARGV[5] == '1' then
+  for i = 1, #page do out[#out + 1] = read(page[i], pords[i]) end
 end
 return out
 """
@@ -158,17 +192,27 @@ class FleetSearch:
     def __init__(self, client: StrRedis) -> None:
         self._r = client
         self._search = client.register_script(SEARCH_LUA)
+        self._live = None if is_cluster(client) else client.register_script(LIVE_LUA)
 
     def run(self, q: Query) -> Page:
         if not q.live:
             count, more, ids, docs = self._call(q.index_keys, q.cursor, q.limit, with_docs=True)
             return Page(count, _items(ids, docs), ids[-1] if more and ids else None)
         # Live filters: every topology candidate is checked, for an exact count.
+        if self._live is not None:  # a single Redis: checked inside it, in one script
+            try:
+                reply = self._live(keys=[keys.ALL_METERS, *q.index_keys],
+                                   args=live_args(q.live, q.cursor, q.limit, LIVE_SCAN_MAX, time.time()))
+            except redis.RedisError as exc:
+                raise BackendUnavailable(f"Redis unavailable searching the fleet: {exc}") from exc
+            if int(reply[0]) < 0:
+                self._too_many(int(reply[1]), q)
+            count, more, rest = int(reply[0]), bool(reply[1]), list(reply[2:])
+            ids, docs = rest[:len(rest) // 2], [decode(_json(d)) for d in rest[len(rest) // 2:]]
+            return Page(count, _items(ids, docs), ids[-1] if more and ids else None)
         total, _more, candidates, _docs = self._call(q.index_keys, "", LIVE_SCAN_MAX, with_docs=False)
         if total > LIVE_SCAN_MAX:
-            raise InvalidInput(f"{total} twins match the topology filters, more than the {LIVE_SCAN_MAX} a search "
-                               f"with {', '.join(sorted(q.live))} may check: add a feeder, transformer or group "
-                               "filter", field=sorted(q.live)[0])
+            self._too_many(total, q)
         matched = self._verify(candidates, q.live)
         after = [m for m in matched if m > q.cursor] if q.cursor else matched
         page = after[:q.limit]
@@ -176,16 +220,23 @@ class FleetSearch:
         return Page(len(matched), _items(page, docs),
                     page[-1] if len(after) > q.limit else None)
 
+    @staticmethod
+    def _too_many(total: int, q: Query) -> None:
+        raise InvalidInput(f"{total} twins match the topology filters, more than the {LIVE_SCAN_MAX} a search "
+                           f"with {', '.join(sorted(q.live))} may check: add a feeder, transformer or group "
+                           "filter", field=sorted(q.live)[0])
+
     def _call(self, sets: tuple[str, ...], cursor: str, limit: int, *, with_docs: bool
               ) -> tuple[int, bool, list[str], list[Any]]:
         try:
-            reply = self._search(keys=[keys.ALL_METERS, keys.TOPOLOGY, *sets],
-                                 args=[cursor, limit, SORT_MAX, WALK_CHUNK, "1" if with_docs else "0"])
+            reply = self._search(keys=[keys.ALL_METERS, *sets],
+                                 args=[keys.DOC_PREFIX, cursor, limit, WALK_CHUNK, "1" if with_docs else "0",
+                                       WALK_FACTOR, SORT_MAX])
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable searching the fleet: {exc}") from exc
         count, more, rest = int(reply[0]), bool(reply[1]), list(reply[2:])
         n = len(rest) // 2 if with_docs else len(rest)
-        return count, more, rest[:n], [_json(d) for d in rest[n:]]
+        return count, more, rest[:n], [decode(_json(d)) for d in rest[n:]]
 
     def _verify(self, ids: list[str], live: dict[str, Any]) -> list[str]:
         """The ids whose twin, commands and DR preferences pass every live filter (order kept)."""

@@ -11,7 +11,9 @@ document is still the one the patch was computed from (else the write is recompu
 the tree (a transformer has one feeder, a feeder one substation, a substation one region, while
 any meter still hangs below it), moves the meter between the index sets, stores the document
 and appends the change (who, when, old, new) to the capped audit stream. A search can
-therefore never see an index that disagrees with a document.
+therefore never see an index that disagrees with a document. Stored, a document is a compact
+JSON array (:func:`encode`) under the meter's ordinal, and the index sets hold ordinals (see
+:mod:`metertwin.fleet.keys`); the audit's ``old``/``new`` are that array too.
 """
 
 from __future__ import annotations
@@ -134,39 +136,73 @@ def index_keys(doc: dict[str, Any] | None) -> list[str]:
     return out
 
 
-# KEYS: 1 topology hash, 2 tree, 3 audit, 4 all meters, then nold old index sets, nnew new index sets,
+# The meter's entry in the id-ordered set of all meters is "<meter> <ordinal>": these helpers (shared
+# by the scripts) find it by a lexicographic range, and read the ordinal's document bucket (keys built
+# from keys.DOC_PREFIX, ARGV[1]: they carry the fleet hash tag, the slot of the declared keys).
+LUA_LIB = """
+local DOCS, BUCKET = ARGV[1], 128
+local function find(all, meter)
+  local hit = redis.call('ZRANGE', all, '[' .. meter .. ' ', '(' .. meter .. '!', 'BYLEX', 'LIMIT', 0, 1)[1]
+  if not hit then return nil end
+  return tonumber(string.sub(hit, #meter + 2))
+end
+local function doc_key(ord) return DOCS .. math.floor(ord / BUCKET) end
+local function read(meter, ord)
+  if not ord then return '' end
+  local v = redis.call('HGET', doc_key(ord), ord % BUCKET)
+  if not v then return '' end
+  return string.sub(v, #meter + 2)
+end
+"""
+
+# KEYS: 1 all meters. ARGV: doc prefix, then meter ids. Returns each meter's stored document ('' none).
+READ_LUA = LUA_LIB + """
+local out = {}
+for i = 2, #ARGV do out[#out + 1] = read(ARGV[i], find(KEYS[1], ARGV[i])) end
+return out
+"""
+
+# KEYS: 1 all meters, 2 tree, 3 audit, 4 ordinal counter, then nold old index sets, nnew new index sets,
 #       ntree child index sets (one per tree pair)
-# ARGV: meter, old_raw ('' none), new_raw ('' remove), actor, now, audit_maxlen, nold, nnew, ntree,
+# ARGV: doc prefix, meter, old_raw ('' none), new_raw ('' remove), actor, now, audit_maxlen, nold, nnew, ntree,
 #       then per tree pair: tree field ('<level>:<node>'), parent
 # Returns {1} written, {-1} the document changed since it was read, {-2, field, known_parent} tree clash.
-WRITE_LUA = """
-local meter = ARGV[1]
-if (redis.call('HGET', KEYS[1], meter) or '') ~= ARGV[2] then return {-1} end
-local nold, nnew, ntree = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+WRITE_LUA = LUA_LIB + """
+local meter = ARGV[2]
+local ord = find(KEYS[1], meter)
+if read(meter, ord) ~= ARGV[3] then return {-1} end
+local nold, nnew, ntree = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local base = 4 + nold + nnew
 for i = 1, ntree do
-  local field, parent = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
+  local field, parent = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
   local known = redis.call('HGET', KEYS[2], field)
   if known and known ~= parent then
     local child = KEYS[base + i]
     -- the node may move only once no other meter hangs below it
-    if redis.call('SCARD', child) - redis.call('SISMEMBER', child, meter) > 0 then
+    local mine = 0
+    if ord then mine = redis.call('SISMEMBER', child, ord) end
+    if redis.call('SCARD', child) - mine > 0 then
       return {-2, field, known}
     end
   end
 end
-for i = 1, nold do redis.call('SREM', KEYS[4 + i], meter) end
-for i = 1, nnew do redis.call('SADD', KEYS[4 + nold + i], meter) end
-for i = 1, ntree do redis.call('HSET', KEYS[2], ARGV[8 + 2 * i], ARGV[9 + 2 * i]) end
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[1], meter)
-  redis.call('ZREM', KEYS[4], meter)
+if ARGV[4] == '' then
+  if not ord then return {1} end
+  for i = 1, nold do redis.call('SREM', KEYS[4 + i], ord) end
+  redis.call('HDEL', doc_key(ord), ord % BUCKET)
+  redis.call('ZREM', KEYS[1], meter .. ' ' .. ord)
 else
-  redis.call('HSET', KEYS[1], meter, ARGV[3])
-  redis.call('ZADD', KEYS[4], 0, meter)
+  if not ord then
+    ord = redis.call('INCR', KEYS[4])
+    redis.call('ZADD', KEYS[1], 0, meter .. ' ' .. ord)
+  end
+  for i = 1, nold do redis.call('SREM', KEYS[4 + i], ord) end
+  for i = 1, nnew do redis.call('SADD', KEYS[4 + nold + i], ord) end
+  redis.call('HSET', doc_key(ord), ord % BUCKET, meter .. ' ' .. ARGV[4])
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'meter', meter, 'actor', ARGV[4], 'at', ARGV[5],
-           'old', ARGV[2], 'new', ARGV[3])
+for i = 1, ntree do redis.call('HSET', KEYS[2], ARGV[9 + 2 * i], ARGV[10 + 2 * i]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'meter', meter, 'actor', ARGV[5], 'at', ARGV[6],
+           'old', ARGV[3], 'new', ARGV[4])
 return {1}
 """
 
@@ -177,15 +213,21 @@ class TopologyStore:
     def __init__(self, client: StrRedis) -> None:
         self._r = client
         self._write = client.register_script(WRITE_LUA)
+        self._read = client.register_script(READ_LUA)
 
     def get(self, meter_id: str) -> dict[str, Any] | None:
         """The meter's topology document, or None when it has none."""
-        return _loads(self._redis(self._r.hget, keys.TOPOLOGY, meter_id))
+        return _loads(self._raw([meter_id])[0])
 
     def get_many(self, meter_ids: list[str]) -> list[dict[str, Any] | None]:
         if not meter_ids:
             return []
-        return [_loads(raw) for raw in self._redis(self._r.hmget, keys.TOPOLOGY, meter_ids)]
+        return [_loads(raw) for raw in self._raw(meter_ids)]
+
+    def _raw(self, meter_ids: list[str]) -> list[str]:
+        """The stored (encoded) documents of these meters, '' for none."""
+        return [str(raw or "") for raw in self._redis(self._read, keys=[keys.ALL_METERS],
+                                                      args=[keys.DOC_PREFIX, *meter_ids])]
 
     def patch(self, meter_id: str, changes: dict[str, Any], *, actor: str, if_match: int | None = None,
               zone: str | None = None, replace: bool = False) -> dict[str, Any]:
@@ -200,7 +242,7 @@ class TopologyStore:
         """
         twins = twin_store(self._r)
         for _attempt in range(8):
-            raw = self._redis(self._r.hget, keys.TOPOLOGY, meter_id) or ""
+            raw = self._raw([meter_id])[0]
             old = _loads(raw)
             version = int(old["v"]) if old else 0
             if if_match is not None and if_match != version:
@@ -224,7 +266,7 @@ class TopologyStore:
         removed = 0
         for meter_id in meter_ids:
             for _attempt in range(8):
-                raw = self._redis(self._r.hget, keys.TOPOLOGY, meter_id)
+                raw = self._raw([meter_id])[0]
                 if not raw or self._apply(meter_id, raw, _loads(raw), None, actor):
                     removed += bool(raw)
                     break
@@ -264,9 +306,24 @@ class TopologyStore:
         return str(last[0][0]) if last else "0"
 
     def documents(self) -> Any:
-        """Every (meter, document) of the zone, by HSCAN (a resync)."""
-        for meter_id, raw in self._r.hscan_iter(keys.TOPOLOGY, count=1000):
-            yield meter_id, _loads(raw)
+        """Every (meter, document) of the zone, bucket by bucket (a resync)."""
+        for key in self._r.scan_iter(match=f"{keys.DOC_PREFIX}*", count=1000):
+            for value in self._redis(self._r.hvals, key):
+                meter_id, _, raw = str(value).partition(" ")
+                yield meter_id, _loads(raw)
+
+    def index_members(self, key: str) -> set[str]:
+        """The meter ids of an index set (whose members are ordinals): tests and tools."""
+        out = set()
+        for o in map(int, self._redis(self._r.smembers, key)):
+            value = self._redis(self._r.hget, keys.doc_bucket(o), str(o % keys.DOC_BUCKET))
+            if value:
+                out.add(str(value).partition(" ")[0])
+        return out
+
+    def all_meters(self) -> list[str]:
+        """Every meter id with a fleet record, in id order: tests and tools."""
+        return [str(m).rpartition(" ")[0] for m in self._redis(self._r.zrange, keys.ALL_METERS, 0, -1)]
 
     def create_many(self, changes: dict[str, dict[str, Any]], *, actor: str, zone: str) -> dict[str, str]:
         """The fleet records of new twins ``{meter_id: topology changes}``, one pipelined round trip of
@@ -314,11 +371,11 @@ def _write_args(meter_id: str, raw: str, old: dict[str, Any] | None, new: dict[s
     old_keys, new_keys = index_keys(old), index_keys(new)
     tree = [(f"{child}:{new[child]}", str(new[parent]), keys.index(child, str(new[child])))
             for child, parent in TREE_LEVELS if new and new.get(child) and new.get(parent)]
-    args: list[Any] = [meter_id, raw, _dumps(new) if new else "", actor, repr(time.time()), keys.AUDIT_MAXLEN,
-                       len(old_keys), len(new_keys), len(tree)]
+    args: list[Any] = [keys.DOC_PREFIX, meter_id, raw, encode(new) if new else "", actor, repr(time.time()),
+                       keys.AUDIT_MAXLEN, len(old_keys), len(new_keys), len(tree)]
     for field, parent, _key in tree:
         args += [field, parent]
-    return [keys.TOPOLOGY, keys.TREE, keys.AUDIT, keys.ALL_METERS, *old_keys, *new_keys,
+    return [keys.ALL_METERS, keys.TREE, keys.AUDIT, keys.SEQ, *old_keys, *new_keys,
             *(key for *_x, key in tree)], args
 
 
@@ -338,18 +395,43 @@ def public(doc: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (doc or {}).items() if k not in ("v", "at")}
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+#: The stored document is a JSON array of these, in this order, trailing nulls cut: under half the
+#: bytes of the keyed object (no names; ``location`` as ``[lat, lon]``).
+ENCODED_FIELDS = ("v", "at", "zone", *TOPOLOGY_FIELDS)
+_LOCATION = ENCODED_FIELDS.index("location")
+
+
+def encode(doc: dict[str, Any]) -> str:
+    """The stored form of a document (also what the audit stream's ``old``/``new`` hold)."""
+    values: list[Any] = [doc.get(name) for name in ENCODED_FIELDS]
+    loc = values[_LOCATION]
+    if isinstance(loc, dict):
+        values[_LOCATION] = [loc.get("lat"), loc.get("lon")]
+    while values and values[-1] is None:
+        values.pop()
+    return json.dumps(values, separators=(",", ":"), sort_keys=True)
+
+
+def decode(value: Any) -> dict[str, Any] | None:
+    """A document from its stored form (an encoded array, or a JSON object as stored before)."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, list):
+        return None
+    doc = {name: v for name, v in zip(ENCODED_FIELDS, value, strict=False) if v is not None}
+    loc = doc.get("location")
+    if isinstance(loc, list) and len(loc) == 2:
+        doc["location"] = {"lat": loc[0], "lon": loc[1]}
+    return doc
 
 
 def _loads(raw: str | None) -> dict[str, Any] | None:
     if not raw:
         return None
     try:
-        value = json.loads(raw)
+        return decode(json.loads(raw))
     except ValueError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

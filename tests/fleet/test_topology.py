@@ -7,7 +7,7 @@ from typing import Any
 import redis
 
 from metertwin.fleet import keys
-from metertwin.fleet.topology import index_keys
+from metertwin.fleet.topology import index_keys, topology_store
 from tests.fleet.helpers import fleet, provision, registry, token
 from tests.invoke import call
 
@@ -41,9 +41,9 @@ def test_profile_topology_at_provisioning(env: dict[str, str], meter_id: str) ->
     assert headers["ETag"] == '"1"'
     r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
     for key in index_keys(doc["topology"]):
-        assert r.sismember(key, meter_id), key
-    assert r.sismember(keys.index("group", "pilot"), meter_id)
-    assert r.sismember(keys.index("tag", "vendor=acme"), meter_id)
+        assert meter_id in topology_store(r).index_members(key), key
+    assert meter_id in topology_store(r).index_members(keys.index("group", "pilot"))
+    assert meter_id in topology_store(r).index_members(keys.index("tag", "vendor=acme"))
 
 
 def test_provisioning_without_topology_still_makes_a_fleet_record(env: dict[str, str], meter_id: str) -> None:
@@ -89,8 +89,8 @@ def test_patch_is_versioned_merged_and_audited(env: dict[str, str], meter_id: st
     status, again = call(fleet, "PATCH", path, body={"transformer": "t2"}, token=token("utility"))
     assert (status, again["version"]) == (200, 2)
     r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
-    assert not r.sismember(keys.index("transformer", "t1"), meter_id)
-    assert r.sismember(keys.index("transformer", "t2"), meter_id)
+    assert meter_id not in topology_store(r).index_members(keys.index("transformer", "t1"))
+    assert meter_id in topology_store(r).index_members(keys.index("transformer", "t2"))
     assert not r.exists(keys.index("tariff", "tou-1"))
     status, hist = call(fleet, "GET", f"{path}/history", token=token("admin"))
     assert status == 200
@@ -134,6 +134,6 @@ def test_unknown_twin_and_removal(env: dict[str, str], meter_id: str) -> None:
     status, _ = call(registry, "DELETE", f"/meters/{meter_id}", token=token("admin"))
     assert status == 200
     r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
-    assert r.hget(keys.TOPOLOGY, meter_id) is None
+    assert topology_store(r).get(meter_id) is None
     assert not r.exists(keys.index("feeder", "f1"))
-    assert not r.zscore(keys.ALL_METERS, meter_id)
+    assert meter_id not in topology_store(r).all_meters()

@@ -1,0 +1,139 @@
+"""Live filters checked inside Redis: one script intersects the topology index sets, reads each
+candidate's twin (and, when asked, its command queue and DR preferences), keeps the ones that pass,
+counts them and cuts the page — one round trip instead of one command per candidate from Python.
+
+The twins' keys are in their own slots (``{<meter>}``), so the script reads keys it does not
+declare: that is allowed on a single Redis, not on Redis Cluster. On a cluster client
+:mod:`metertwin.fleet.search` keeps checking the candidates from Python (pipelined), which gives
+the same answer at about ten times the cost per candidate (see docs/benchmarks.md).
+
+The checks are those of :func:`metertwin.fleet.search._passes`: ``online`` is the reported
+``online`` field's first element being ``true``; ``stale_s``: the measurement's ``ts`` is at least
+that old (a twin without one is stale); ``release``: the bound release (default when unbound);
+``has_pending_commands``: a command due after now; ``dr_opted_out``: the preferences' ``opt_out``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from metertwin.dr import keys as dr_keys
+from metertwin.fleet import keys
+from metertwin.fleet.topology import LUA_LIB
+from metertwin.twin import keys as twin_keys
+from metertwin.upgrade.binding import DEFAULT_RELEASE
+
+# KEYS: 1 all meters, then the filter index sets
+# ARGV: 1 doc prefix, 2 cursor, 3 limit, 4 scan max, 5 now, 6 online ('', '1', '0'), 7 stale_s (''),
+#       8 release (''), 9 default release, 10 pending ('', '1', '0'), 11 opted out ('', '1', '0'),
+#       12-17 twin / pending / DR key prefix and suffix around the meter id
+# Returns {-1, candidates} when there are more than scan max candidates, else {count, more, ids..., docs...}
+LIVE_LUA = LUA_LIB + """
+local cursor, limit, scan_max, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local want_online, stale, release = ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local want_pending, want_opt = ARGV[10], ARGV[11]
+local filters = {}
+for i = 2, #KEYS do filters[#filters + 1] = KEYS[i] end
+local rows = {}
+local function decode(raw)
+  if not raw then return nil end
+  local ok, v = pcall(cjson.decode, raw)
+  if ok and type(v) == 'table' then return v end
+  return nil
+end
+local function truthy(v)
+  return v ~= nil and v ~= false and v ~= cjson.null and v ~= 0 and v ~= ''
+    and not (type(v) == 'table' and next(v) == nil)
+end
+local function passes(meter)
+  local t = redis.call('HMGET', ARGV[12] .. meter .. ARGV[13], 'v', 'r', 'm', 'b')
+  if not t[1] then return false end
+  if want_online ~= '' then
+    local online = false
+    if t[2] and string.find(t[2], '"online"', 1, true) then
+      local rep = decode(t[2])
+      online = rep ~= nil and type(rep.online) == 'table' and rep.online[1] == true
+    end
+    if online ~= (want_online == '1') then return false end
+  end
+  if stale then
+    local m = decode(t[3])
+    if m and type(m.ts) == 'number' and now - m.ts < stale then return false end
+  end
+  if release ~= '' and (t[4] or ARGV[9]) ~= release then return false end
+  if want_pending ~= '' then
+    local n = redis.call('ZCOUNT', ARGV[14] .. meter .. ARGV[15], now, '+inf')
+    if (n > 0) ~= (want_pending == '1') then return false end
+  end
+  if want_opt ~= '' then
+    local prefs = decode(redis.call('GET', ARGV[16] .. meter .. ARGV[17]) or nil)
+    if truthy(prefs and prefs.opt_out) ~= (want_opt == '1') then return false end
+  end
+  return true
+end
+if #filters == 0 then
+  local n = redis.call('ZCARD', KEYS[1])
+  if n > scan_max then return {-1, n} end
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local at = string.find(member, ' ', 1, true)
+    local meter = string.sub(member, 1, at - 1)
+    if passes(meter) then rows[#rows + 1] = {meter, tonumber(string.sub(member, at + 1))} end
+  end
+else
+  local n = redis.call('SINTERCARD', #filters, unpack(filters))
+  if n > scan_max then return {-1, n} end
+  for _, o in ipairs(redis.call('SINTER', unpack(filters))) do
+    o = tonumber(o)
+    local v = redis.call('HGET', doc_key(o), o % BUCKET)
+    if v then
+      local meter = string.sub(v, 1, string.find(v, ' ', 1, true) - 1)
+      if passes(meter) then rows[#rows + 1] = {meter, o} end
+    end
+  end
+  table.sort(rows, function(a, b) return a[1] < b[1] end)
+end
+local lo = 1
+if cursor ~= '' then
+  local hi = #rows + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if rows[mid][1] <= cursor then lo = mid + 1 else hi = mid end
+  end
+end
+local page = {}
+for i = lo, math.min(#rows, lo + limit) do page[#page + 1] = rows[i] end
+local more = 0
+if #page > limit then more = 1; page[#page] = nil end
+local out = {#rows, more}
+for i = 1, #page do out[#out + 1] = page[i][1] end
+for i = 1, #page do out[#out + 1] = read(page[i][1], page[i][2]) end
+return out
+"""
+
+
+def _around(key: str) -> list[str]:
+    """The prefix and suffix of a per-meter key around the meter id."""
+    prefix, _, suffix = key.partition("\x00")
+    return [prefix, suffix]
+
+
+_TEMPLATES = [*_around(twin_keys.twin("\x00")), *_around(twin_keys.pending_commands("\x00")),
+              *_around(dr_keys.dr_preferences("\x00"))]
+
+
+def _flag(live: dict[str, Any], name: str) -> str:
+    return "" if name not in live else ("1" if live[name] else "0")
+
+
+def live_args(live: dict[str, Any], cursor: str, limit: int, scan_max: int, now: float) -> list[Any]:
+    """ARGV of :data:`LIVE_LUA` for the live filters ``live`` (as parsed by ``search.Query``)."""
+    return [keys.DOC_PREFIX, cursor, limit, scan_max, repr(now), _flag(live, "online"),
+            "" if "stale_s" not in live else repr(float(live["stale_s"])), live.get("release", ""), DEFAULT_RELEASE,
+            _flag(live, "has_pending_commands"), _flag(live, "dr_opted_out"), *_TEMPLATES]
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` talks to a Redis Cluster (where :data:`LIVE_LUA` may not read the twins)."""
+    return isinstance(client, redis.RedisCluster)
