@@ -275,6 +275,10 @@ class TwinVen(OpenADRClient):  # type: ignore[misc]
                 self._answered = True
                 await self._execute_hooks("after_receive_xml", utils.ensure_str(content))
                 if req.status != HTTPStatus.OK:
+                    if req.status >= 500 or req.status in (HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS):
+                        # Not the VTN's answer to this message (a proxy in front of a restarting VTN, an
+                        # overloaded one): as if unanswered, so a report stays queued for later.
+                        self._answered = False
                     log.warning("VEN %s: VTN answered %s to %s", self.meter_id, req.status, service)
                     return None, {}
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

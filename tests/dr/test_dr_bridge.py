@@ -301,3 +301,32 @@ async def test_an_empty_distribution_cancels_every_event(vtn: UtilityVtn, bridge
     await wait_until(lambda: limits(commands_seen, meter_id)[-1:] == [None], 10)
     rec = record(meter_id, first)
     assert (rec["status"], rec["cancelled"]["how"]) == ("cancelled", "implied")
+
+
+async def test_reports_answered_with_a_server_error_are_kept_and_sent_again(
+        vtn: UtilityVtn, bridge_for: BridgeFactory, meter_id: str) -> None:
+    """A 5xx is not the VTN taking the report (a proxy in front of a restarting VTN answers 502/503):
+    the report stays queued and is sent again once the VTN answers."""
+    from datetime import datetime
+
+    from openleadr import errors
+
+    make_twin(meter_id, power_w=1750.0)
+    bridge = await bridge_for([meter_id])
+    ven = bridge.vens[meter_id]
+    await wait_until(lambda: any(r.ven_id == meter_id for r in vtn.reports), 10)
+    assert vtn.server is not None
+    reports = vtn.server.services["report_service"]
+    original = reports.handlers["oadrUpdateReport"]
+    refused: set[datetime] = set()  # the sample times of the reports answered 503
+    calls: list[int] = []
+
+    async def unavailable(payload: dict[str, Any]) -> Any:
+        calls.append(1)
+        refused.update(i["dtstart"] for r in payload.get("reports", []) for i in r.get("intervals", []))
+        raise errors.HTTPError(503, "VTN restarting")
+
+    reports.handlers["oadrUpdateReport"] = unavailable
+    await wait_until(lambda: len(calls) >= 3 and len(ven.report_backlog) >= 2, 15)
+    reports.handlers["oadrUpdateReport"] = original
+    await wait_until(lambda: refused <= {r.sampled for r in vtn.reports if r.ven_id == meter_id}, 15)
