@@ -20,7 +20,7 @@ with its indexes and audit, see ``loadtest.fleet_bench`` and docs/benchmarks.md)
 twins per zone.
 
 **Storage.** Each twin with a fleet record has an integer ordinal; index sets hold ordinals
-(``intset`` up to ``set-max-intset-entries``), documents are compact JSON arrays in hashes of 128
+(``intset`` up to ``set-max-intset-entries``), documents are compact JSON arrays in hashes of 32
 ordinals (``listpack``), and the id-ordered set of all meters holds ``"<meter> <ordinal>"`` (see
 :mod:`metertwin.fleet.keys`). A zone beyond that would split
 the index by region (tag ``{fleet-ix:<region>}``) and fan a search out over the regions.

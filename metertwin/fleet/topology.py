@@ -139,8 +139,8 @@ def index_keys(doc: dict[str, Any] | None) -> list[str]:
 # The meter's entry in the id-ordered set of all meters is "<meter> <ordinal>": these helpers (shared
 # by the scripts) find it by a lexicographic range, and read the ordinal's document bucket (keys built
 # from keys.DOC_PREFIX, ARGV[1]: they carry the fleet hash tag, the slot of the declared keys).
-LUA_LIB = """
-local DOCS, BUCKET = ARGV[1], 128
+LUA_LIB = f"""
+local DOCS, BUCKET = ARGV[1], {keys.DOC_BUCKET}
 local function find(all, meter)
   local hit = redis.call('ZRANGE', all, '[' .. meter .. ' ', '(' .. meter .. '!', 'BYLEX', 'LIMIT', 0, 1)[1]
   if not hit then return nil end
