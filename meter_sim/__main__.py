@@ -1,4 +1,4 @@
-"""Command line: ``python -m meter_sim run|provision ...`` (see ``--help`` and docs/meter_sim.md)."""
+"""Command line: ``python -m meter_sim run|provision|register ...`` (see ``--help`` and docs/meter_sim.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from meter_sim import accounts
 from meter_sim.concentrator import ConcentratorFleet
 from meter_sim.fleet import FleetStats, MeterFleet, raise_nofile_limit, tune_gc
 from meter_sim.profile import LinkProfile
+from meter_sim.topology import GridTopology, TopologyError, parse_feeder_pv
 
 
 def _broker(spec: str) -> tuple[str, int]:
@@ -45,6 +47,36 @@ def _offline(spec: str) -> tuple[str, float, float]:
     if not who or at_s < 0 or for_s <= 0:
         raise argparse.ArgumentTypeError(f"offline {spec!r} needs a meter id or share, AT >= 0 and FOR > 0")
     return who, at_s, for_s
+
+
+def _feeder_pv(spec: str) -> tuple[str, float]:
+    try:
+        return parse_feeder_pv(spec)
+    except TopologyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_topology_args(parser: argparse.ArgumentParser) -> None:
+    grid = parser.add_argument_group("grid topology (meter_sim.topology)")
+    grid.add_argument("--topology", type=Path, default=None,
+                      help="JSON file: regions -> substations -> feeders (pv_share) -> transformers -> meters")
+    grid.add_argument("--grid", default=None, metavar="RxSxFxT",
+                      help="or a generated tree: regions x substations x feeders x transformers, e.g. 1x2x2x2")
+    grid.add_argument("--feeder-pv", type=_feeder_pv, action="append", default=[], metavar="FEEDER=SHARE",
+                      help="with --grid: one feeder's PV share (repeatable; the others take --prosumers)")
+
+
+def topology_of(args: argparse.Namespace) -> GridTopology | None:
+    """The topology the arguments name (``--topology`` or ``--grid``), or None."""
+    if args.topology is not None and args.grid is not None:
+        raise TopologyError("give --topology or --grid, not both")
+    if args.topology is not None:
+        return GridTopology.load(args.topology)
+    if args.grid is not None:
+        return GridTopology.generate(args.grid, pv_share=args.prosumers, feeder_pv=dict(args.feeder_pv))
+    if args.feeder_pv:
+        raise TopologyError("--feeder-pv needs --grid")
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     run.add_argument("--summary-json", type=Path, default=None, help="write final counters here")
     run.add_argument("-v", "--verbose", action="store_true")
+    _add_topology_args(run)
+
+    reg = sub.add_parser("register", help="provision twins through the registry, with their grid topology")
+    reg.add_argument("--gateway", default=os.environ.get("EDGE_GATEWAY_URL", "http://127.0.0.1:8080"),
+                     help="the edge gateway ($EDGE_GATEWAY_URL)")
+    reg.add_argument("--token", default=None, help="an admin token (else $METERTWIN_TOKEN or --signing-key-file)")
+    reg.add_argument("--signing-key-file", type=Path, default=None, help="mint an admin token with this key")
+    reg.add_argument("--count", type=int, required=True)
+    reg.add_argument("--prefix", default="sim")
+    reg.add_argument("--prosumers", type=float, default=0.3, help="PV share of feeders with none given (0.3)")
+    reg.add_argument("--seed", type=int, default=1, help="which meters of a feeder get PV (1)")
+    reg.add_argument("--link", default="wifi", help="the profile's link (wifi)")
+    reg.add_argument("--out", type=Path, required=True, help="credentials file to write (for run --credentials)")
+    _add_topology_args(reg)
 
     prov = sub.add_parser("provision", help="create meter accounts in Mosquitto's dynamic security")
     prov.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883))
@@ -136,10 +182,16 @@ async def run_fleet(args: argparse.Namespace, out: TextIO = sys.stdout) -> Fleet
     if not credentials:
         raise SystemExit(f"no meters in {args.credentials}")
     host, port = args.broker
+    grid = topology_of(args)
+    prosumers = None
+    if grid is not None:
+        grid.assign(list(credentials), seed=args.seed)
+        prosumers = grid.prosumers()
+        out.write(f"meter_sim: grid {grid.summary()}\n")
     fleet = MeterFleet(
         host, port, credentials, seed=args.seed, reporting_interval_s=args.interval,
         prosumer_share=args.prosumers, link=args.link, time_scale=args.time_scale,
-        ems_interval_s=args.ems_interval, connect_concurrency=args.connect_concurrency,
+        ems_interval_s=args.ems_interval, connect_concurrency=args.connect_concurrency, prosumers=prosumers,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -209,6 +261,36 @@ def run_concentrators(args: argparse.Namespace, out: TextIO = sys.stdout) -> int
     return 0
 
 
+def register(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Provision ``--count`` twins through the registry (``POST /meters/bulk``), each with its place on
+    the grid as its profile's topology; write the credentials for ``run --credentials``."""
+    from metertwin.client import ApiError, Client
+    from metertwin.core.auth import issue_token
+
+    token = args.token or os.environ.get("METERTWIN_TOKEN")
+    if not token and args.signing_key_file is not None:
+        token = issue_token("meter-sim", {"admin"}, key=args.signing_key_file.read_text().strip())
+    if not token:
+        raise TopologyError("no token: pass --token, set METERTWIN_TOKEN, or --signing-key-file")
+    grid = topology_of(args) or GridTopology.generate("1x1x1x1", pv_share=args.prosumers)
+    places = grid.assign(accounts.new_meter_ids(args.count, args.prefix), seed=args.seed)
+    creds: dict[str, str] = {}
+    with Client(edge=args.gateway, token=token) as api:
+        ids = list(places)
+        for first in range(0, len(ids), 5000):
+            body = [{"meter_id": m, "profile": {**places[m].profile(), "link": args.link}}
+                    for m in ids[first:first + 5000]]
+            try:
+                made = api.registry.provision_bulk(body)
+            except ApiError as exc:
+                print(f"meter_sim: the registry refused: {exc}", file=sys.stderr)
+                return 1
+            creds.update({m["meter_id"]: m["password"] for m in made["meters"]})
+    accounts.save_credentials(args.out, creds)
+    out.write(f"registered {len(creds)} twins with their topology ({grid.summary()}); credentials in {args.out}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
@@ -221,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         accounts.save_credentials(args.out, creds)
         print(f"created {len(creds)} meter accounts; credentials in {args.out}")
         return 0
+    if args.cmd == "register":
+        try:
+            return register(args)
+        except TopologyError as exc:
+            print(f"meter_sim: {exc}", file=sys.stderr)
+            return 2
     if args.concentrators is not None:
         return run_concentrators(args)
     if args.credentials is None:

@@ -46,12 +46,14 @@ class MeterDevice:
         prosumer_share: float,
         tz_offset_h: float = 0.0,
         on_ems: Callable[[str, bytes], None] | None = None,
+        prosumer: bool | None = None,
     ) -> None:
         self.meter_id = meter_id
         self.config = config
         # The order of the draws below is the meter's identity: same seed and id, same meter.
         self.rng = random.Random(f"{seed}:{meter_id}")
-        prosumer = self.rng.random() < prosumer_share
+        drawn = self.rng.random() < prosumer_share  # always drawn: the draws after it stay the same
+        prosumer = drawn if prosumer is None else prosumer  # a topology decides PV per feeder
         self.model = LoadModel.draw(self.rng, prosumer=prosumer, tz_offset_h=tz_offset_h)
         self.on_ems = on_ems
 
@@ -64,6 +66,9 @@ class MeterDevice:
         self.relay = "closed"
         self.reporting_interval_s = float(reporting_interval_s)
         self.load_limit_w: float | None = None
+        #: Load switched on beside the household's (an EV charger, a heat pump): drives a transformer
+        #: over its rating in the demo (``MeterFleet.add_load``).
+        self.extra_load_w = 0.0
         self.tariff_id: str | None = None
         self.tariff: dict[str, Any] | None = None
         self.last_trade: dict[str, Any] | None = None
@@ -84,7 +89,7 @@ class MeterDevice:
 
     def power_at(self, sim_t: float) -> float:
         """Net power (W) at simulated time ``sim_t`` with the settings in force."""
-        return self._apply_settings(self.model.power_w(sim_t))
+        return self._apply_settings(self.model.power_w(sim_t) + self.extra_load_w)
 
     def _integrate(self, sim_t: float) -> None:
         """Advance the registers to ``sim_t`` (never backwards)."""

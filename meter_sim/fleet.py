@@ -14,7 +14,7 @@ import gc
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
@@ -87,7 +87,9 @@ class MeterFleet:
     ``"lan"``, ``(lo_s, hi_s)``); ``links`` overrides it per meter. ``time_scale``
     speeds up the meters' physical clock (load shape and registers) — message
     timestamps and the reporting interval stay in wall-clock seconds.
-    ``sim_start`` is the simulated epoch time at start (default: now).
+    ``sim_start`` is the simulated epoch time at start (default: now). ``prosumers``, when given,
+    names exactly the meters with PV (a grid topology's PV share per feeder,
+    :mod:`meter_sim.topology`) instead of drawing ``prosumer_share`` of them.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class MeterFleet:
         keepalive_s: int = 60,
         session_expiry_s: int = 86400,
         max_buffer: int = 10_000,
+        prosumers: Collection[str] | None = None,
     ) -> None:
         if not 0.0 <= prosumer_share <= 1.0:
             raise ValueError(f"prosumer_share {prosumer_share!r} is outside [0, 1]")
@@ -133,9 +136,10 @@ class MeterFleet:
             "seed": seed, "reporting_interval_s": reporting_interval_s, "prosumer_share": prosumer_share,
             "tz_offset_h": tz_offset_h, "ems_interval_s": ems_interval_s, "on_ems": on_ems,
         }
+        pv = None if prosumers is None else frozenset(prosumers)
         self.meters: dict[str, SimMeter] = {
             meter_id: SimMeter(meter_id, password, self.config, link=per_meter.get(meter_id, default_link),
-                               **self._kwargs)
+                               prosumer=None if pv is None else meter_id in pv, **self._kwargs)
             for meter_id, password in credentials.items()
         }
         self.started = False
@@ -199,6 +203,13 @@ class MeterFleet:
     def report_now(self, meter_id: str) -> int:
         """Take and queue a reading now; returns its seq."""
         return self.meter(meter_id).report_now().seq
+
+    def add_load(self, meter_id: str, watts: float) -> None:
+        """Switch on ``watts`` of load beside the household's (0 switches it off again); the meter's
+        settings in force (relay, load limit) still apply to the total."""
+        if not 0.0 <= watts <= 1e6:
+            raise ValueError(f"extra load {watts!r} W is outside [0, 1e6]")
+        self.meter(meter_id).extra_load_w = float(watts)
 
     # ---------------------------------------------------------------- numbers
     def connected_count(self) -> int:
@@ -340,6 +351,9 @@ class FleetThread:
 
     def report_now(self, meter_id: str) -> int:
         return self.call(self.fleet.report_now, meter_id)  # type: ignore[no-any-return]
+
+    def add_load(self, meter_id: str, watts: float) -> None:
+        self.call(self.fleet.add_load, meter_id, watts)
 
     def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
         """Poll ``predicate`` on the fleet's loop until true or the deadline; returns the last value."""

@@ -83,10 +83,11 @@ class SimMeter(MeterProtocol):
         ems_interval_s: float | None = None,
         connect_gate: asyncio.Semaphore | None = None,
         on_ems: Callable[[str, bytes], None] | None = None,
+        prosumer: bool | None = None,
     ) -> None:
         MeterDevice.__init__(
             self, meter_id, config, seed=seed, reporting_interval_s=reporting_interval_s,
-            prosumer_share=prosumer_share, tz_offset_h=tz_offset_h, on_ems=on_ems,
+            prosumer_share=prosumer_share, tz_offset_h=tz_offset_h, on_ems=on_ems, prosumer=prosumer,
         )
         self._password = password
         self.link = link
