@@ -64,6 +64,8 @@ class ConcentratorFleet:
         self.batch_max = batch_max
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        #: Publishes not waited for (``report_now(wait=False)``): :meth:`stop` lets them finish.
+        self._pending: list[mqtt.MQTTMessageInfo] = []
         self.units: dict[str, _Concentrator] = {}
         for spec in concentrators:
             cid = str(spec["concentrator_id"])
@@ -96,6 +98,9 @@ class ConcentratorFleet:
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join(5)
+        deadline = time.monotonic() + 30
+        for info in self._pending:  # a reading counted as sent is handed to the broker before we leave
+            info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
         for unit in self.units.values():
             unit.client.disconnect()
             unit.client.loop_stop()
@@ -144,6 +149,8 @@ class ConcentratorFleet:
         if wait:
             for info in infos:
                 info.wait_for_publish(timeout=30)
+        else:
+            self._pending = [i for i in self._pending if not i.is_published()] + infos
         return sent
 
     # ---------------------------------------------------------------- downlink
