@@ -6,11 +6,19 @@ a larger set continues where the last call stopped (``EVAL_CURSOR``), so each pa
 every few ticks instead of every tick. The state of each pair (since when it is breached, its
 open alert) changes in one Lua script in the rule's slot: a subject never has two open alerts,
 however evaluations and acknowledgements interleave.
+
+Each alert that opens, is acknowledged or clears is an ``alert`` event on the zone's stream
+(``raised``, ``acknowledged``, ``cleared``: :func:`metertwin.stream.events.alert_event`), queued in
+the pipeline of the write that follows the change (the actions' outcomes; the acknowledgement's
+read-back), or alone when there is none; never twice for one change (only the script that moved
+the alert emits).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 import uuid
 from typing import Any
@@ -24,6 +32,12 @@ from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTwinErr
 from metertwin.grid import keys, load
 from metertwin.grid.rules import RuleStore, threshold_for
 from metertwin.grid.settings import get_grid_settings
+from metertwin.stream import events
+
+log = logging.getLogger("metertwin.grid")
+
+#: The ``alert`` event's state for each change of an alert.
+EVENT_STATE = {"opened": "raised", "resolved": "cleared", "acknowledged": "acknowledged"}
 
 # KEYS: states alerts order ; ARGV: subject, now, verdict ('breach'|'clear'|'band'), for_s, alert JSON, value, max
 STEP = r"""
@@ -86,6 +100,33 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(a))
 return 1
 """
+
+
+ANNOTATE_SHA = hashlib.sha1(ANNOTATE.encode()).hexdigest()  # Redis names scripts by SHA-1
+
+
+_loaded: set[int] = set()
+
+
+def _annotate_piped(client: Any, key: str, args: list[str], *extra: Any) -> tuple[list[Any], bool]:
+    """ANNOTATE on ``key`` by EVALSHA in one pipeline with ``extra`` (callables queueing more commands on
+    it); returns the pipeline's results and whether the script had to run alone afterwards. The script
+    is loaded once per client; if Redis lost it since (SCRIPT FLUSH, restart), the pipeline fails with
+    NOSCRIPT, the script is loaded and run alone, and the rest is not sent again (an alert event queued
+    there may then be missing; it is logged)."""
+    if id(client) not in _loaded:
+        client.script_load(ANNOTATE)
+        _loaded.add(id(client))
+    pipe = client.pipeline(transaction=False)
+    pipe.evalsha(ANNOTATE_SHA, 1, key, *args)
+    for queue in extra:
+        queue(pipe)
+    try:
+        return list(pipe.execute()), False
+    except redis.exceptions.NoScriptError:
+        log.warning("grid: ANNOTATE was not loaded in Redis; run alone (an alert event may be missing)")
+        _loaded.discard(id(client))
+        return [client.register_script(ANNOTATE)(keys=[key], args=args)] + [None] * len(extra), True
 
 
 def verdict(rule: dict[str, Any], node: str, value: float) -> str:
@@ -164,8 +205,17 @@ def evaluate(client: Any, now_s: float | None = None) -> dict[str, Any]:
         client.delete(keys.EVAL_LOCK)
 
 
+def alert_event(alert: dict[str, Any], change: str) -> events.Event:
+    """The stream event of one change (``opened``, ``acknowledged``, ``resolved``) of ``alert``."""
+    at = {"opened": "opened_at", "acknowledged": "acknowledged_at", "resolved": "resolved_at"}[change]
+    value = alert.get("resolved_value") if change == "resolved" else alert.get("value")
+    return events.alert_event(alert["level"], alert["subject"], EVENT_STATE[change],
+                              {**alert, "value": value, "at": alert.get(at)})
+
+
 def run_actions(client: Any, rule: dict[str, Any], alert_id: str, event: str, value: float, now: float) -> None:
-    """Notify for an opened or resolved alert; each action's outcome is recorded on the alert."""
+    """Notify for an opened or resolved alert; each action's outcome is recorded on the alert, in one
+    pipeline with the alert's stream event."""
     alert = get_alert(client, rule["id"], alert_id)
     payload = json.dumps({"event": f"alert_{event}", "alert": alert}, separators=(",", ":")).encode()
     results = list(alert.get("actions") or [])
@@ -181,9 +231,12 @@ def run_actions(client: Any, rule: dict[str, Any], alert_id: str, event: str, va
                             "detail": detail if detail != "pending" else "GRID_JOBS_URL is not set", "at": now})
         except (MeterTwinError, OSError, ValueError, httpx.HTTPError) as exc:
             results.append({"type": kind, "event": event, "status": "failed", "detail": str(exc)[:300], "at": now})
+    emitted = alert_event(alert, event)
     if results:
-        client.register_script(ANNOTATE)(keys=[keys.rule_alerts(rule["id"])],
-                                         args=[alert_id, "actions", json.dumps(results)])
+        _annotate_piped(client, keys.rule_alerts(rule["id"]), [alert_id, "actions", json.dumps(results)],
+                        lambda pipe: events.queue(client, pipe, emitted))
+    else:
+        events.emit(client, emitted)
 
 
 def _send(action: dict[str, Any], payload: bytes, alert: dict[str, Any]) -> str:
@@ -203,7 +256,9 @@ def _send(action: dict[str, Any], payload: bytes, alert: dict[str, Any]) -> str:
         if not s.jobs_url:
             return "pending"
         token = auth.issue_token("grid-rules", {"utility", "service"})
-        body = {**action["job"], "note": f"alert {alert['id']} of rule {alert['rule']} on {alert['subject']}"}
+        # The job says where it came from (edge-jobs refuses unknown fields: ``description``, not a note).
+        body = {**action["job"]}
+        body.setdefault("description", f"alert {alert['id']} of rule {alert['rule']} on {alert['subject']}"[:300])
         resp = clients.get_http().post(s.jobs_url, json=body, headers={"Authorization": f"Bearer {token}"},
                                        timeout=s.notify_timeout_s)
         if resp.status_code >= 300:
@@ -220,15 +275,21 @@ def get_alert(client: Any, rule_id: str, alert_id: str) -> dict[str, Any]:
 
 
 def acknowledge(client: Any, rule_id: str, alert_id: str, *, who: str, now_s: float | None = None) -> dict[str, Any]:
-    """Mark an open alert acknowledged (it stays the subject's one open alert until it clears)."""
-    res = client.register_script(ANNOTATE)(keys=[keys.rule_alerts(rule_id)],
-                                           args=[alert_id, "acknowledged_by", json.dumps(who),
-                                                 repr(time.time() if now_s is None else now_s)])
-    if int(res) == 0:
+    """Mark an open alert acknowledged (it stays the subject's one open alert until it clears); the
+    ``acknowledged`` event is emitted only by the call that acknowledged it."""
+    key = keys.rule_alerts(rule_id)
+    (res, raw), alone = _annotate_piped(client, key, [alert_id, "acknowledged_by", json.dumps(who),
+                                                      repr(time.time() if now_s is None else now_s)],
+                                        lambda pipe: pipe.hget(key, alert_id))
+    if alone or isinstance(raw, Exception):
+        raw = client.hget(key, alert_id)  # the script ran after the read-back: read it again
+    if int(res) == 0 or not raw:
         raise NotFound(f"alert {alert_id!r} of rule {rule_id!r} does not exist", field="alert_id")
-    alert = get_alert(client, rule_id, alert_id)
+    alert = dict(json.loads(raw))
     if int(res) == -1 and alert.get("status") != "acknowledged":
         raise InvalidInput(f"alert {alert_id!r} is {alert.get('status')}, not open", field="alert_id")
+    if int(res) == 1:
+        events.emit(client, alert_event(alert, "acknowledged"))
     return alert
 
 
