@@ -368,8 +368,11 @@ class DemoSummary:
 async def run_demo(gateway: str, meter_ids: list[str], *, token: str, function: str = "edge-dr-event",
                    level: int = 2, lead_s: float = 3.0, duration_s: float = 8.0, poll_s: float = 1.0,
                    invoke: Invoke | None = None, read_power: Callable[[str], float | None] | None = None,
-                   timeout_s: float = 60.0) -> dict[str, Any]:
+                   timeout_s: float = 60.0, targets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run a VTN + bridge, issue one SIMPLE ``level`` event to every meter, and summarise it.
+
+    ``targets``: the event's eiTarget (e.g. ``[{"group_id": "dr-pilot"}]``: the twins in that group
+    opt in, the others opt out with 462 TARGET_MISMATCH); default each VEN's own ``ven_id``.
 
     ``read_power(meter_id)`` returns a meter's current load (W); by default the twin's last
     measurement, read through the function's telemetry route. Baseline: the twin's load when
@@ -384,7 +387,7 @@ async def run_demo(gateway: str, meter_ids: list[str], *, token: str, function: 
         await asyncio.wait_for(bridge.start(), timeout_s)
         await bridge.refresh_telemetry()
         baseline = {m: bridge.telemetry_value(m, "power_w") for m in meter_ids}
-        event_id = vtn.issue(meter_ids, intervals=[(lead_s, duration_s, float(level))])
+        event_id = vtn.issue(meter_ids, intervals=[(lead_s, duration_s, float(level))], targets=targets)
         issued = time.monotonic()
         await wait_until(lambda: len(vtn.answers_for(event_id)) >= len(meter_ids), timeout_s)
         answers = vtn.answers_for(event_id)

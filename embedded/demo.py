@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from embedded import demo_env, history
+from embedded import demo_env, grid_demo, history
 from embedded.callbacks import callback_receiver
 from embedded.dashboard import Dashboard
 from embedded.stack import EmbeddedStack
@@ -73,6 +73,7 @@ class Demo:
         self.mdms_app = api.with_token(stack.token("mdms", subject="mdms-app"))
         self.history: history.History | None = None
         self.bill_text = ""
+        self.grid = grid_demo.GridSteps(self, grid_demo.demo_grid())
 
     def call(self, capability: str, fn: Callable[[], T], *, outcome: Callable[[T], str] | None = None) -> T:
         """One client call, timed and tallied under ``capability``."""
@@ -280,7 +281,8 @@ class Demo:
         )
 
     def demand_response(self) -> None:
-        """A stock OpenADR VTN sends a SIMPLE event; each twin answers as its meter's VEN and sheds load."""
+        """An OpenADR VTN sends a SIMPLE event targeted at a group the topology made; each twin answers as
+        its meter's VEN (in the group: opt in and shed load; the others: opt out, not targeted)."""
         from dr_bridge.demo import run_demo
 
         # openleadr warns once per VEN about routine corrections; the summary says what matters.
@@ -289,15 +291,16 @@ class Demo:
         t0 = time.perf_counter()
         summary: dict[str, Any] = asyncio.run(run_demo(
             self.stack.url("edge"), self.meters, token=self.stack.token("service"), level=2, lead_s=3.0,
-            duration_s=8.0,
+            duration_s=8.0, targets=[{"group_id": grid_demo.DR_GROUP}],
         ))
         self.tally.record("dr (OpenADR event)", f"optIn={summary['opt_in']} optOut={summary['opt_out']}",
                           (time.perf_counter() - t0) * 1000)
         self.tally.notes.append(
             f"dr: {summary['registered']} VENs registered with a stock openleadr VTN; {summary['opt_in']} opted in, "
             f"{summary['opt_out']} out; load {summary['baseline_w']:.0f} W -> {summary['during_event_w']:.0f} W "
-            f"({summary['reduction_pct']:.0f} % shed, measured from meter readings)"
+            f"({summary['reduction_pct']:.0f} % shed by those opted in, measured from meter readings)"
         )
+        self.tally.notes.append(self.grid.dr_note(summary))
 
     def upgrade(self) -> None:
         """Move a canary of twins to release v2 while their meters keep reporting; then promote the rest."""
@@ -351,16 +354,20 @@ def run(args: argparse.Namespace) -> int:
         meters = [f"demo-{i:04d}" for i in range(args.meters)]
         t0 = time.perf_counter()
         credentials: dict[str, str] = {}
+        topology = grid_demo.demo_grid()
+        places = topology.assign(meters, seed=args.seed)  # the twins' topology at provisioning (meter_sim)
         for first in range(0, len(meters), 5000):
-            made = api.registry.provision_bulk([{"meter_id": m, "profile": {"kind": "household", "link": args.link}}
+            made = api.registry.provision_bulk([{"meter_id": m, "profile": {**places[m].profile(), "link": args.link}}
                                                 for m in meters[first:first + 5000]])
             credentials.update({m["meter_id"]: m["password"] for m in made["meters"]})
-        print(f"provisioned {len(meters)} twins and meter accounts in {time.perf_counter() - t0:.2f} s")
+        print(f"provisioned {len(meters)} twins and meter accounts in {time.perf_counter() - t0:.2f} s "
+              f"on the grid: {topology.summary()}")
+        grid_demo.await_places(api.grid, meters)
         assert stack.broker is not None
         fleet = FleetThread(
             broker_host=stack.broker.host, broker_port=stack.broker.port, credentials=credentials,
             reporting_interval_s=args.interval, link=args.link, prosumer_share=0.3, seed=args.seed,
-            ems_interval_s=None,
+            ems_interval_s=None, prosumers=topology.prosumers(),
         )
         sims = {m: fleet.fleet.meters[m] for m in meters}
         past = history.back_load(api.with_token(stack.token("mdms", subject="head-end")), sims, days=args.history_days)
@@ -370,9 +377,10 @@ def run(args: argparse.Namespace) -> int:
         fleet.start(timeout_s=60)
         try:
             demo = Demo(stack, fleet, meters, tally, api)
-            demo.history = past
+            demo.history, demo.grid.topology = past, topology
             for step in (demo.ingest, demo.reads, demo.writes, demo.forward, demo.access, demo.async_call, demo.p2p,
-                         demo.mdms, demo.demand_response, demo.upgrade):
+                         demo.mdms, demo.demand_response, demo.upgrade, demo.grid.feeder_load, demo.grid.overload,
+                         demo.grid.feeder_job):
                 print(f"-- {step.__name__}", flush=True)
                 step()
             print_summary(api, fleet, tally)
