@@ -47,22 +47,37 @@ local function truthy(v)
   return v ~= nil and v ~= false and v ~= cjson.null and v ~= 0 and v ~= ''
     and not (type(v) == 'table' and next(v) == nil)
 end
+-- the twin's fields a check needs, read once per candidate
+local fields, at = {'v'}, {}
+if want_online ~= '' then fields[#fields + 1] = 'r'; at.r = #fields end
+if stale then fields[#fields + 1] = 'm'; at.m = #fields end
+if release ~= '' then fields[#fields + 1] = 'b'; at.b = #fields end
+-- JSON without a nested object has every key at the top level: a plain search is then exact,
+-- and the decoder runs only for the others
+local function online_of(r)
+  if not r or not string.find(r, '"online":[true', 1, true) then return false end
+  if not string.find(r, '{', 2, true) then return true end
+  local rep = decode(r)
+  return rep ~= nil and type(rep.online) == 'table' and rep.online[1] == true
+end
+local function ts_of(m)
+  if not m then return nil end
+  if not string.find(m, '{', 2, true) then
+    return tonumber(string.match(m, '"ts":(-?[%d%.]+[eE]?[-+]?%d*)'))
+  end
+  local v = decode(m)
+  if v and type(v.ts) == 'number' then return v.ts end
+  return nil
+end
 local function passes(meter)
-  local t = redis.call('HMGET', ARGV[12] .. meter .. ARGV[13], 'v', 'r', 'm', 'b')
+  local t = redis.call('HMGET', ARGV[12] .. meter .. ARGV[13], unpack(fields))
   if not t[1] then return false end
-  if want_online ~= '' then
-    local online = false
-    if t[2] and string.find(t[2], '"online"', 1, true) then
-      local rep = decode(t[2])
-      online = rep ~= nil and type(rep.online) == 'table' and rep.online[1] == true
-    end
-    if online ~= (want_online == '1') then return false end
+  if at.r and online_of(t[at.r]) ~= (want_online == '1') then return false end
+  if at.m then
+    local ts = ts_of(t[at.m])
+    if ts and now - ts < stale then return false end
   end
-  if stale then
-    local m = decode(t[3])
-    if m and type(m.ts) == 'number' and now - m.ts < stale then return false end
-  end
-  if release ~= '' and (t[4] or ARGV[9]) ~= release then return false end
+  if at.b and (t[at.b] or ARGV[9]) ~= release then return false end
   if want_pending ~= '' then
     local n = redis.call('ZCOUNT', ARGV[14] .. meter .. ARGV[15], now, '+inf')
     if (n > 0) ~= (want_pending == '1') then return false end
