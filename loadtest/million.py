@@ -211,6 +211,18 @@ def top_commands(client: redis.Redis, readings: int, n: int = 6) -> dict[str, fl
     return {name.removeprefix("cmdstat_"): round(int(v["usec"]) / max(1, readings), 1) for name, v in busiest}
 
 
+def connector_counts(gateway_url: str) -> dict[str, float]:
+    """The gateway's MQTT connector counters (``/metrics``): messages acknowledged and re-invocations
+    after a 429/502/503/504 (a batch retried whole: its readings are run again, as duplicates)."""
+    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        for name in ("gateway_mqtt_messages_total", "gateway_mqtt_retries_total"):
+            if line.startswith(name + " "):
+                out[name.removeprefix("gateway_mqtt_").removesuffix("_total")] = float(line.split()[1])
+    return out
+
+
 def cpu_times(pids: dict[str, int]) -> dict[str, float]:
     out = {}
     for name, pid in pids.items():
@@ -309,6 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dead_fog = int(fog.xlen(mdms_keys.MDMS_DEAD_LETTERS))
         mem1 = {"edge": int(edge.info("memory")["used_memory"]), "fog": int(fog.info("memory")["used_memory"])}
         redis_cpu = {"edge": top_commands(edge, sent), "fog": top_commands(fog, sent)}
+        connector = {zone: connector_counts(stack.url(zone)) for zone in ("edge", "fog")}
         window = (t_start + args.interval, t_sent)
         cpu_us = {n: round((cpu1[n] - cpu0[n]) * 1e6 / max(1, sent), 1) for n in pids}
     lat = stats(watch.latencies_s)
@@ -327,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lost": max(0, sent - (applied_edge - dup_edge)) + max(0, sent - accepted_fog),
         "lost_edge": max(0, sent - (applied_edge - dup_edge)), "lost_fog": max(0, sent - accepted_fog),
         "duplicated": dup_edge, "fog_redeliveries_deduplicated": redelivered_fog,
-        "dead_lettered": dead_fog, "edge_rejected": rejected_edge,
+        "dead_lettered": dead_fog, "edge_rejected": rejected_edge, "connector": connector,
         "latency_p50_ms": lat.get("p50_ms"), "latency_p99_ms": lat.get("p99_ms"), "latency_samples": lat["n"],
         "bytes_per_twin": round((mem1["edge"] - mem0["edge"]) / args.meters),
         "bytes_per_twin_provisioned": round((mem_prov - mem0["edge"]) / args.meters),
