@@ -34,6 +34,7 @@ def test_demo_runs_every_capability_and_stops_what_it_started() -> None:
     assert re.search(r"grid \(feeder load\) .* [1-9]\d* intervals=1", out), out[-3000:]
     assert re.search(r"grid \(overload -> alert\) .* alert (open|acknowledged|resolved)=1", out), out[-3000:]
     assert "on T-Harbour-2 (rating 12000 W): alert" in out
+    assert re.search(r"grid \(load follows EVs\) .* import>rating=1", out), out[-3000:]  # the aggregate followed
     # final counts: the overload rule's job (through edge-jobs), and the job on one feeder's meters
     assert "completed 2/2 succeeded=1" in out
     assert "completed 4/4 succeeded=1" in out
