@@ -226,7 +226,8 @@ class DynSec:
         with self._lock:
             self._waiting[tag] = (done, answers)
         try:
-            self._mqtt.publish(CONTROL_TOPIC, {"commands": batch}, timeout_s=self._timeout_s)
+            # The PUBACK waits too while the broker saves its file for an earlier command.
+            self._mqtt.publish(CONTROL_TOPIC, {"commands": batch}, timeout_s=self._timeout_s + extra_timeout_s)
             timeout_s = self._timeout_s + PER_COMMAND_TIMEOUT_S * len(batch) + extra_timeout_s
             if not done.wait(timeout_s):
                 raise BackendUnavailable(
