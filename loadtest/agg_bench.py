@@ -68,21 +68,39 @@ def _round(r: Any, prefix: str, meters: int, readings: int, transformers: int, *
     return (time.process_time() - cpu0 + _server_cpu(r) - srv0) / len(cands) * 1e6
 
 
+def _reset() -> None:
+    reset_mdms_settings()
+    reset_grid_settings()
+    hot_store.reset_hot_redis()
+
+
 def measure(url: str, *, meters: int = 2000, readings: int = 5, transformers: int = 500,
             rounds: int = 2) -> dict[str, Any]:
-    """Interleaved rounds off/on, single-reading path and batch path; µs of CPU per reading."""
+    """Interleaved rounds off/on, single-reading path and batch path; µs of CPU per reading.
+
+    Runs in the caller's process (fleet_bench, its test): the environment and the MDMS and grid
+    settings and clients it changes are put back afterwards, so later code does not talk to
+    this run's Redis once it is gone.
+    """
+    saved = {name: os.environ.get(name) for name in ("HOT_REDIS_URL", "GRID_AGGREGATION")}
     os.environ["HOT_REDIS_URL"] = url
-    reset_mdms_settings()
-    hot_store.reset_hot_redis()
+    _reset()
     r = redis.Redis.from_url(url, decode_responses=True)
     out: dict[str, list[float]] = {"off": [], "on": [], "batch_off": [], "batch_on": []}
-    for k in range(rounds):
-        for name, agg, batch in (("off", False, False), ("on", True, False), ("batch_off", False, True),
-                                 ("batch_on", True, True)):
-            out[name].append(_round(r, f"b{k}{name}", meters, readings, transformers, aggregate=agg, batch=batch))
-    r.close()
-    os.environ.pop("GRID_AGGREGATION", None)
-    reset_grid_settings()
+    try:
+        for k in range(rounds):
+            for name, agg, batch in (("off", False, False), ("on", True, False), ("batch_off", False, True),
+                                     ("batch_on", True, True)):
+                out[name].append(_round(r, f"b{k}{name}", meters, readings, transformers, aggregate=agg,
+                                        batch=batch))
+    finally:
+        r.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reset()
     best = {name: min(values) for name, values in out.items()}
     return {
         "agg_us_per_reading": round(best["on"] - best["off"], 1),
