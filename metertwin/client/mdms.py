@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from metertwin.client.transport import Api, paginate, route
+from metertwin.core import mqtt_batch
 
 Json = dict[str, Any]
 #: Times: epoch seconds, ISO 8601 text, or a datetime (naive means UTC).
@@ -31,6 +32,12 @@ class MdmsIngest(Api):
     def on_message(self, meter_id: str, reading: Json) -> Json:
         """One reading as the MQTT connector delivers it (``service`` tokens)."""
         return dict(self._call("POST", "/", json=reading, headers={"X-Topic": f"meters/{meter_id}/up/reading"}))
+
+    @route("POST", "/mqtt-batch")
+    def on_batch(self, messages: list[tuple[str, bytes]]) -> Json:
+        """Many MQTT messages (readings, concentrator batches) in one call, as the connector sends them."""
+        return dict(self._call("POST", "/mqtt-batch", content=mqtt_batch.encode(messages),
+                               headers={"X-Connector": mqtt_batch.CONNECTOR, "Content-Type": "application/json"}))
 
     @route("POST", "/readings/batch")
     def upload_batch(self, readings: list[Json], *, source: str = "head-end", units: Json | None = None) -> Json:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metertwin.client.transport import Api, QueryValue, paginate, route
+from metertwin.core import mqtt_batch
 
 Json = dict[str, Any]
 
@@ -53,6 +54,40 @@ class Registry(Api):
     def reconcile(self, *, fix: bool = False) -> Json:
         """Compare twins with the broker's meter accounts (``fix=True`` repairs them)."""
         return dict(self._call("POST", "/reconcile", params={"fix": fix}))
+
+    # -- concentrators (DCUs): meters behind one MQTT account that uplinks their readings in batches --
+    @route("POST", "/concentrators")
+    def create_concentrator(self, concentrator_id: str) -> Json:
+        """A concentrator and its MQTT account; the answer holds its password (once) and its topics."""
+        return dict(self._call("POST", "/concentrators", json={"concentrator_id": concentrator_id}))
+
+    @route("GET", "/concentrators/{concentrator_id}")
+    def get_concentrator(self, concentrator_id: str) -> Json:
+        return dict(self._call("GET", f"/concentrators/{concentrator_id}"))
+
+    @route("DELETE", "/concentrators/{concentrator_id}")
+    def remove_concentrator(self, concentrator_id: str) -> Json:
+        return dict(self._call("DELETE", f"/concentrators/{concentrator_id}"))
+
+    @route("POST", "/concentrators/{concentrator_id}/meters")
+    def assign_meters(self, concentrator_id: str, meter_ids: list[str]) -> Json:
+        """Put existing twins' meters behind the concentrator (their ACL and downlink follow)."""
+        return dict(self._call("POST", f"/concentrators/{concentrator_id}/meters", json={"meter_ids": meter_ids}))
+
+    @route("POST", "/concentrators/{concentrator_id}/twins")
+    def provision_behind(self, concentrator_id: str, meters: list[Json]) -> Json:
+        """Many twins behind the concentrator at once (no MQTT account per meter)."""
+        return dict(self._call("POST", f"/concentrators/{concentrator_id}/twins", json={"meters": meters}))
+
+    @route("GET", "/concentrators/{concentrator_id}/rejected")
+    def concentrator_rejections(self, concentrator_id: str) -> Json:
+        """Readings the concentrator sent that were refused (e.g. for a meter not assigned to it), with reasons."""
+        return dict(self._call("GET", f"/concentrators/{concentrator_id}/rejected"))
+
+    @route("PUT", "/meters/{meter_id}/route")
+    def set_meter_route(self, meter_id: str, concentrator_id: str | None) -> Json:
+        """Move a meter behind a concentrator, or back to direct (``None``)."""
+        return dict(self._call("PUT", f"/meters/{meter_id}/route", json={"concentrator_id": concentrator_id}))
 
 
 @dataclass
@@ -160,6 +195,12 @@ class Ingest(Api):
     def on_message(self, topic: str, payload: Json) -> Json:
         """One meter message as the MQTT connector delivers it (``X-Topic``)."""
         return dict(self._call("POST", "/", json=payload, headers={"X-Topic": topic}))
+
+    @route("POST", "/mqtt-batch")
+    def on_batch(self, messages: list[tuple[str, bytes]]) -> Json:
+        """Many MQTT messages in one call, as the connector sends them (annotation ``mqtt-batch``)."""
+        return dict(self._call("POST", "/mqtt-batch", content=mqtt_batch.encode(messages),
+                               headers={"X-Connector": mqtt_batch.CONNECTOR, "Content-Type": "application/json"}))
 
     @route("POST", "/inboxes")
     def drain_inboxes(self, body: Json | None = None) -> Json:

@@ -99,6 +99,28 @@ def test_twins_and_typed_errors(stack: EmbeddedStack) -> None:
     assert isinstance(bad.value, core.MeterTwinError)
 
 
+def test_concentrators_through_the_client(stack: EmbeddedStack) -> None:
+    admin = _client(stack, "admin")
+    n = next(_ids)
+    dcu, direct, behind = f"dcu-cli-{n}", f"cli-direct-{n}", f"cli-behind-{n}"
+    made = admin.registry.create_concentrator(dcu)
+    assert made["password"]
+    assert made["topics"]["publish"] == f"dcu/{dcu}/up/#"
+    admin.registry.provision(direct)
+    assert admin.registry.provision_behind(dcu, [{"meter_id": behind}])["created"] == 1
+    assert admin.registry.assign_meters(dcu, [direct, "cli-nobody"])["unknown"] == ["cli-nobody"]
+    assert sorted(admin.registry.get_concentrator(dcu)["meters"]) == sorted([direct, behind])
+    assert admin.registry.set_meter_route(direct, None)["assigned"] == 1
+    assert admin.registry.get_concentrator(dcu)["meters"] == [behind]
+    assert admin.registry.concentrator_rejections(dcu)["rejected"] == []
+    with pytest.raises(errors.NotFound):
+        admin.registry.set_meter_route(direct, f"dcu-none-{n}")
+    with pytest.raises(errors.Conflict):  # still carries a meter
+        admin.registry.remove_concentrator(dcu)
+    admin.registry.set_meter_route(behind, None)
+    assert admin.registry.remove_concentrator(dcu)["removed"] is True
+
+
 def test_billing_finds_its_meters_page_by_page(stack: EmbeddedStack) -> None:
     admin = _client(stack, "admin")
     prefix = f"page-{next(_ids)}"
