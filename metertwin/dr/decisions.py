@@ -68,6 +68,10 @@ class Preferences(BaseModel):
                                            description="Load that may be shed; unset: a share of the measured load.")
     price_threshold: Finite = Field(default=0.30, ge=-10, le=100,
                                     description="ELECTRICITY_PRICE (currency/kWh) from which load is shed.")
+    price_currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$",
+                                       description="ISO 4217 currency of price_threshold (default: the zone's "
+                                                   "DR_PRICE_CURRENCY; neither set: the VTN's currency). A price in "
+                                                   "another currency is refused, never compared.")
 
 
 
@@ -186,6 +190,10 @@ def _limit_for(signal: SignalIn, payload: float, baseline: float | None, flexibl
         return (shed(s.simple_shed_fractions[int(payload) - 1]) if payload else None), None
     if signal.name in PRICE_NAMES:
         if signal.type == "price":
+            currency = prefs.price_currency or s.price_currency
+            if currency and (signal.units or "").upper() != currency:
+                return None, (f"{signal.name} price is in {signal.units or 'no currency'!s}; this twin's price "
+                              f"threshold is in {currency} (no exchange rate is guessed)")
             price = payload * _scale(signal)  # currency per kWh
             return (shed(s.simple_shed_fractions[1]) if price >= prefs.price_threshold else None), None
         if signal.type == "priceRelative":

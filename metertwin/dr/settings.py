@@ -39,6 +39,10 @@ class DrSettings(BaseSettings):
     open_ended_horizon_s: float = Field(default=30 * 86_400.0, gt=0, validation_alias=_env("OPEN_ENDED_HORIZON_S"))
     #: Execute events marked ``testEvent``; off: they are answered (optIn) but never curtail a customer.
     execute_test_events: bool = Field(default=False, validation_alias=_env("EXECUTE_TEST_EVENTS"))
+    #: ISO 4217 currency of the consumers' price thresholds (``price_threshold`` of the DR
+    #: preferences). Set: a price signal whose itemUnits names another currency is refused (454),
+    #: never compared as if it were this one. Unset: a threshold counts in the VTN's currency.
+    price_currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$", validation_alias=_env("PRICE_CURRENCY"))
     #: Most actions one ``POST /due`` runs (the next call continues).
     due_batch: int = Field(default=50, ge=1, validation_alias=_env("DUE_BATCH"))
 

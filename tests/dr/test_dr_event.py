@@ -186,6 +186,32 @@ def test_price_and_load_dispatch_signals() -> None:
     assert [w for _, w in d.steps] == [1500.0, 1000.0]
 
 
+def test_a_price_in_another_currency_than_the_threshold_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 11 item 2: never guess. A GBP threshold is not compared with a USD price.
+    usd = ("currencyPerKWh", "USD", "none")
+    assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.50, units=usd)).steps[0][1] == 1250.0
+    refused = _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.50, units=usd), {"price_currency": "GBP"})
+    assert (refused.opt, refused.code) == (decisions.OPT_OUT, decisions.INVALID_DATA)
+    assert "USD" in refused.reason
+    assert "GBP" in refused.reason
+    gbp = ("currencyPerKWh", "GBP", "none")
+    assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.50, units=gbp),
+                   {"price_currency": "GBP"}).steps[0][1] == 1250.0
+    # the zone's default currency, unless the consumer's preferences name theirs
+    monkeypatch.setenv("DR_PRICE_CURRENCY", "EUR")
+    get_dr_settings.cache_clear()
+    try:
+        assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.50, units=gbp)).code == \
+            decisions.INVALID_DATA
+        assert _decide(ev(name="ELECTRICITY_PRICE", type_="price", level=0.50, units=gbp),
+                       {"price_currency": "GBP"}).steps[0][1] == 1250.0
+    finally:
+        monkeypatch.delenv("DR_PRICE_CURRENCY")
+        get_dr_settings.cache_clear()
+    with pytest.raises(ValueError, match="price_currency"):
+        decisions.Preferences(price_currency="pounds")
+
+
 def test_opt_out_reasons_and_error_codes() -> None:
     assert _decide(ev(), {"opt_out": True}).opt == decisions.OPT_OUT
     long_event = _decide(ev(duration_s=7200), {"max_event_duration_s": 3600})
