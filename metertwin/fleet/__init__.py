@@ -15,7 +15,7 @@ each meter's slot. The documented choice: every fleet key (the topology document
 per-value index sets, the tree of parents, the audit stream) shares one hash tag,
 ``{fleet-ix}``, so each topology write (document + indexes + audit) is one Lua script and
 each search one script with ``SINTERCARD``/``SINTER``, on a single Redis and on Cluster alike.
-The price is that the whole zone's fleet index sits on one shard (about 0.3-0.45 KB per twin
+The price is that the whole zone's fleet index sits on one shard (about 0.35-0.55 KB per twin
 with its indexes and audit, see ``loadtest.fleet_bench`` and docs/benchmarks.md): a few million
 twins per zone.
 
