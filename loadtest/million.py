@@ -5,7 +5,8 @@ serving ``edge-registry``, ``edge-read`` and ``edge-ingest`` and a fog gateway s
 ``fog-mdms-ingest``, both subscribed to the concentrators' ``dcu/+/up/readings``, with connector
 batches ``--connector-batch``), then:
 
-1. provisions ``--meters`` twins behind concentrators of ``--per-concentrator`` meters through the
+1. provisions ``--meters`` twins behind concentrators of ``--per-concentrator`` meters (default: 100
+   concentrators, at least 1,000 meters each) through the
    registry (``POST /concentrators``, ``POST /concentrators/{id}/twins``: one broker role per
    concentrator, no account per meter) and times it;
 2. measures the floors on the same machine: the raw MQTT pipe (batch messages of the same size
@@ -388,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m loadtest.million", description=__doc__.split("\n")[0])
     ap.add_argument("--meters", type=int, default=1_000_000)
-    ap.add_argument("--per-concentrator", type=int, default=1000, help="meters per concentrator (1000)")
+    ap.add_argument("--per-concentrator", type=int, default=0,
+                    help="meters per concentrator (default: meters / 100, at least 1,000: one broker role rewrite "
+                         "per concentrator, ~3 s each at 1,000,000 relays)")
     ap.add_argument("--interval", type=float, default=60.0, help="reporting interval of every meter, s (60)")
     ap.add_argument("--minutes", type=float, default=5.0, help="sending time (5)")
     ap.add_argument("--batch-max", type=int, default=100, help="readings per concentrator message (100)")
@@ -400,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provision-only", action="store_true", help="stop after provisioning (its time and memory)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
+    args.per_concentrator = args.per_concentrator or max(1000, args.meters // 100)
     with tempfile.TemporaryDirectory(prefix="million-") as tmp:
         args.workdir = tmp
         bench_stack(Path(tmp) / "stack.yml", args.connector_batch)

@@ -45,7 +45,8 @@ def test_thousands_of_twins_behind_concentrators_in_one_call_each(env: dict[str,
     assert r.sismember(keys.TWIN_INDEX, f"bp-{tag}-1-01999")
     assert r.scard(keys.concentrator_meters(dcus[1][0])) == per
     doc = topology_store(r).get(first)
-    assert doc is not None and doc["feeder"] == f"f-{tag}"
+    assert doc is not None
+    assert doc["feeder"] == f"f-{tag}"
     # One role per concentrator holds its relays; no meter got an account of its own.
     role = mosquitto.control([{"command": "getRole", "rolename": concentrator_role(dcus[0][0])}])[0]
     relays = [a["topic"] for a in role["data"]["role"]["acls"] if a["topic"].startswith("meters/")]
@@ -62,7 +63,8 @@ def test_thousands_of_twins_behind_concentrators_in_one_call_each(env: dict[str,
         device.close()
     status, body = connector_call(ingest, topics.concentrator_readings(dcu0),
                                   batch(*({"meter_id": f"bp-{tag}-0-{i:05d}", **reading(1)} for i in range(100))))
-    assert status == 200 and body["applied"] == 100, body
+    assert status == 200, body
+    assert body["applied"] == 100, body
 
 
 def test_a_repeated_call_repairs_and_a_twin_elsewhere_is_a_conflict(env: dict[str, str], mosquitto: Mosquitto) -> None:
@@ -72,7 +74,8 @@ def test_a_repeated_call_repairs_and_a_twin_elsewhere_is_a_conflict(env: dict[st
     provision([direct])
     ids = [f"bp-{tag}-{i}" for i in range(3)]
     status, body = _twins(dcu, [{"meter_id": m} for m in ids[:2]])
-    assert status == 201 and body["created"] == 2
+    assert status == 201, body
+    assert body["created"] == 2
     get_redis().srem(keys.TWIN_INDEX, ids[0])  # as if the first call died before indexing
     status, body = _twins(dcu, [{"meter_id": m} for m in [*ids, direct]])
     assert status == 201, body
@@ -86,8 +89,10 @@ def test_a_repeated_call_repairs_and_a_twin_elsewhere_is_a_conflict(env: dict[st
 def test_bad_requests_name_the_bad_value(env: dict[str, str], mosquitto: Mosquitto) -> None:
     dcu, _ = _new_dcu()
     status, body = _twins(dcu, [{"meter_id": "a1"}, {"meter_id": "a1"}])
-    assert status == 400 and "'a1'" in body["message"], body
+    assert status == 400, body
+    assert "'a1'" in body["message"]
     status, body = _twins("no-such-dcu", [{"meter_id": "a2"}])
-    assert status == 404 and "no-such-dcu" in body["message"], body
+    assert status == 404, body
+    assert "no-such-dcu" in body["message"]
     status, body = _twins(dcu, [{"meter_id": "bad id!"}])
     assert status == 400, body
