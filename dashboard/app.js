@@ -39,6 +39,12 @@ async function follow(query, onEvent) {
       showLogin(body.message);
       return;
     }
+    if (!resp.ok) {  // e.g. a zone this service does not follow: say so, do not retry forever
+      let body = {};
+      try { body = await resp.json(); } catch (err) { body = {}; }
+      status.textContent = "no live updates: " + (body.message || "HTTP " + resp.status);
+      return;
+    }
     status.textContent = "live";
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();

@@ -40,44 +40,65 @@ function later(fn, ms) {  // at most one refresh per ms while events pour in
 
 function param(name) { return new URLSearchParams(location.search).get(name); }
 
-function lineChart(id, title, labels) {
-  const series = [{}].concat(labels.map((l, i) => ({ label: l, stroke: ["#0b3d5c", "#b35900"][i], scale: i ? "y2" : "y" })));
-  const axes = [{}, { scale: "y" }].concat(labels.length > 1 ? [{ scale: "y2", side: 1 }] : []);
+function lineChart(id, title, labels, oneScale = false) {  // a second series on its own right axis unless oneScale
+  const series = [{}].concat(labels.map((l, i) => ({ label: l, stroke: ["#0b3d5c", "#b35900"][i], scale: i && !oneScale ? "y2" : "y" })));
+  const axes = [{}, { scale: "y" }].concat(labels.length > 1 && !oneScale ? [{ scale: "y2", side: 1 }] : []);
   const data = [[]].concat(labels.map(() => []));
   return { data, plot: new uPlot({ width: 800, height: 260, title, series, axes }, data, document.getElementById(id)) };
 }
 
+// Feeder/transformer: fog-grid's node summary, its 15-min load history and its alerts (open first);
+// refreshed on the fog's alert events for the node (the stream's zone=fog) and, throttled, on readings
+// of the node's meters (the grid drains them every few seconds).
 async function feederPage() {
   const id = param("id"), level = param("level") || "feeder";
   if (!id) { put("note", "Pick a feeder or transformer."); return; }
   document.getElementById("node").value = id; document.getElementById("level").value = level;
   put("subject", level + " " + id);
-  const r = await api("edge-fleet/meters?" + level + "=" + encodeURIComponent(id) + "&limit=1000");
-  if (explain(r, "the " + level + "'s meters")) return;
-  const power = new Map(r.body.meters.map((m) => [m.meter_id || m.id || m, null]));
-  put("meters", r.body.count);
-  const chart = lineChart("chart", "Aggregate load (W)", ["load_w"]);
-  const show = () => {
-    let sum = 0;
-    for (const w of power.values()) sum += w || 0;
-    put("load", sum.toFixed(1));
-    fill("meter-rows", [...power.entries()], ([m, w]) => [m, w]);
-    return sum;
-  };
-  show();
-  const g = await api("fog-grid/nodes/" + level + "/" + encodeURIComponent(id));
-  const alerts = g.status === 200 ? (g.body.alerts || []) : [];
-  put("aggregates", g.status === 200 ? "Aggregates from the fog zone's grid service." :
-    "No aggregates yet: the grid service does not answer here, so the load is the sum of the meters' live readings.");
-  put("alerts", alerts.length);
-  fill("alert-rows", alerts, (a) => [a.opened_at || a.ts, a.rule || a.rule_id, a.state, a.value]);
-  const redraw = later(() => {
-    chart.data[0].push(Date.now() / 1000); chart.data[1].push(show());
-    if (chart.data[0].length > 600) { chart.data[0].shift(); chart.data[1].shift(); }
+  const node = level + "s/" + encodeURIComponent(id);
+  const chart = lineChart("chart", "Aggregate load per 15 min (kWh)", ["import_kwh", "export_kwh"], true);
+  const cards = ["import_w", "export_w", "net_w", "meters", "reporting", "online", "stale", "voltage_min_v", "voltage_max_v"];
+  const summary = async () => {
+    const list = await api("fog-grid/" + level + "s?limit=1000");  // known nodes: no 404 for an empty one
+    if (explain(list, "the grid's " + level + "s")) return false;
+    if (!list.body.nodes.includes(id)) {
+      cards.forEach((c) => put(c, "–"));
+      put("aggregates", "No grid data for " + level + " " + id + " yet: no meter placed below it has reported.");
+      return true;
+    }
+    const r = await api("fog-grid/" + node);
+    if (explain(r, "the " + level + "'s aggregates")) return false;
+    cards.forEach((c) => put(c, r.body[c] ?? "–"));
+    put("aggregates", "Aggregates from fog-grid, updated " + (r.body.updated_at || "–") + ".");
+    const to = Math.ceil(Date.now() / 900000) * 900, from = to - 86400;
+    const h = await api("fog-grid/" + node + "/load?interval=15m&from=" + from + "&to=" + to);
+    if (explain(h, "the " + level + "'s load")) return false;
+    chart.data[0] = h.body.rows.map((x) => Date.parse(x.start) / 1000);
+    chart.data[1] = h.body.rows.map((x) => x.import_kwh);
+    chart.data[2] = h.body.rows.map((x) => x.export_kwh);
     chart.plot.setData(chart.data);
-  }, 1000);
-  follow("type=reading", (ev) => {
-    if (ev.type === "reading" && power.has(ev.meter)) { power.set(ev.meter, ev.data.measurement.power_w); redraw(); }
+    put("intervals", h.body.rows.length);
+    return true;
+  };
+  const alerts = async () => {
+    const a = await api("fog-grid/alerts?limit=200&subject=" + encodeURIComponent(id));
+    if (explain(a, "the " + level + "'s alerts")) return;
+    const rank = { open: 0, acknowledged: 1, resolved: 2 };
+    const mine = a.body.alerts.filter((x) => x.level === level)
+      .sort((x, y) => (rank[x.status] ?? 3) - (rank[y.status] ?? 3) || y.opened_at - x.opened_at);
+    put("alerts", mine.filter((x) => x.status !== "resolved").length);
+    fill("alert-rows", mine, (x) => [new Date(x.opened_at * 1000).toISOString(), x.rule, x.metric, x.status, x.value, x.threshold]);
+  };
+  if (!(await summary())) return;
+  await alerts();
+  const meters = new Set();
+  const m = await api("edge-fleet/meters?" + level + "=" + encodeURIComponent(id) + "&limit=1000");
+  if (m.status === 200) m.body.meters.forEach((x) => meters.add(x.meter_id || x.id || x));
+  const resum = later(summary, 2000), realert = later(alerts, 300);
+  follow("type=reading", (ev) => { if (meters.has(ev.meter)) resum(); });
+  follow("zone=fog&type=alert", (ev) => {  // matched here: node names may hold "/", "+" or "#"
+    if (ev.data.level !== level || ev.data.node !== id) return;
+    lastChange(ev.data.rule + " " + ev.data.state); realert(); resum();
   });
 }
 
@@ -196,10 +217,14 @@ async function opsPage() {
       fill("op-rows", ops, (o) => [o.id || o.op_id, o.state, o.progress !== undefined ? JSON.stringify(o.progress) : (o.done ?? "–") + " / " + (o.total ?? "–"), o.failed ?? (o.failures || []).length]);
     }
     const j = await api("edge-jobs/jobs");
-    if (j.status !== 200) { put("jobs-note", "No jobs service here (" + (j.body.message || "HTTP " + j.status) + ")."); put("jobs", "–"); return; }
-    const jobs = j.body.jobs || [];
+    if (explain(j, "bulk jobs")) { put("jobs", "–"); return; }
+    const jobs = j.body.jobs;
     put("jobs", jobs.length);
-    fill("job-rows", jobs, (x) => [x.id || x.job_id, x.state || x.status, JSON.stringify(x.progress || x.counts || {}), x.failed ?? "–"]);
+    fill("job-rows", jobs, (x) => {  // GET /jobs: progress {total, queued, in_progress, succeeded, failed, ...}
+      const p = x.progress;
+      return [x.id, x.state, p.finished + " / " + p.total + " (" + p.percent_done + " %)", p.succeeded, p.in_progress + p.queued,
+        p.failed + p.rejected + p.timed_out, p.cancelled];
+    });
   };
   await refresh();
   const again = later(refresh, 500);

@@ -13,7 +13,9 @@ bridge), one per zone, reading the zone's stream through one :class:`~metertwin.
   ``event: gap`` frame says so first;
 * a comment line ``: heartbeat`` after ``STREAM_HEARTBEAT_S`` without events;
 * a client that falls ``STREAM_CLIENT_QUEUE_MAX`` events behind gets ``event: close`` with
-  the reason, and the response ends.
+  the reason, and the response ends;
+* ``zone=<zone>`` follows another zone's stream instead (``STREAM_ZONE_REDIS_URLS``, e.g. the fog's
+  ``alert`` events for the dashboard's feeder page); ids and ``Last-Event-ID`` are that stream's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from urllib.parse import parse_qs
 import redis
 
 from metertwin.core.auth import authenticate
-from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTwinError, http_status
+from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTwinError, NotFound, http_status
 from metertwin.core.settings import get_settings
 from metertwin.stream import keys, proxy
 from metertwin.stream.access import Filter, filter_for
@@ -57,6 +59,9 @@ class StreamApp:
     def __init__(self, settings: StreamSettings | None = None) -> None:
         self.settings = settings or get_stream_settings()
         self.hub: Hub | None = None
+        #: Other zones' streams (``STREAM_ZONE_REDIS_URLS``): one hub each, chosen with ``zone=``.
+        self.zone_hubs: dict[str, Hub] = {}
+        self._zone_tasks: list[asyncio.Task[None]] = []
         self._task: asyncio.Task[None] | None = None
         self.extra_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {}
         #: The dashboard's REST reads (``/api/function/...``), set by :func:`create_app`.
@@ -113,16 +118,27 @@ class StreamApp:
         self.hub = Hub(client, keys.zone_events(s.zone), read_count=self.settings.read_count)
         await self.hub.start_position()
         self._task = asyncio.create_task(self.hub.run(), name="stream-hub")
+        for zone, url in parse_zone_redis_urls(self.settings.zone_redis_urls).items():
+            if zone == s.zone:
+                continue
+            other = aioredis.Redis.from_url(url, decode_responses=True, max_connections=8,
+                                            socket_timeout=s.redis_timeout_s + 5.0,
+                                            socket_connect_timeout=s.redis_timeout_s)
+            hub = self.zone_hubs[zone] = Hub(other, keys.zone_events(zone), read_count=self.settings.read_count)
+            await hub.start_position()
+            self._zone_tasks.append(asyncio.create_task(hub.run(), name=f"stream-hub-{zone}"))
 
     async def stop(self) -> None:
-        if self.hub is not None:
-            self.hub.close_all("server shutting down; reconnect with Last-Event-ID to resume")
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self.hub is not None:
-            await self.hub.client.aclose()
+        hubs = [h for h in (self.hub, *self.zone_hubs.values()) if h is not None]
+        for hub in hubs:
+            hub.close_all("server shutting down; reconnect with Last-Event-ID to resume")
+        for task in (self._task, *self._zone_tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for hub in hubs:
+            await hub.client.aclose()
         if self.proxy is not None:
             await self.proxy.aclose()
 
@@ -135,6 +151,11 @@ class StreamApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
         try:
+            zone = query.get("zone")
+            if zone and zone != get_settings().zone:
+                if zone not in self.zone_hubs:
+                    raise NotFound(f"zone={zone[:40]!r} is not followed here (STREAM_ZONE_REDIS_URLS)", field="zone")
+                hub = self.zone_hubs[zone]
             if scope["method"] != "GET":
                 raise InvalidInput(f"method {scope['method']} is not GET", field="method")
             principal = await asyncio.to_thread(authenticate, headers.get("authorization"))
@@ -269,6 +290,18 @@ async def _metrics(send: Send, hub: Hub | None) -> None:
                 "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
                             (b"content-length", str(len(raw)).encode())]})
     await send({"type": "http.response.body", "body": raw})
+
+
+def parse_zone_redis_urls(text: str) -> dict[str, str]:
+    """``"fog=redis://h:6379/0"`` -> ``{"fog": ...}``: other zones' Redis whose streams ``zone=`` follows."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        zone, sep, url = item.partition("=")
+        if not sep or zone not in ("edge", "fog", "cloud") or not url.startswith(("redis://", "rediss://")):
+            raise ValueError(f"STREAM_ZONE_REDIS_URLS entry {item.split('@')[-1]!r} is not "
+                             "<edge|fog|cloud>=redis(s)://host:port/db")
+        out[zone] = url
+    return out
 
 
 def create_app() -> StreamApp:

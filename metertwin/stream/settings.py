@@ -35,6 +35,8 @@ class StreamSettings(BaseSettings):
     max_clients: int = Field(default=5000, ge=1, validation_alias=_env("MAX_CLIENTS"))
     #: The dashboard's REST reads go to these gateways: ``edge=http://host:port,fog=...`` (empty: none).
     gateway_urls: str = Field(default="", validation_alias=_env("GATEWAY_URLS"))
+    #: Other zones' Redis whose event streams ``GET /events?zone=`` follows: ``fog=redis://host:port/db``.
+    zone_redis_urls: str = Field(default="", validation_alias=_env("ZONE_REDIS_URLS"))
 
     @model_validator(mode="after")
     def _queue_holds_a_read(self) -> StreamSettings:
