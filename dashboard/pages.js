@@ -77,6 +77,7 @@ async function feederPage() {
     chart.data[1] = h.body.rows.map((x) => x.import_kwh);
     chart.data[2] = h.body.rows.map((x) => x.export_kwh);
     chart.plot.setData(chart.data);
+    chart.plot.setScale("x", { min: from, max: to });  // the whole day, however few intervals have data
     put("intervals", h.body.rows.length);
     return true;
   };
