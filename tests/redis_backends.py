@@ -36,6 +36,7 @@ CLUSTER_MODULES = frozenset({
     "tests/aggregates/test_rules.py",
     "tests/aggregates/test_routes.py",
     "tests/jobs/test_jobs.py",
+    "tests/jobs/test_command_batch.py",
     "tests/concentrator/test_concentrators.py",
     "tests/concentrator/test_batch_crash.py",
     "tests/stream/test_capability_events.py",

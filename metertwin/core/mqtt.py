@@ -14,6 +14,8 @@ import os
 import secrets
 import socket
 import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -157,6 +159,41 @@ class TwinMqtt:
             info.wait_for_publish(timeout_s)
             if not info.is_published():
                 raise BackendUnavailable(f"MQTT broker did not acknowledge {topic!r} within {timeout_s} s")
+
+    def publish_many(
+        self,
+        messages: Sequence[tuple[str, dict[str, Any], Properties | None]],
+        *,
+        timeout_s: float = 2.0,
+        window: int = 500,
+    ) -> list[str | None]:
+        """QoS 1 publish of ``(topic, payload, properties)`` messages without a PUBACK wait each:
+        at most ``window`` await their PUBACK at once, then every one is awaited (each at most
+        ``timeout_s`` from its send). Returns, per message, None (the broker took it) or why not."""
+        out: list[str | None] = [None] * len(messages)
+        if not messages:
+            return out
+        if not self._connected.wait(timeout_s):
+            return [f"MQTT broker not connected; cannot publish to {t!r}" for t, _, _ in messages]
+        flight: list[tuple[int, Any, float]] = []
+
+        def settle(i: int, info: Any, sent: float) -> None:
+            info.wait_for_publish(max(0.0, sent + timeout_s - time.monotonic()))
+            if not info.is_published():
+                out[i] = f"MQTT broker did not acknowledge {messages[i][0]!r} within {timeout_s} s"
+
+        for i, (topic, payload, props) in enumerate(messages):
+            data = json.dumps(payload, separators=(",", ":")).encode()
+            info = self._client.publish(topic, data, qos=1, properties=props)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                out[i] = f"MQTT publish to {topic!r} failed: {mqtt.error_string(info.rc)}"
+                continue
+            flight.append((i, info, time.monotonic()))
+            if len(flight) >= window:
+                settle(*flight.pop(0))
+        for pending in flight:
+            settle(*pending)
+        return out
 
     # -- request/response ------------------------------------------------------------
     def request(

@@ -34,7 +34,7 @@ from metertwin.jobs.spec import MAX_TARGETS, JobSpec
 from metertwin.jobs.upgrade import UpgradeStep
 from metertwin.stream import events
 
-#: Twins acted on at once within a slice (each action waits on Redis and the MQTT broker's PUBACK).
+#: Twins acted on at once within a slice by the per-twin actions (a command goes to a claim's twins as one batch).
 WORKERS = 16
 SNAPSHOT_PAGE = 5_000
 CLAIM_BATCH = 200
@@ -184,9 +184,9 @@ class JobService:
 
     def _act(self, job_id: str, action: dict[str, Any], claimed: list[str], timeout_s: int
              ) -> list[tuple[str, str, str]]:
-        """Act on the claimed twins, ``WORKERS`` at a time (the actions wait on Redis and the broker);
+        """Act on the claimed twins (a command: one batch; other actions ``WORKERS`` at a time);
         records the commands sent and returns the twins already finished."""
-        outcomes = list(_pool().map(lambda m: actions.run(self.r, action, job_id, m, timeout_s), claimed))
+        outcomes = actions.run_many(self.r, action, job_id, claimed, timeout_s, lambda f, ms: list(_pool().map(f, ms)))
         sent = [(m, o.ref) for m, o in zip(claimed, outcomes, strict=True) if o.status == "in_progress"]
         if sent:
             self.attach_many(job_id, sent)

@@ -28,11 +28,11 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from metertwin.core.clients import StrRedis, get_mqtt, get_redis
-from metertwin.core.errors import BackendUnavailable, InvalidInput, NotFound, UnknownMeter
+from metertwin.core.errors import BackendUnavailable, InvalidInput, MeterTwinError, NotFound, UnknownMeter
 from metertwin.core.http import validate
 from metertwin.core.settings import get_settings
 from metertwin.stream import events
-from metertwin.twin import keys
+from metertwin.twin import command_batch, keys
 from metertwin.twin.concentrators import downlink
 from metertwin.twin.messages import CommandAck
 
@@ -179,6 +179,25 @@ class CommandService:
         events.command_status(self._r, meter_id, command_id, "pending", kind)
         self._publish(meter_id, command_id, kind, clean, now + expiry)
         return self.get(meter_id, command_id)
+
+    def submit_many(
+        self, meter_ids: list[str], kind: str, params: Any, *, expiry_s: int | None = None, actor: str = "system"
+    ) -> list[str | MeterTwinError]:
+        """One command to each of ``meter_ids`` in a few round trips (:mod:`metertwin.twin.command_batch`):
+        per meter, the command id or the error ``submit`` would have raised. Bad params raise."""
+        clean = validate_params(kind, params)
+        expiry = expiry_s if expiry_s is not None else get_settings().command_expiry_s
+        if not 1 <= expiry <= MAX_EXPIRY_S:
+            raise InvalidInput(f"expiry_s {expiry} is outside [1, {MAX_EXPIRY_S}]", field="expiry_s")
+        return command_batch.submit_many(self, meter_ids, kind, clean, expiry_s=expiry, actor=actor)
+
+    def transition_in(self, pipe: Any, meter_id: str, command_id: str, status: str, allowed: tuple[str, ...]) -> None:
+        """Queue a status change on ``pipe`` (its reply: ``[moved, status]``; the caller emits the event)."""
+        self._transition(
+            keys=[keys.command(meter_id, command_id), keys.pending_commands(meter_id)],
+            args=[status, repr(time.time()), ",".join(allowed), "{}", command_id, keys.COMMAND_RETENTION_S],
+            client=pipe,
+        )
 
     def _publish(self, meter_id: str, command_id: str, kind: str, params: dict[str, Any], expires_at: float) -> bool:
         remaining = int(expires_at - time.time())
