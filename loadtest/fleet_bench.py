@@ -12,7 +12,11 @@ code the ``edge-fleet`` function runs, without HTTP):
   twin of each kind of fleet key — documents, the all-meters set, the index sets, the audit stream —
   with the index sets' encodings; ``audit_bytes_per_twin`` and ``topology_docs_bytes_per_twin``);
 * search p50/p99 for a one-feeder page of 100 (``search_p99_ms``), and for feeder ∧ offline ∧
-  stale (``search_live_p99_ms``: live filters read every candidate's twin).
+  stale (``search_live_p99_ms``: ``online``/``stale_s`` by the live indexes of
+  :mod:`metertwin.fleet.status`; ``search_live_per_twin_p99_ms``: the same query reading every
+  candidate's twin, as before those indexes, same run);
+* ``live_index_ingest`` (:mod:`loadtest.live_index_bench`): edge ingest CPU per reading with and
+  without the last-reading index write, same run.
 
 * ``job_per_s`` (:mod:`loadtest.job_bench`): one bulk job sending a command to the first
   ``--job-twins`` twins (100,000 at full size) at ``--job-rate`` (1000/s), acked by the bench as
@@ -39,7 +43,7 @@ from typing import Any
 
 import redis
 
-from loadtest import agg_bench
+from loadtest import agg_bench, live_index_bench
 from loadtest.fleet_legacy import search as legacy_search
 from loadtest.fleet_legacy import topology as legacy_topology
 from loadtest.job_bench import run_job
@@ -120,7 +124,18 @@ def measure(r: Any, args: Any, topo: Any, search: Any) -> dict[str, Any]:
     by_kind = fleet_keys(r, args.meters)
     feeders = [f"f{rnd.randrange(min(args.feeders, args.transformers)):03d}" for _ in range(args.runs)]
     page = _latency(search, [{"feeder": f, "limit": "100"} for f in feeders])
-    live = _latency(search, [{"feeder": f, "online": "false", "stale_s": "900", "limit": "100"} for f in feeders])
+    live_params = [{"feeder": f, "online": "false", "stale_s": "900", "limit": "100"} for f in feeders]
+    live = _latency(search, live_params)
+    extra: dict[str, Any] = {}
+    if hasattr(search, "by_index"):  # the same query with online/stale_s read from each twin (before the index)
+        search.by_index = False
+        try:
+            by_twin = _latency(search, live_params)
+        finally:
+            search.by_index = True
+        extra = {"search_live_per_twin_p50_ms": by_twin["p50_ms"], "search_live_per_twin_p99_ms": by_twin["p99_ms"],
+                 "feeder_offline_stale_per_twin": by_twin,
+                 "live_index_ingest": live_index_bench.measure(r, args.meters, per_round=min(2000, args.meters))}
     return {
         "bytes_per_twin": round(per_twin, 1), "fleet_bytes_per_twin": round(fleet_per_twin, 1),
         "used_memory_before": before, "used_memory_after": r.info("memory")["used_memory"],
@@ -129,7 +144,7 @@ def measure(r: Any, args: Any, topo: Any, search: Any) -> dict[str, Any]:
         "fleet_keys": by_kind, "provision_s": round(provision_s, 1),
         "search_p50_ms": page["p50_ms"], "search_p99_ms": page["p99_ms"],
         "search_live_p50_ms": live["p50_ms"], "search_live_p99_ms": live["p99_ms"],
-        "feeder_page": page, "feeder_offline_stale": live,
+        "feeder_page": page, "feeder_offline_stale": live, **extra,
     }
 
 

@@ -39,7 +39,7 @@ INTERFACES: dict[str, frozenset[str]] = {
     "dr": frozenset({"keys", "decisions", "store", "schedule"}),  # fleet search: opt-outs; jobs: set preferences
     "p2p": frozenset(),
     "stream": frozenset({"events"}),
-    "fleet": frozenset({"topology", "search"}),
+    "fleet": frozenset({"topology", "search", "status"}),  # the twin and ingest paths write the live indexes
     "jobs": frozenset({"service", "spec"}),  # e.g. a rule whose action is a bulk job
     "grid": frozenset({"aggregates"}),  # the MDMS ingest aggregates up the grid tree
 }

@@ -8,6 +8,7 @@ Modules:
 * :mod:`~metertwin.fleet.importer` — bulk topology from CSV (the GIS/CIS export), per-row errors;
 * :mod:`~metertwin.fleet.search` — ``GET /meters`` filters, ``count`` and cursor paging;
 * :mod:`~metertwin.fleet.live` — the live filters checked inside Redis (single Redis);
+* :mod:`~metertwin.fleet.status` — the live indexes (online, last reading) the twin paths write;
 * :mod:`~metertwin.fleet.keys` — Redis keys and sizes.
 
 **Redis Cluster.** A search intersects index sets of many meters, so the index cannot live in
@@ -27,11 +28,13 @@ the index by region (tag ``{fleet-ix:<region>}``) and fan a search out over the 
 The topology document therefore is a field of the fleet hash, not a key in the meter's slot;
 the twin's own keys (``mt:twin:{meter}``) are untouched.
 
-**Live filters.** ``online``, ``stale_s``, ``release``, ``has_pending_commands`` and
-``dr_opted_out`` are read from their sources of truth (the twin hash, the command queue, the
-DR preferences) for each candidate the topology filters leave, at query time, so they cannot
-disagree with the twin either; they are not indexed (that needs the ingest and status paths to
-write the fleet index), so their cost grows with the number of candidates. On a single Redis one
-script checks them inside Redis (:mod:`~metertwin.fleet.live`); on Redis Cluster the twins are in
-other slots, so they are checked from Python, pipelined (about ten times the cost a candidate).
+**Live filters.** ``online`` and ``stale_s`` are answered from two live indexes in the fleet slot
+(:mod:`~metertwin.fleet.status`: the set of online ordinals, written where the twin's reported
+``online`` changes, and ordinal -> last reading ts, written after each batch of applied readings);
+they follow the twin one round trip behind (bounds documented there). ``release``,
+``has_pending_commands`` and ``dr_opted_out`` are read from their sources of truth (the twin hash,
+the command queue, the DR preferences) for each candidate left, at query time. On a single Redis
+one script does both inside Redis (:mod:`~metertwin.fleet.live`); on Redis Cluster the twins are in
+other slots, so the candidates are checked from Python, pipelined (about ten times the cost a
+candidate; that path still reads ``online``/``stale_s`` from the twins).
 """

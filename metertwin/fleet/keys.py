@@ -45,3 +45,8 @@ def doc_bucket(ordinal: int) -> str:
 def index(attribute: str, value: str) -> str:
     """Set: ordinals of the meters whose ``attribute`` is ``value`` (``group``/``tag`` members per entry)."""
     return f"{_BASE}:ix:{attribute}:{value}"
+#: Set: ordinals of the twins whose reported ``online`` is true (the ``online`` filter, by index;
+#: see :mod:`metertwin.fleet.status`). Not under ``:ix:``: it follows the twin, not the topology document.
+ONLINE = f"{_BASE}:live:online"
+#: Sorted set: ordinal -> ts of the twin's newest applied reading (the ``stale_s`` filter, by index).
+LAST_READING = f"{_BASE}:live:last"

@@ -12,9 +12,10 @@ a page boundary. Two plans, chosen in the script by the intersection's size:
 * large: walk the id-ordered set of all meters from the cursor in chunks, keeping the ids that
   are members of every filter set (``SMISMEMBER``): cost follows the page, not the fleet.
 
-Live filters (``online``, ``stale_s``, ``release``, ``has_pending_commands``, ``dr_opted_out``)
-are checked against each candidate's twin, command queue and DR preferences at query time (see
-:mod:`metertwin.fleet`); a query with live filters may have at most ``live_scan_max`` topology
+Live filters: ``online`` and ``stale_s`` by the live indexes (:mod:`metertwin.fleet.status`);
+``release``, ``has_pending_commands``, ``dr_opted_out`` checked against each remaining candidate's
+twin, command queue and DR preferences at query time (see :mod:`metertwin.fleet`); a query with
+live filters may have at most ``live_scan_max`` topology
 candidates, or it is refused with a message asking for a narrower topology filter.
 """
 
@@ -33,7 +34,7 @@ from metertwin.core.errors import BackendUnavailable, InvalidInput
 from metertwin.core.http import METER_ID_RE, query_bool, query_float
 from metertwin.dr import keys as dr_keys
 from metertwin.fleet import keys
-from metertwin.fleet.live import LIVE_LUA, is_cluster, live_args
+from metertwin.fleet.live import LIVE_KEYS, LIVE_LUA, is_cluster, live_args
 from metertwin.fleet.topology import (
     LUA_LIB,
     NAME_RE,
@@ -193,6 +194,8 @@ class FleetSearch:
         self._r = client
         self._search = client.register_script(SEARCH_LUA)
         self._live = None if is_cluster(client) else client.register_script(LIVE_LUA)
+        #: ``online``/``stale_s`` by the live indexes (:mod:`metertwin.fleet.status`); off: from each twin.
+        self.by_index = True
 
     def run(self, q: Query) -> Page:
         if not q.live:
@@ -201,8 +204,9 @@ class FleetSearch:
         # Live filters: every topology candidate is checked, for an exact count.
         if self._live is not None:  # a single Redis: checked inside it, in one script
             try:
-                reply = self._live(keys=[keys.ALL_METERS, *q.index_keys],
-                                   args=live_args(q.live, q.cursor, q.limit, LIVE_SCAN_MAX, time.time()))
+                reply = self._live(keys=[*LIVE_KEYS, *q.index_keys],
+                                   args=live_args(q.live, q.cursor, q.limit, LIVE_SCAN_MAX, time.time(),
+                                                  self.by_index))
             except redis.RedisError as exc:
                 raise BackendUnavailable(f"Redis unavailable searching the fleet: {exc}") from exc
             if int(reply[0]) < 0:

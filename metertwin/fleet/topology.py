@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from metertwin.core.clients import StrRedis
 from metertwin.core.errors import BackendUnavailable, Conflict, UnknownMeter, VersionMismatch
-from metertwin.fleet import keys
+from metertwin.fleet import keys, status
 from metertwin.twin.state import twin_store
 
 #: The attributes a topology may carry, in the order CSV files and documents list them.
@@ -258,12 +258,15 @@ class TopologyStore:
                 return old
             new.update(v=version + 1, at=round(time.time(), 3))
             if self._apply(meter_id, raw, old, new, actor):
+                if old is None:  # a new ordinal: the live indexes learn the twin's state so far
+                    status.sync(self._r, [meter_id])
                 return new
         raise Conflict(f"topology of {meter_id!r} changed too often while being updated; retry", meter_id=meter_id)
 
     def remove(self, meter_ids: list[str], *, actor: str) -> int:
         """Drop the topology documents (and index entries) of these meters; returns how many had one."""
         removed = 0
+        status.forget(self._r, meter_ids)  # while the ordinals are still known
         for meter_id in meter_ids:
             for _attempt in range(8):
                 raw = self._raw([meter_id])[0]
@@ -339,6 +342,7 @@ class TopologyStore:
             replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable writing {len(docs)} fleet records: {exc}") from exc
+        status.sync(self._r, list(docs))
         return {m: (f"{r}" if isinstance(r, Exception) else f"tree clash at {r[1]!r} (parent {r[2]!r})")
                 for m, r in zip(docs, replies, strict=True) if isinstance(r, Exception) or r[0] == -2}
 

@@ -36,6 +36,7 @@ import redis
 
 from metertwin.core.clients import StrRedis
 from metertwin.core.errors import BackendUnavailable, Conflict, InvalidInput, UnknownMeter, VersionMismatch
+from metertwin.fleet import status as fleet_status
 from metertwin.stream import events
 from metertwin.twin import keys
 from metertwin.twin.messages import MAX_SEQ, TimestampRule
@@ -234,6 +235,8 @@ class TwinStore:
         )
         if status == -1:
             raise UnknownMeter(f"meter {meter_id!r} has no twin in this zone", meter_id=meter_id)
+        if status == 1:
+            fleet_status.record_readings(self._r, [(meter_id, float(measurement["ts"]))])
         return status == 1, int(version)
 
     def report(self, meter_id: str, values: dict[str, Any], ts: float | None = None) -> int:
@@ -255,6 +258,7 @@ class TwinStore:
             removed = self._r.delete(keys.twin(meter_id))
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis unavailable: {exc}") from exc
+        fleet_status.forget(self._r, [meter_id])
         return bool(removed)
 
     def _merge_doc(
@@ -272,6 +276,8 @@ class TwinStore:
                 f"If-Match version {if_match} does not match twin {meter_id!r} version {version}",
                 meter_id=meter_id, current_version=version,
             )
+        if field == "r" and "online" in values:  # the fleet's online index (metertwin.fleet.status)
+            fleet_status.record_online(self._r, meter_id, values["online"] is True)
         events.twin_changed(self._r, meter_id, field, values, int(version))
         return int(version)
 

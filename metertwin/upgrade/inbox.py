@@ -29,6 +29,7 @@ import redis
 from metertwin.core.clients import StrRedis, get_http, get_redis
 from metertwin.core.errors import BackendUnavailable, UnknownMeter
 from metertwin.core.http import Request, Response, Router, json_response
+from metertwin.fleet import status as fleet_status
 from metertwin.stream import events
 from metertwin.twin import keys as twin_keys
 from metertwin.upgrade import keys
@@ -171,6 +172,8 @@ class IngestScript:
         self.release = release
         self._script = client.register_script(source)
         self._key_fns = key_fns
+        #: Whether applied readings update the fleet's last-reading index (off: benchmarks only).
+        self.index_live = True
 
     def _keys(self, meter_id: str) -> list[str]:
         return [twin_keys.twin(meter_id), keys.upgrade_inbox(meter_id), keys.upgrade_switch(meter_id),
@@ -198,6 +201,8 @@ class IngestScript:
         if seq == DRAIN_ONLY:
             return IngestOutcome("drained", int(version), str(bound), drained)
         if status == 1 and seq >= 0:
+            if self.index_live:
+                fleet_status.record_readings(self.client, [(meter_id, ts)])
             events.reading_applied(self.client, meter_id, measurement_json, seq)
         return IngestOutcome("applied" if status == 1 else "duplicate", int(version), str(bound), drained)
 
@@ -222,7 +227,8 @@ class IngestScript:
             raise BackendUnavailable(f"Redis unavailable applying a batch of {len(readings)} readings: {exc}") from exc
         out: list[dict[str, Any]] = []
         applied: list[events.Event] = []
-        for (meter_id, mjson, _ts, seq, concentrator), result in zip(readings, results, strict=True):
+        fresh: list[tuple[str, float]] = []
+        for (meter_id, mjson, ts, seq, concentrator), result in zip(readings, results, strict=True):
             if isinstance(result, Exception):
                 # Nothing of a failed script is written: the whole message is retried (503).
                 raise BackendUnavailable(f"Redis failed applying a reading of {meter_id!r}: {result}")
@@ -242,8 +248,11 @@ class IngestScript:
                 continue
             if status == 1:
                 applied.append(events.reading_event(meter_id, mjson, seq))
+                fresh.append((meter_id, ts))
             outcome = IngestOutcome("applied" if status == 1 else "duplicate", int(version), str(bound), drained)
             out.append(outcome.to_dict(meter_id, seq))
+        if self.index_live:  # the fleet's last-reading index: one script call for the batch
+            fleet_status.record_readings(self.client, fresh)
         events.emit(self.client, *applied)
         return out
 
