@@ -12,8 +12,9 @@ about ten per meter.
 5. one pipeline of the ``attempts`` counts and the ``pending -> delivered`` transitions, then
    the ``delivered`` events of the ones that moved (an ack that came first wins, as in ``submit``).
 
-A meter with no twin gets :class:`UnknownMeter`; a command the broker did not take stays
-``pending`` (the sweeper republishes it) and still counts as submitted.
+A meter with no twin gets :class:`UnknownMeter` (step 1 put it in the sweep set; the sweep finds
+nothing open and takes it out). A command the broker did not take stays ``pending`` (the sweeper
+republishes it) and still counts as submitted, as does one stored when Redis fails after step 2.
 """
 
 from __future__ import annotations

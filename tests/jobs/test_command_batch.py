@@ -4,16 +4,19 @@ the same records, downlinks and events as one ``submit`` per meter."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import uuid
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from metertwin.core import topics
+from metertwin.core import clients, topics
 from metertwin.core.clients import get_redis
 from metertwin.core.errors import UnknownMeter
+from metertwin.core.settings import reset_settings
 from metertwin.stream import events
 from metertwin.stream import keys as stream_keys
 from metertwin.twin import keys
@@ -81,3 +84,23 @@ def test_batch_goes_direct_and_down_the_concentrator_with_records_and_events(env
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_broker_down_leaves_the_batch_pending_for_the_sweeper(env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    tag = uuid.uuid4().hex[:8]
+    ids = [f"cb-{tag}-0", f"cb-{tag}-1"]
+    provision(ids)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("MQTT_PORT", str(closed))
+    clients.close_all()
+    reset_settings()
+    r = get_redis()
+    out = CommandService(r).submit_many(ids, "relay", {"state": "closed"}, expiry_s=60, actor="job:t")
+    assert all(isinstance(c, str) for c in out), out
+    for m, cid in zip(ids, out, strict=True):
+        record = CommandService(r).get(m, str(cid))
+        assert (record["status"], record["attempts"]) == ("pending", 1)
+        assert r.sismember(keys.METERS_WITH_OPEN_COMMANDS, m)
