@@ -8,6 +8,7 @@ call goes through :mod:`metertwin.client` (``Grid``, ``Jobs``, ``Fleet``).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -96,8 +97,13 @@ class GridSteps:
             "for_s": 2, "severity": "critical", "actions": [{"type": "alert"}, {"type": "job", "job": limit_job}]}),
             outcome=lambda r: "201")
         victims = self.topology.meters_of(transformer=OVERLOADED)
+        if not victims:
+            raise RuntimeError(f"no meter on {OVERLOADED} to overload it (run the demo with more meters)")
+        # Enough chargers for the rating whatever the fleet size: one per meter in a large demo, more
+        # on each meter of a small one (the sum must pass the rating with a margin).
+        chargers = math.ceil((RATING_W + 1_000) / (EV_CHARGER_W * len(victims)))
         for meter in victims:
-            self.demo.fleet.add_load(meter, EV_CHARGER_W)
+            self.demo.fleet.add_load(meter, EV_CHARGER_W * chargers)
         t0 = time.perf_counter()
         # The aggregate follows the meters' readings within a cron tick or two (fog-grid every 2 s).
         self.demo.wait(f"{OVERLOADED}'s aggregate import to pass its rating",
@@ -122,7 +128,8 @@ class GridSteps:
         job_id = action["detail"].removeprefix("job ")
         job = self.finished(job_id)
         self.demo.tally.notes.append(
-            f"grid: {len(victims)} EV chargers ({EV_CHARGER_W:.0f} W each) on {OVERLOADED} (rating {RATING_W:.0f} W):"
+            f"grid: {len(victims) * chargers} EV chargers ({EV_CHARGER_W:.0f} W each) on {OVERLOADED} "
+            f"(rating {RATING_W:.0f} W):"
             f" alert {found['status']} at {found['value']:.0f} W (rule '{rule['name']}', {found['severity']}); "
             f"its job {job_id} limited the transformer's meters to 4 kW: {self.counts(job)}")
 
