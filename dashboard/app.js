@@ -18,6 +18,12 @@ function showLogin(message) {
   };
 }
 
+// Every stream of this page, ended when the page goes away: a navigation does not always close a
+// fetch() stream (the browser may keep the page, and its connections, for back/forward), and six
+// open streams to one host leave no connection for the next page's reads.
+const streams = new AbortController();
+window.addEventListener("pagehide", () => streams.abort());
+
 // Follow /events with the given query; onEvent(event) per event; resumes with Last-Event-ID.
 async function follow(query, onEvent) {
   const status = document.getElementById("status");
@@ -27,8 +33,9 @@ async function follow(query, onEvent) {
     if (lastId) headers["Last-Event-ID"] = lastId;
     let resp;
     try {
-      resp = await fetch("/events?" + query, { headers });
+      resp = await fetch("/events?" + query, { headers, signal: streams.signal });
     } catch (err) {
+      if (streams.signal.aborted) return;
       status.textContent = "disconnected, retrying";
       await new Promise((r) => setTimeout(r, 1000));
       continue;
@@ -50,7 +57,9 @@ async function follow(query, onEvent) {
     const decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
-      const { value, done } = await reader.read();
+      let chunk;
+      try { chunk = await reader.read(); } catch (err) { if (streams.signal.aborted) return; break; }
+      const { value, done } = chunk;
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
       let cut;

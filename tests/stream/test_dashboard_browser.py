@@ -57,8 +57,12 @@ def text_of(driver: Any, element_id: str, expected: str, timeout_s: float) -> fl
     from selenium.webdriver.support.ui import WebDriverWait
 
     start = time.monotonic()
-    WebDriverWait(driver, timeout_s, poll_frequency=0.02).until(
-        lambda d: d.find_element(By.ID, element_id).text == expected)
+    try:
+        WebDriverWait(driver, timeout_s, poll_frequency=0.02).until(
+            lambda d: d.find_element(By.ID, element_id).text == expected)
+    except Exception:
+        shown = driver.find_element(By.ID, element_id).text
+        raise AssertionError(f"#{element_id} shows {shown!r}, not {expected!r}, after {timeout_s} s") from None
     return time.monotonic() - start
 
 

@@ -232,6 +232,10 @@ def test_operator_pages_show_what_the_rest_api_gives(
         assert started.status_code == 201, started.text
         text_of(browser, "operations", str(len(rest("edge-upgrade-manager/operations")["operations"])), 5)
         wait_text(browser, "last-change", f"{started.json()['id']} planning")
+        # The pages left behind closed their streams: only this page's one is open (six would leave the
+        # browser no connection to this host for the page's reads).
+        assert [ln for ln in httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+                if ln.startswith("metertwin_stream_clients ")] == ["metertwin_stream_clients 1"]
         browser.save_screenshot(str(shots / "dashboard-ops.png"))
         assert errors(browser) == []
 
