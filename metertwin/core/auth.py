@@ -10,10 +10,12 @@ Operators mint, inspect and revoke tokens with ``python -m metertwin.tokens``.
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import jwt
@@ -85,6 +87,19 @@ def issue_token(
     if meter:
         claims["meter"] = meter
     return jwt.encode(claims, key or _signing_key(), algorithm=ALGORITHM)
+
+
+def operator_token(token: str | None, signing_key_file: str | None, subject: str, scopes: set[str],
+                   ttl_s: int = 12 * 3600) -> str | None:
+    """The bearer token an operator CLI calls with: ``token``, else ``METERTWIN_TOKEN``, else one issued
+    for ``subject``/``scopes`` with the zone's key read from ``signing_key_file``; None if none of them."""
+    if token:
+        return token
+    if os.environ.get("METERTWIN_TOKEN"):
+        return os.environ["METERTWIN_TOKEN"]
+    if signing_key_file:
+        return issue_token(subject, scopes, key=Path(signing_key_file).read_text().strip(), ttl_s=ttl_s)
+    return None
 
 
 def _signing_key() -> str:

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from metertwin.core.auth import issue_token
+from metertwin.core.auth import operator_token
 
 FINAL = ("completed", "cancelled", "aborted")
 BAR = 30
@@ -92,14 +92,10 @@ def follow(client: Client, job_id: str, out: TextIO, *, interval_s: float, timeo
 
 
 def _token(args: argparse.Namespace) -> str:
-    if args.token:
-        return str(args.token)
-    if os.environ.get("METERTWIN_TOKEN"):
-        return os.environ["METERTWIN_TOKEN"]
-    if args.signing_key_file:
-        key = Path(args.signing_key_file).read_text().strip()
-        return issue_token("jobs-cli", {"utility"}, key=key, ttl_s=12 * 3600)
-    raise CliError("no token: pass --token, set METERTWIN_TOKEN, or --signing-key-file", 2)
+    token = operator_token(args.token, args.signing_key_file, "jobs-cli", {"utility"})
+    if token is None:
+        raise CliError("no token: pass --token, set METERTWIN_TOKEN, or --signing-key-file", 2)
+    return token
 
 
 def _json_arg(raw: str, what: str) -> Any:

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from metertwin.core.auth import issue_token
+from metertwin.core.auth import operator_token
 
 TERMINAL = ("completed", "rolled_back")
 
@@ -95,14 +95,10 @@ def follow(client: Client, op_id: str, out: TextIO, *, interval_s: float, timeou
 
 
 def _token(args: argparse.Namespace) -> str:
-    if args.token:
-        return str(args.token)
-    if os.environ.get("METERTWIN_TOKEN"):
-        return os.environ["METERTWIN_TOKEN"]
-    if args.signing_key_file:
-        key = Path(args.signing_key_file).read_text().strip()
-        return issue_token("upgrade-cli", {"admin"}, key=key, ttl_s=12 * 3600)
-    raise CliError("no token: pass --token, set METERTWIN_TOKEN, or --signing-key-file", 2)
+    token = operator_token(args.token, args.signing_key_file, "upgrade-cli", {"admin"})
+    if token is None:
+        raise CliError("no token: pass --token, set METERTWIN_TOKEN, or --signing-key-file", 2)
+    return token
 
 
 def _selection(args: argparse.Namespace) -> dict[str, Any]:
