@@ -34,6 +34,7 @@ from metertwin.core.clients import get_mqtt, get_redis
 from metertwin.core.errors import BackendUnavailable, InvalidInput, NotFound
 from metertwin.core.http import Context, Event, Request, Response, Router, json_response, parse_json, query_float
 from metertwin.core.settings import get_settings
+from metertwin.stream import events
 from metertwin.twin import ems_routes, keys
 from metertwin.twin.messages import EmsMessage
 from metertwin.twin.state import twin_store
@@ -87,10 +88,16 @@ def _require_twin(meter_id: str) -> None:
     twin_store(get_redis()).get(meter_id)
 
 
-def _log(meter_id: str, direction: str, message_id: str, status: str, reason: str = "") -> dict[str, Any]:
+def _log(meter_id: str, direction: str, message_id: str, status: str, reason: str = "",
+         payload: Any = None) -> dict[str, Any]:
+    """The forward log entry, and the same as an ``ems`` event of the meter (one round trip)."""
     entry = {"direction": direction, "id": message_id, "status": status, "reason": reason, "ts": repr(time.time())}
+    r = get_redis()
     try:
-        get_redis().xadd(keys.forward_log(meter_id), entry, maxlen=keys.FORWARD_LOG_MAXLEN, approximate=True)
+        pipe = r.pipeline(transaction=False)
+        pipe.xadd(keys.forward_log(meter_id), entry, maxlen=keys.FORWARD_LOG_MAXLEN, approximate=True)
+        events.queue(r, pipe, events.ems_message(meter_id, direction, message_id, status, payload, reason))
+        pipe.execute()
     except redis.RedisError as exc:
         raise BackendUnavailable(f"Redis unavailable recording forward of {message_id!r}: {exc}") from exc
     return {**entry, "ts": float(entry["ts"])}
@@ -125,9 +132,10 @@ def to_meter(req: Request) -> Response:
     try:
         get_mqtt().publish(topics.ems_down(meter_id), message.model_dump(), timeout_s=get_settings().publish_timeout_s)
     except BackendUnavailable as exc:
-        entry = _log(meter_id, "ems->meter", message.id, "failed", exc.message)
+        entry = _log(meter_id, "ems->meter", message.id, "failed", exc.message, message.payload)
         return json_response({"message": entry}, 503)
-    return json_response({"message": _log(meter_id, "ems->meter", message.id, "delivered")}, 202)
+    return json_response({"message": _log(meter_id, "ems->meter", message.id, "delivered", payload=message.payload)},
+                         202)
 
 
 @router.get("/meters/{meter_id}/ems/messages", scopes=HOME)
@@ -148,7 +156,7 @@ def from_meter(req: Request) -> Response:
     _require_twin(meter_id)
     route = get_redis().hgetall(keys.ems_route(meter_id))
     if not route:
-        entry = _log(meter_id, "meter->ems", message.id, "undeliverable", "no EMS route configured")
+        entry = _log(meter_id, "meter->ems", message.id, "undeliverable", "no EMS route configured", message.payload)
         return json_response({"message": entry})
     entry = _deliver(meter_id, message, route)
     return json_response({"message": entry})
@@ -160,16 +168,16 @@ def _deliver(meter_id: str, message: EmsMessage, route: dict[str, str]) -> dict[
         # Checked again: a route stored before the namespace rule (or the approved list changed).
         refusal = ems_routes.mqtt_target_refusal(meter_id, route["target"])
         if refusal is not None:
-            return _log(meter_id, "meter->ems", message.id, "failed", refusal)
+            return _log(meter_id, "meter->ems", message.id, "failed", refusal, message.payload)
         try:
             get_mqtt().publish(route["target"], data, timeout_s=get_settings().publish_timeout_s)
         except BackendUnavailable as exc:
-            return _log(meter_id, "meter->ems", message.id, "failed", exc.message)
-        return _log(meter_id, "meter->ems", message.id, "delivered")
+            return _log(meter_id, "meter->ems", message.id, "failed", exc.message, message.payload)
+        return _log(meter_id, "meter->ems", message.id, "delivered", payload=message.payload)
     problem = ems_routes.send_webhook(meter_id, route["target"], data)
     if problem is not None:
-        return _log(meter_id, "meter->ems", message.id, "failed", problem)
-    return _log(meter_id, "meter->ems", message.id, "delivered")
+        return _log(meter_id, "meter->ems", message.id, "failed", problem, message.payload)
+    return _log(meter_id, "meter->ems", message.id, "delivered", payload=message.payload)
 
 
 def handle(event: Event, context: Context) -> Response:

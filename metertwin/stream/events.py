@@ -161,6 +161,14 @@ class Emitter:
             pipe.xtrim(key, minid=str(int((now - settings.retention_s) * 1000)), approximate=True)
 
 
+def ems_message(meter_id: str, direction: str, message_id: str, status: str, payload: Any = None,
+                reason: str = "") -> Event:
+    """An EMS message forwarded between a meter and its home EMS: ``sub`` ``up`` (meter to EMS) or
+    ``down`` (EMS to meter); ``status`` delivered, failed or undeliverable, with the reason."""
+    data = {"direction": direction, "id": message_id, "status": status, "reason": reason, "payload": payload}
+    return Event(EMS, meter_id, json.dumps(data, separators=(",", ":")), "up" if direction == "meter->ems" else "down")
+
+
 _emitters: dict[int, Emitter] = {}
 
 

@@ -184,3 +184,26 @@ def test_dr_execution_changes_name_active_and_completed() -> None:
                      at("restored", cancelled={"how": "explicit"})) == "execution"
     assert change_of(at("applied"), at("applied")) is None  # nothing a watcher would see
     assert change_of(at("applied"), at("applied", opt="optOut")) == "opted_out"
+
+
+def test_ems_messages_both_ways_are_events_the_meters_ems_sees(stream_env: dict[str, str], meter_id: str) -> None:
+    from tests.twin.test_ems_routes import forward, registry
+    from tests.twin.test_ems_routes import token as ems_token
+
+    assert call(registry, "POST", "/meters", body={"meter_id": meter_id}, token=ems_token("admin"))[0] == 201
+    up = {"id": "up-1", "payload": {"price_signal": 0.31}, "ts": time.time()}
+    status, body = call(forward, "POST", "/", token=ems_token("service"), body=up,
+                        headers={"X-Topic": f"meters/{meter_id}/up/ems"})
+    assert status == 200, body
+    assert body["message"]["status"] == "undeliverable"  # no route yet: still an event, with the reason
+    status, body = call(forward, "POST", f"/meters/{meter_id}/ems/messages", body={"payload": {"charge": "off"}},
+                        token=ems_token("ems", meter=meter_id))
+    assert status == 202, body
+    got = entries("ems")
+    assert [(e.meter, e.sub) for e in got] == [(meter_id, "up"), (meter_id, "down")]
+    first, second = (json.loads(e.data) for e in got)
+    assert (first["id"], first["status"], first["payload"]) == ("up-1", "undeliverable", {"price_signal": 0.31})
+    assert "no EMS route" in first["reason"]
+    assert (second["status"], second["payload"]) == ("delivered", {"charge": "off"})
+    assert all(filter_for(_principal("ems", meter=meter_id)).matches(e) for e in got)
+    assert not any(filter_for(_principal("ems", meter="m-other")).matches(e) for e in got)
