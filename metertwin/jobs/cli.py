@@ -24,37 +24,18 @@ from typing import Any, TextIO
 import httpx
 
 from metertwin.core.auth import operator_token
+from metertwin.core.operator_cli import CliError, FunctionClient
 
 FINAL = ("completed", "cancelled", "aborted")
 BAR = 30
 
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+class Client(FunctionClient):
+    """The zone's ``jobs`` function."""
 
-
-class Client:
     def __init__(self, gateway: str, zone: str, token: str, timeout_s: float = 60.0,
                  http: httpx.Client | None = None) -> None:
-        self.base = f"{gateway.rstrip('/')}/function/{zone}-jobs"
-        self.http = http or httpx.Client(timeout=timeout_s)
-        self.headers = {"Authorization": f"Bearer {token}"}
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             params: dict[str, str] | None = None) -> dict[str, Any]:
-        try:
-            resp = self.http.request(method, self.base + path, json=body, params=params, headers=self.headers)
-        except httpx.HTTPError as exc:
-            raise CliError(f"cannot reach {self.base}: {exc}", 2) from exc
-        try:
-            data = resp.json()
-        except ValueError:
-            raise CliError(f"{method} {path}: HTTP {resp.status_code}: {resp.text[:300]}") from None
-        if resp.status_code >= 400:
-            raise CliError(f"{method} {path}: {data.get('message', resp.text[:300])}")
-        return dict(data)
+        super().__init__(gateway, zone, "jobs", token, timeout_s, http)
 
 
 def bar(job: dict[str, Any]) -> str:

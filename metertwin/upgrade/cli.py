@@ -24,36 +24,17 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-
 from metertwin.core.auth import operator_token
+from metertwin.core.operator_cli import CliError, FunctionClient
 
 TERMINAL = ("completed", "rolled_back")
 
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+class Client(FunctionClient):
+    """The zone's ``upgrade-manager`` function."""
 
-
-class Client:
     def __init__(self, gateway: str, zone: str, token: str, timeout_s: float = 60.0) -> None:
-        self.base = f"{gateway.rstrip('/')}/function/{zone}-upgrade-manager"
-        self.http = httpx.Client(timeout=timeout_s, headers={"Authorization": f"Bearer {token}"})
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        try:
-            resp = self.http.request(method, self.base + path, json=body)
-        except httpx.HTTPError as exc:
-            raise CliError(f"cannot reach {self.base}: {exc}", 2) from exc
-        try:
-            data = resp.json()
-        except ValueError:
-            raise CliError(f"{method} {path}: HTTP {resp.status_code}: {resp.text[:300]}") from None
-        if resp.status_code >= 400:
-            raise CliError(f"{method} {path}: {data.get('message', resp.text[:300])}")
-        return dict(data)
+        super().__init__(gateway, zone, "upgrade-manager", token, timeout_s)
 
 
 def line(status: dict[str, Any]) -> str:
